@@ -1,0 +1,42 @@
+# The README's two commands, `make demo` and `make test`, set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed first and pinned, because a bare `torch` requirement makes pip pull the newest CUDA build
+# (several GB). Override for your machine, e.g. `make test TORCH_SPEC="torch --index-url https://..."`.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,plot
+DEMO_DIR ?= runs/demo
+
+.PHONY: install test test-fast demo bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+comma := ,
+install: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/prefalign demo --output_dir $(DEMO_DIR)
+
+bench:
+	$(MAKE) install EXTRAS=test,plot,bench
+	$(BIN)/python benchmarks/dpo_bench.py
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

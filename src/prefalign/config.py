@@ -1,0 +1,235 @@
+"""Typed run configuration. The attribute docstrings below are the only source of help text: the CLI's
+`--help`, the YAML keys and the Python API all read them (see `field_help`).
+
+Configs are flat, as TRL's are, so that `--beta` and `beta:` mean the same thing everywhere. Each stage's
+config is a dataclass composed from the groups below (model, data, training) plus its own knobs.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str | None = None
+    """Policy to train: a local directory in Hugging Face format or a hub id."""
+    ref_model_name_or_path: str | None = None
+    """Reference model (default: a frozen copy of the initial policy; with --use_peft, the base with the adapter disabled)."""
+    tokenizer_name_or_path: str | None = None
+    """Tokenizer to use (default: the policy's own)."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint to run. Off by default: only enable it for checkpoints you trust."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers: eager, sdpa, flash_attention_2, ... (default: transformers' choice)."""
+    dtype: str = "float32"
+    """Dtype the weights are loaded in: float32, bfloat16, float16 or auto. Use --bf16/--fp16 for mixed precision."""
+    use_peft: bool = False
+    """Train a LoRA adapter instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    lora_target_modules: list[str] | None = None
+    """Modules that get adapters (default: every linear layer except the LM head)."""
+    peft_adapter_path: str | None = None
+    """Continue from an existing LoRA adapter (e.g. an SFT adapter): it is loaded as the trainable policy adapter and,
+    frozen, as the reference adapter, in one base model."""
+    load_in_4bit: bool = False
+    """QLoRA: load the base model 4-bit quantized with bitsandbytes (needs a CUDA GPU)."""
+    merge_adapter: bool = False
+    """With --use_peft: also save the adapter merged into full weights (output_dir/merged)."""
+
+
+@dataclass
+class DataArgs:
+    dataset_name: str | None = None
+    """Training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset id."""
+    dataset_config: str | None = None
+    """Configuration name of a hub dataset."""
+    dataset_split: str = "train"
+    """Split of --dataset_name to train on."""
+    eval_dataset_name: str | None = None
+    """Evaluation data, in any form --dataset_name accepts."""
+    eval_dataset_config: str | None = None
+    """Configuration name of the evaluation hub dataset."""
+    eval_dataset_split: str = "test"
+    """Split of --eval_dataset_name to evaluate on."""
+    eval_split_ratio: float = 0.0
+    """Hold out this fraction of the training rows for evaluation (when no --eval_dataset_name is given)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt."""
+    chosen_column: str = "chosen"
+    """Column holding the preferred answer (or the whole preferred conversation)."""
+    rejected_column: str = "rejected"
+    """Column holding the dispreferred answer (or the whole dispreferred conversation)."""
+    prompt_template: str | None = None
+    """Format string applied to string prompts, e.g. "Question: {prompt}\\n\\nAnswer: "."""
+    system_prompt: str | None = None
+    """System message added to conversations that have none."""
+    skip_invalid_rows: bool = False
+    """Skip malformed rows (and report how many) instead of stopping at the first one."""
+    chat_template: str | None = None
+    """Chat template: a built-in name (chatml, llama3, mistral, gemma, phi3, deepseek, plain) or a .jinja file
+    (default: the tokenizer's own)."""
+    max_length: int | None = 1024
+    """Longest prompt + completion in tokens; longer pairs are truncated."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens; longer prompts are truncated per --truncation_mode."""
+    max_completion_length: int | None = None
+    """Longest completion in tokens; longer completions lose their end."""
+    truncation_mode: str = "keep_end"
+    """How an over-long prompt is cut: keep_end keeps its end (drops the oldest context), keep_start its start."""
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str | None = None
+    """Where the model, metrics.jsonl and checkpoints go."""
+    overwrite_output_dir: bool = False
+    """Allow training into an output_dir that already holds a finished model."""
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW."""
+    per_device_train_batch_size: int = 8
+    """Examples (pairs, for preference stages) per micro-batch on each device."""
+    per_device_eval_batch_size: int = 8
+    """Examples per evaluation batch on each device."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    num_train_epochs: float = 1.0
+    """Passes over the training data (ignored when --max_steps > 0)."""
+    max_steps: int = -1
+    """Total optimizer steps; overrides --num_train_epochs when positive."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule: linear, cosine, constant, constant_with_warmup or cosine_with_min_lr (MiniMind's
+    cosine that ends at --min_lr_rate x the peak)."""
+    min_lr_rate: float = 0.1
+    """Final learning rate of cosine_with_min_lr, as a fraction of the peak."""
+    warmup_steps: int = 0
+    """Linear warmup steps (takes precedence over --warmup_ratio)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of all steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+    logging_steps: int = 10
+    """Log metrics every this many optimizer steps."""
+    save_steps: int = 500
+    """Save a resumable checkpoint every this many steps (0 disables)."""
+    save_total_limit: int | None = None
+    """Keep only the newest this many checkpoints."""
+    eval_steps: int | None = None
+    """Evaluate every this many steps (default: only at the end, when there is evaluation data)."""
+    seed: int = 42
+    """Random seed for initialisation, shuffling and dropout; the same seed repeats a run exactly."""
+    bf16: bool = False
+    """Mixed precision with bfloat16 autocast."""
+    fp16: bool = False
+    """Mixed precision with float16 autocast and loss scaling (GPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    """Where metrics also go besides metrics.jsonl: none, tensorboard, wandb."""
+    resume_from_checkpoint: str | None = None
+    """Continue from a checkpoint directory, or "latest" for the newest one in output_dir."""
+    disable_tqdm: bool = False
+    """Hide the progress bar."""
+
+
+@dataclass
+class DPOArgs:
+    beta: float = 0.1
+    """Strength of the KL constraint to the reference (temperature of the implicit reward)."""
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    """One or more preference losses: sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot,
+    aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, simpo, orpo, cpo."""
+    loss_weights: list[float] | None = None
+    """Weights of the losses in --loss_type (default: 1 each), as in MPO."""
+    label_smoothing: float = 0.0
+    """Probability that a label is flipped (conservative DPO, robust DPO)."""
+    simpo_gamma: float = 0.5
+    """Target reward margin of SimPO."""
+    cpo_alpha: float = 1.0
+    """Weight of the NLL term of CPO."""
+    discopop_tau: float = 0.05
+    """Temperature of the DiscoPOP log-ratio modulation."""
+    rpo_alpha: float | None = None
+    """Add rpo_alpha x NLL of the chosen answer (RPO)."""
+    length_normalize: bool = False
+    """Use the mean instead of the sum of completion-token log-probs (MiniMind's DPO)."""
+    f_divergence_type: str = "reverse_kl"
+    """Divergence of f-DPO: reverse_kl, forward_kl, js_divergence or alpha_divergence."""
+    f_alpha_divergence_coef: float = 1.0
+    """Alpha of the alpha divergence."""
+    use_weighting: bool = False
+    """Weight pairs by their policy probability (WPO)."""
+    ld_alpha: float | None = None
+    """LD-DPO: tokens past the shorter completion's length count with this weight."""
+    precompute_ref_log_probs: bool = False
+    """Compute reference log-probs in one pass before training and cache them on disk."""
+    padding_free: bool = True
+    """Pack pairs without padding into micro-batches (falls back to padding where unsupported)."""
+    share_prompt: bool = True
+    """Run each pair's prompt once for both completions (falls back where unsupported)."""
+    max_tokens_per_batch: int | None = None
+    """Token budget of a packed micro-batch (default: per_device_train_batch_size x max_length)."""
+
+
+@dataclass
+class DPOConfig(DPOArgs, TrainArgs, DataArgs, ModelArgs):
+    """Configuration of `prefalign dpo`."""
+
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW (TRL's DPO default)."""
+
+
+# ---------------------------------------------------------------- help text from attribute docstrings
+
+
+@cache
+def _docstrings(cls: type) -> dict[str, str]:
+    """Attribute docstrings of one class (the string literal right after an annotated assignment)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Help of every field of a config class; a subclass's docstring overrides its base's."""
+    out: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            out.update(_docstrings(base))
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,46 @@
+"""The normalised row types. Raw rows never travel past `data.formats`: everything later sees these.
+
+A conversational Pair holds the shared context as `prompt` (a list of messages, possibly multi-turn and with a
+system message) and the two scored answers as one-message lists `[{"role": "assistant", "content": ...}]`.
+A raw-text Pair (format E/F) holds three strings and is tokenized without a chat template.
+`source` is "file:line" (1-based) so that every later error can point at the row the user wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Message = dict[str, Any]  # {"role": str, "content": str}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair, validated and normalised."""
+
+    prompt: list[Message] | str
+    chosen: list[Message] | str
+    rejected: list[Message] | str
+    source: str = ""
+    margin: float | None = None  # optional reward-model margin column
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # columns kept for reward functions
+
+    @property
+    def is_conversational(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+
+@dataclass
+class TokenizedPair:
+    """Token ids of one pair: the prompt once, and each completion without the prompt."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: str = ""
+    margin: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Unique tokens of the pair: the prompt counted once."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)

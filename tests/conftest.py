@@ -1,0 +1,45 @@
+"""Session fixtures: a tiny byte-level BPE tokenizer with ChatML and tiny random Qwen2/Llama models."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import build_model, build_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A 2-layer Qwen2 with hidden size 32, saved in Hugging Face format with its tokenizer."""
+    d = tmp_path_factory.mktemp("qwen2")
+    build_model(d, tiny_tokenizer, "qwen2")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    d = tmp_path_factory.mktemp("llama")
+    build_model(d, tiny_tokenizer, "llama")
+    return d
