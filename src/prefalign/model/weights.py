@@ -1,0 +1,47 @@
+"""Load weights saved in Hugging Face format back into a live model (used to resume from a checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from prefalign.errors import PrefalignError
+
+
+def _read_safetensors(directory: Path, single: str, index: str) -> dict[str, torch.Tensor]:
+    if (directory / single).is_file():
+        return load_file(directory / single)
+    if (directory / index).is_file():
+        shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(directory / shard))
+        return state
+    raise PrefalignError(f"no {single} or {index} found", str(directory))
+
+
+def load_weights_into(model: torch.nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
+    """Copy saved weights into `model` in place: a peft adapter, or a full model's state dict."""
+    directory = Path(directory)
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        state = _read_safetensors(directory, "adapter_model.safetensors", "adapter_model.safetensors.index.json")
+        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise PrefalignError(f"adapter weights do not fit the model ({unexpected[0]})", str(directory))
+        return
+    state = _read_safetensors(directory, "model.safetensors", "model.safetensors.index.json")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    really_missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if really_missing or unexpected:
+        raise PrefalignError(f"weights do not fit the model ({(really_missing or unexpected)[0]})", str(directory))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()

@@ -1,0 +1,187 @@
+"""DPO and its variants on the shared loop.
+
+A step: completion log-probs of the policy (with grad) and of the reference (no grad, or from the on-disk cache),
+aggregated per pair, then the registered loss(es). Metrics carry TRL's names and meanings: rewards are
+beta · (policy − reference) sequence log-probs, accuracy counts chosen reward strictly above rejected, logps are
+sums of completion-token log-probs (means with --length_normalize).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefalign.config import DPOConfig
+from prefalign.data.collate import collate_padded
+from prefalign.data.types import TokenizedPair
+from prefalign.losses.aggregate import preference_inputs
+from prefalign.losses.preference import compute_preference_loss, needs_reference, resolve_losses
+from prefalign.model.logprobs import CompletionLogps, completion_logps
+from prefalign.train.metrics import MetricSums
+
+
+def shuffled_groups(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Micro-batches of indices for one epoch; the order depends only on (seed, epoch), so resume can skip ahead."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+class DPOStage:
+    """Preference optimisation step for the loop (see train.loop.Stage)."""
+
+    example_unit = "pairs"
+    progress_keys = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "acc"}
+
+    def __init__(self, cfg: DPOConfig, train: list[TokenizedPair], eval_: list[TokenizedPair] | None,
+                 pad_token_id: int, reference: Any = None, ref_cache: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.data = {"train": train, "eval": eval_ or []}
+        self.pad_token_id = pad_token_id
+        self.reference = reference
+        self.ref_cache = ref_cache or {}  # split -> cached reference log-probs (precompute_ref_log_probs)
+        self.uses_reference = needs_reference([name for name, _ in resolve_losses(cfg)])
+
+    # ---------------------------------------------------------------- data
+    def train_groups(self, epoch: int) -> list[list[int]]:
+        return shuffled_groups(len(self.data["train"]), self.cfg.per_device_train_batch_size, self.cfg.seed, epoch)
+
+    def eval_groups(self) -> list[list[int]]:
+        n, size = len(self.data["eval"]), self.cfg.per_device_eval_batch_size
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    def batch_weight(self, group: Sequence[int], split: str) -> float:
+        return float(len(group))
+
+    def make_batch(self, group: Sequence[int], split: str) -> dict[str, Any]:
+        pairs = [self.data[split][i] for i in group]
+        batch = collate_padded(pairs, self.pad_token_id)
+        batch["num_tokens"] = sum(p.num_tokens for p in pairs)
+        batch["indices"] = list(group)
+        batch["split"] = split
+        return batch
+
+    # ---------------------------------------------------------------- math
+    def _reference_logps(self, batch: dict[str, Any]) -> CompletionLogps | None:
+        if not self.uses_reference:
+            return None
+        cache = self.ref_cache.get(batch["split"])
+        if cache is not None:
+            return cache.lookup(batch["indices"], device=batch["input_ids"].device)
+        with torch.no_grad():
+            return self.reference.logps(batch)
+
+    def _forward(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
+        policy = completion_logps(model, batch, with_wpo=self.cfg.use_weighting)
+        ref = self._reference_logps(batch)
+        inputs = preference_inputs(policy, ref, self.cfg)
+        out = compute_preference_loss(inputs, self.cfg)
+        b = batch["num_pairs"]
+        tokens = policy.mask.sum(-1).float()  # (2B,)
+
+        def s(t: torch.Tensor) -> float:
+            return float(t.detach().float().sum())
+
+        metrics: MetricSums = {
+            "loss": (s(out.losses), b),
+            "rewards/chosen": (s(out.chosen_rewards), b),
+            "rewards/rejected": (s(out.rejected_rewards), b),
+            "rewards/margins": (s(out.chosen_rewards - out.rejected_rewards), b),
+            "rewards/accuracies": (s((out.chosen_rewards > out.rejected_rewards).float()), b),
+            "logps/chosen": (s(inputs.chosen_logps), b),
+            "logps/rejected": (s(inputs.rejected_logps), b),
+            "logits/chosen": (s(policy.logits_mean_sum[:b]), s(tokens[:b])),
+            "logits/rejected": (s(policy.logits_mean_sum[b:]), s(tokens[b:])),
+        }
+        return out.losses.sum(), metrics
+
+    def step(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
+        return self._forward(model, batch)
+
+    def eval_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> MetricSums:
+        return self._forward(model, batch)[1]
+
+
+def default_cache_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "ref_logps_cache"
+
+
+def check_dpo_config(cfg: DPOConfig) -> None:
+    """Everything that can be checked without loading a model or data."""
+    from prefalign.errors import PrefalignError
+    from prefalign.train.run import check_train_args
+
+    for flag in ("model_name_or_path", "dataset_name"):
+        if not getattr(cfg, flag):
+            raise PrefalignError("is required", f"--{flag}")
+    if cfg.truncation_mode not in ("keep_end", "keep_start"):
+        raise PrefalignError(f"must be keep_end or keep_start, got {cfg.truncation_mode!r}", "--truncation_mode")
+    if cfg.beta <= 0:
+        raise PrefalignError(f"must be positive, got {cfg.beta}", "--beta")
+    resolve_losses(cfg)  # unknown names, weight count, option ranges
+    if cfg.model_name_or_path and not Path(cfg.model_name_or_path).exists() and cfg.model_name_or_path.startswith(
+        (".", "/", "~")
+    ):
+        raise PrefalignError("no such directory", f"--model_name_or_path {cfg.model_name_or_path}")
+    check_train_args(cfg)
+
+
+def train_dpo(cfg: DPOConfig) -> Any:
+    """Run DPO end to end: data → model → reference → loop → final model in cfg.output_dir."""
+    from prefalign.data.load import load_pairs
+    from prefalign.data.templates import resolve_chat_template
+    from prefalign.data.tokenize import tokenize_pairs
+    from prefalign.model.load import load_policy, load_tokenizer, save_model
+    from prefalign.model.reference import build_reference
+    from prefalign.model.weights import load_weights_into
+    from prefalign.train.loop import train_loop
+    from prefalign.train.run import make_accelerator, save_final, start_run
+
+    check_dpo_config(cfg)
+    accelerator = make_accelerator(cfg)
+    tokenizer = load_tokenizer(cfg)
+    resolve_chat_template(tokenizer, cfg.chat_template)
+    train_rows, eval_rows = load_pairs(cfg)
+    train, stats = tokenize_pairs(train_rows, tokenizer, cfg)
+    accelerator.print(f"train: {stats.summary()}")
+    eval_ = None
+    if eval_rows:
+        eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, cfg)
+        accelerator.print(f"eval: {eval_stats.summary()}")
+    model = load_policy(cfg, gradient_checkpointing=cfg.gradient_checkpointing).to(accelerator.device)
+    uses_reference = needs_reference([name for name, _ in resolve_losses(cfg)])
+    reference = build_reference(model, cfg, cfg, uses_reference)
+    ref_cache = _precompute(cfg, reference, train, eval_, tokenizer) if cfg.precompute_ref_log_probs and reference else None
+    start_run(cfg, accelerator, cfg, "dpo")
+    stage = DPOStage(cfg, train, eval_, tokenizer.pad_token_id, reference, ref_cache)
+
+    def save(directory: Path) -> None:
+        save_model(model, tokenizer, directory, merge_adapter=False)
+
+    result = train_loop(stage, model, cfg, accelerator, save, lambda d: load_weights_into(model, d))
+    if result.interrupted:
+        raise KeyboardInterrupt
+    if accelerator.is_main_process:
+        save_final(cfg.output_dir, lambda d: save_model(model, tokenizer, d, merge_adapter=cfg.merge_adapter))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _precompute(cfg: DPOConfig, reference: Any, train: list[TokenizedPair], eval_: list[TokenizedPair] | None,
+                tokenizer: Any) -> dict[str, Any]:
+    from prefalign.model.reference import fingerprint, precompute_reference
+
+    caches = {}
+    for split, pairs in (("train", train), ("eval", eval_ or [])):
+        if not pairs:
+            continue
+        key = fingerprint(cfg, pairs)
+        caches[split] = precompute_reference(
+            reference, pairs, lambda ps: collate_padded(ps, tokenizer.pad_token_id),
+            cfg.per_device_eval_batch_size, default_cache_dir(cfg.output_dir), key,
+        )
+    return caches

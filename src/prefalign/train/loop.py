@@ -1,0 +1,242 @@
+"""The one training loop every stage (pretrain, sft, rm, dpo, grpo, ppo) runs.
+
+A stage supplies its data as index groups (one group = one micro-batch), how much each group weighs in the
+loss normalisation, and a `step` that returns the summed per-example loss with its metrics. The loop owns the
+rest: AdamW, schedule, accumulation, clipping, logging, evaluation, checkpoints, resume and Ctrl-C.
+
+Accumulation is normalised by the total weight of the optimizer step's micro-batches (pairs for DPO, tokens for
+SFT), known before any forward, so batch B x accumulation A gives the same update as batch A·B x 1.
+
+Data parallelism: every process sees the same index groups and takes every `num_processes`-th micro-batch of
+each optimizer step; gradients are averaged with one all-reduce per optimizer step (no sync per micro-batch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from prefalign.config import TrainArgs
+from prefalign.train.checkpoint import (
+    TrainState,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from prefalign.train.metrics import MetricAccumulator, MetricsLog, MetricSums
+
+Batch = dict[str, Any]
+
+
+class Stage(Protocol):
+    """What a training stage gives the loop."""
+
+    example_unit: str  # "pairs", "samples", ...: used for the examples/s metric name
+    progress_keys: dict[str, str]  # metric name -> short label shown on the progress bar
+
+    def train_groups(self, epoch: int) -> Sequence[Sequence[int]]: ...
+    def eval_groups(self) -> Sequence[Sequence[int]]: ...
+    def batch_weight(self, group: Sequence[int], split: str) -> float: ...
+    def make_batch(self, group: Sequence[int], split: str) -> Batch: ...
+    def step(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, MetricSums]: ...
+    def eval_step(self, model: torch.nn.Module, batch: Batch) -> MetricSums: ...
+
+
+@dataclass
+class LoopResult:
+    state: TrainState
+    last_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    interrupted: bool = False
+
+
+def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases and norm weights (1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int) -> Any:
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    kwargs = {"min_lr_rate": args.min_lr_rate} if args.lr_scheduler_type == "cosine_with_min_lr" else None
+    return get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+        scheduler_specific_kwargs=kwargs,
+    )
+
+
+def total_steps_for(args: TrainArgs, groups_per_epoch: int, num_processes: int) -> int:
+    per_step = args.gradient_accumulation_steps * num_processes
+    steps_per_epoch = max(1, math.ceil(groups_per_epoch / per_step))
+    return args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _all_reduce_grads(model: torch.nn.Module, accelerator: Any) -> None:
+    """Average gradients across processes: one flat all-reduce per optimizer step."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if accelerator.num_processes == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def evaluate(stage: Stage, model: torch.nn.Module, accelerator: Any) -> dict[str, float]:
+    groups = stage.eval_groups()
+    if not groups:
+        return {}
+    acc = MetricAccumulator()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for group in list(groups)[accelerator.process_index :: accelerator.num_processes]:
+            with accelerator.autocast():
+                acc.add(stage.eval_step(model, _to_device(stage.make_batch(group, "eval"), accelerator.device)))
+    model.train(was_training)
+    return {f"eval_{k}": v for k, v in acc.reduce(accelerator).items()}
+
+
+def train_loop(
+    stage: Stage,
+    model: torch.nn.Module,
+    args: TrainArgs,
+    accelerator: Any,
+    save_model: Callable[[Path], None],
+    load_model: Callable[[Path], None],
+) -> LoopResult:
+    """Run the optimisation; `save_model(dir)`/`load_model(dir)` write and restore weights in HF format."""
+    world = accelerator.num_processes
+    accum = args.gradient_accumulation_steps
+    optimizer = build_optimizer(model, args)
+    total = total_steps_for(args, len(stage.train_groups(0)), world)
+    scheduler = build_scheduler(optimizer, args, total)
+    state = TrainState(total_steps=total)
+    resume_step = None
+    if args.resume_from_checkpoint:
+        ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        load_model(ckpt)
+        state, _ = load_checkpoint(ckpt, optimizer, scheduler)
+        state.total_steps = total
+        resume_step = state.global_step
+        accelerator.print(f"Resuming from {ckpt} at step {state.global_step}")
+    log = MetricsLog(args.output_dir, accelerator, resume_step=resume_step)
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(args.output_dir, state, save_model, optimizer, scheduler,
+                            save_total_limit=args.save_total_limit)
+        accelerator.wait_for_everyone()
+
+    bar = tqdm(total=total, initial=state.global_step, desc="train", dynamic_ncols=True,
+               disable=args.disable_tqdm or not accelerator.is_main_process)
+    last: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    model.train()
+    interrupted = False
+    try:
+        while state.global_step < total:
+            groups = stage.train_groups(state.epoch)
+            step_groups = list(groups[state.micro_index : state.micro_index + accum * world])
+            if not step_groups:
+                state.epoch, state.micro_index = state.epoch + 1, 0
+                continue
+            start = time.perf_counter()
+            metrics = _optimizer_step(stage, model, optimizer, scheduler, args, accelerator, step_groups)
+            state.global_step += 1
+            state.micro_index += len(step_groups)
+            if state.micro_index >= len(groups):
+                state.epoch, state.micro_index = state.epoch + 1, 0
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            last = _finish_metrics(metrics, stage, state, len(groups), elapsed)
+            bar.update(1)
+            bar.set_postfix({label: f"{last[k]:.4g}" for k, label in stage.progress_keys.items() if k in last})
+            if state.global_step % args.logging_steps == 0 or state.global_step == total:
+                log.write(state.global_step, last)
+            if args.eval_steps and state.global_step % args.eval_steps == 0:
+                eval_metrics = evaluate(stage, model, accelerator)
+                log.write(state.global_step, eval_metrics)
+            if args.save_steps and state.global_step % args.save_steps == 0 and state.global_step < total:
+                checkpoint()
+    except KeyboardInterrupt:
+        interrupted = True
+        accelerator.print(f"\nInterrupted: saving a resumable checkpoint at step {state.global_step} ...")
+        checkpoint()
+    finally:
+        bar.close()
+    if not interrupted and stage.eval_groups() and not (args.eval_steps and state.global_step % args.eval_steps == 0):
+        eval_metrics = evaluate(stage, model, accelerator)
+        log.write(state.global_step, eval_metrics)
+    return LoopResult(state, last, eval_metrics, interrupted)
+
+
+def _optimizer_step(stage: Stage, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    args: TrainArgs, accelerator: Any, step_groups: list[Sequence[int]]) -> dict[str, Any]:
+    """Accumulate the micro-batches of one optimizer step (this process's share), clip, step."""
+    total_weight = sum(stage.batch_weight(g, "train") for g in step_groups)
+    acc = MetricAccumulator()
+    examples = tokens = 0.0
+    for group in step_groups[accelerator.process_index :: accelerator.num_processes]:
+        batch = _to_device(stage.make_batch(group, "train"), accelerator.device)
+        with accelerator.autocast():
+            loss_sum, metrics = stage.step(model, batch)
+        # Scale so that, after averaging over processes, the gradient is that of sum(losses) / total_weight.
+        accelerator.backward(loss_sum * (accelerator.num_processes / total_weight))
+        acc.add(metrics)
+        examples += len(group)
+        tokens += float(batch.get("num_tokens", 0))
+    _all_reduce_grads(model, accelerator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.max_grad_norm and args.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    reduced = acc.reduce(accelerator)
+    counts = torch.tensor([examples, tokens], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts, reduction="sum")
+    return {**reduced, "grad_norm": float(grad_norm), "learning_rate": lr, "_examples": counts[0].item(),
+            "_tokens": counts[1].item()}
+
+
+def _finish_metrics(metrics: dict[str, Any], stage: Stage, state: TrainState, groups_in_epoch: int,
+                    elapsed: float) -> dict[str, float]:
+    out = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    out["epoch"] = state.epoch + state.micro_index / max(groups_in_epoch, 1)
+    out[f"{stage.example_unit}/s"] = metrics["_examples"] / elapsed
+    if metrics["_tokens"]:
+        out["tokens/s"] = metrics["_tokens"] / elapsed
+    return out
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None

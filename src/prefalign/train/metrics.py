@@ -1,0 +1,79 @@
+"""Metric accumulation and sinks: metrics.jsonl (one JSON object per line with a `step` key), the progress bar,
+and TensorBoard / W&B through Accelerate's trackers."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# A stage's step returns {name: (sum, count)}; the mean over micro-batches and processes is sum / count.
+MetricSums = dict[str, tuple[float, float]]
+
+
+class MetricAccumulator:
+    """Sums metric (sum, count) pairs over micro-batches, then reduces across processes."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+
+    def add(self, metrics: MetricSums) -> None:
+        for name, (total, count) in metrics.items():
+            entry = self.sums[name]
+            entry[0] += float(total)
+            entry[1] += float(count)
+
+    def reduce(self, accelerator: Any) -> dict[str, float]:
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        local = torch.tensor([self.sums[n] for n in names], dtype=torch.float64, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            local = accelerator.reduce(local, reduction="sum")
+        return {n: (s / c if c else math.nan) for n, (s, c) in zip(names, local.tolist())}
+
+
+class MetricsLog:
+    """Appends to output_dir/metrics.jsonl (a resumed run continues the same file) and forwards to trackers."""
+
+    def __init__(self, output_dir: str | Path, accelerator: Any, resume_step: int | None = None) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.accelerator = accelerator
+        if accelerator.is_main_process and resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop entries logged after the checkpoint we resume from, so the file reads as one uninterrupted run."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+        self.path.write_text("".join(k + "\n" for k in kept))
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 8) if math.isfinite(v) else None
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

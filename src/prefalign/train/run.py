@@ -1,0 +1,101 @@
+"""What every training command does around the loop: check the config and the output directory before anything
+heavy happens, set up Accelerate and seeds, and save the final model atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefalign.config import TrainArgs
+from prefalign.errors import PrefalignError
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
+FINAL_MARKERS = ("config.json", "adapter_config.json", "model.safetensors", "adapter_model.safetensors")
+
+
+def check_train_args(args: TrainArgs) -> None:
+    """Reject bad values before any model is loaded."""
+    if not args.output_dir:
+        raise PrefalignError("is required", "--output_dir")
+    if args.lr_scheduler_type not in SCHEDULERS:
+        raise PrefalignError(f"unknown schedule {args.lr_scheduler_type!r}; choose one of {', '.join(SCHEDULERS)}",
+                             "--lr_scheduler_type")
+    if args.bf16 and args.fp16:
+        raise PrefalignError("choose one of --bf16 and --fp16", "--bf16")
+    positive = {"per_device_train_batch_size": args.per_device_train_batch_size,
+                "per_device_eval_batch_size": args.per_device_eval_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps, "logging_steps": args.logging_steps}
+    for name, value in positive.items():
+        if value < 1:
+            raise PrefalignError(f"must be at least 1, got {value}", f"--{name}")
+    if args.learning_rate < 0:
+        raise PrefalignError("must not be negative", "--learning_rate")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise PrefalignError("give a positive --num_train_epochs or --max_steps", "--num_train_epochs")
+    unknown = set(args.report_to) - {"none", "tensorboard", "wandb", "all"}
+    if unknown:
+        raise PrefalignError(f"unknown destination {sorted(unknown)[0]!r}; choose none, tensorboard or wandb",
+                             "--report_to")
+    check_output_dir(args)
+
+
+def check_output_dir(args: TrainArgs) -> None:
+    """A new run never overwrites what an earlier run left, unless asked to."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise PrefalignError("exists and is not a directory", f"--output_dir {out}")
+    if args.resume_from_checkpoint or args.overwrite_output_dir or not out.is_dir():
+        return
+    earlier = [m for m in (*FINAL_MARKERS, "metrics.jsonl") if (out / m).exists()]
+    earlier += [p.name for p in out.glob("checkpoint-*")][:1]
+    if earlier:
+        raise PrefalignError(
+            f"already holds an earlier run ({earlier[0]}); resume it with --resume_from_checkpoint latest, "
+            "or pass --overwrite_output_dir, or choose another directory",
+            f"--output_dir {out}",
+        )
+
+
+def make_accelerator(args: TrainArgs) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    log_with = [r for r in args.report_to if r != "none"] or None
+    accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=args.output_dir)
+    set_seed(args.seed)
+    return accelerator
+
+
+def start_run(args: TrainArgs, accelerator: Any, config: Any, run_name: str) -> None:
+    """Create output_dir, start trackers and write the resolved config beside the results."""
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite_output_dir and not args.resume_from_checkpoint and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+        (out / "prefalign_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+    if accelerator.log_with:
+        accelerator.init_trackers(run_name, config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+    accelerator.wait_for_everyone()
+
+
+def save_final(output_dir: str | Path, write: Callable[[Path], None]) -> None:
+    """Write the final model into a temporary directory, then move its files into output_dir."""
+    out = Path(output_dir)
+    tmp = out / f".tmp-final-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for item in tmp.iterdir():
+        target = out / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    tmp.rmdir()
