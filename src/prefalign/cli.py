@@ -6,72 +6,37 @@ Ctrl-C exits with 130 after the loop has saved a resumable checkpoint.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from prefalign.errors import PrefalignError
 
-
-@dataclass
-class Command:
-    config: Callable[[], type]  # lazily imported config class
-    run: Callable[[Any], Any]
-    help: str
-
-
-def _dpo_config() -> type:
-    from prefalign.config import DPOConfig
-
-    return DPOConfig
-
-
-def _run_dpo(cfg: Any) -> None:
-    from prefalign.train.dpo import train_dpo
-
-    result = train_dpo(cfg)
-    summary = ", ".join(f"{k}={v:.4g}" for k, v in result.last_metrics.items() if k in ("loss", "rewards/accuracies",
-                                                                                        "rewards/margins"))
-    print(f"dpo: {result.state.global_step} steps, {summary}; model saved to {cfg.output_dir}")
-
-
-def _inspect_config() -> type:
-    from prefalign.config import DataArgs, ModelArgs
-
-    @dataclass
-    class InspectConfig(DataArgs, ModelArgs):
-        row: int | None = None
-        """Show this row (0-based) in detail (default: the first)."""
-
-    return InspectConfig
-
-
-def _run_inspect(cfg: Any) -> None:
-    from prefalign.data.inspect import inspect_dataset
-    from prefalign.data.templates import resolve_chat_template
-    from prefalign.model.load import load_tokenizer
-
-    if not cfg.model_name_or_path and not cfg.tokenizer_name_or_path:
-        raise PrefalignError("is required (the tokenizer to render with)", "--model_name_or_path")
-    if not cfg.dataset_name:
-        raise PrefalignError("is required", "--dataset_name")
-    tokenizer = load_tokenizer(cfg)
-    resolve_chat_template(tokenizer, cfg.chat_template)
-    print(inspect_dataset(cfg, tokenizer, row=cfg.row))
-
-
-COMMANDS: dict[str, Command] = {
-    "dpo": Command(_dpo_config, _run_dpo, "Direct preference optimisation (and its variants) on preference pairs."),
-    "data inspect": Command(_inspect_config, _run_inspect,
-                            "Show how a row is rendered and tokenized, which tokens are scored, and length statistics."),
+# name -> (module, one-line help). Each module defines CONFIG (a dataclass) and run_command(cfg). Modules are
+# imported only for the command being run, so `prefalign --help` stays instant.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("prefalign.demo.pipeline", "The whole pipeline on a built-in task, with evaluation, plots and a report."),
+    "train-tokenizer": ("prefalign.tokenizer_command", "Train a byte-level BPE tokenizer with a ChatML template."),
+    "init-model": ("prefalign.model.init_command", "Create a randomly initialised model from a config."),
+    "pretrain": ("prefalign.train.pretrain", "Causal-LM pretraining on raw text, packed into blocks."),
+    "sft": ("prefalign.train.sft", "Supervised fine-tuning on conversations, prompt/completion or text."),
+    "rm": ("prefalign.train.rm", "Train a Bradley-Terry reward model on preference pairs."),
+    "dpo": ("prefalign.train.dpo", "Direct preference optimisation (and its variants) on preference pairs."),
+    "grpo": ("prefalign.train.grpo", "Group relative policy optimisation with reward functions or models."),
+    "rloo": ("prefalign.train.rloo", "REINFORCE leave-one-out: GRPO's machinery with a leave-one-out baseline."),
+    "ppo": ("prefalign.train.ppo", "PPO with a reward model, a value model and GAE."),
+    "pipeline": ("prefalign.pipeline", "Run a YAML list of stages, each stage's output feeding the next."),
+    "eval": ("prefalign.evaluate", "Reward accuracy and margins of a policy on held-out pairs; win rates."),
+    "chat": ("prefalign.chat_command", "Chat with a model (or LoRA adapter) in the terminal, streamed."),
+    "plot": ("prefalign.plots", "PNG plots of a run's metrics.jsonl."),
+    "data inspect": ("prefalign.data.inspect_command",
+                     "Show how a row is rendered and tokenized, which tokens are scored, and length statistics."),
 }
 
 
 def _usage() -> str:
     lines = ["usage: prefalign <command> [flags]   (prefalign <command> --help for its flags)", "", "commands:"]
-    lines += [f"  {name:<18} {cmd.help}" for name, cmd in COMMANDS.items()]
+    lines += [f"  {name:<18} {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -95,10 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     if name is None:
         print(f"prefalign: error: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    command = COMMANDS[name]
+    module_name, text = COMMANDS[name]
     try:
-        cfg = parse_config(command.config(), rest, prog=f"prefalign {name}", description=command.help)
-        command.run(cfg)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            raise PrefalignError("this command is not available in this version") from None
+        cfg = parse_config(module.CONFIG, rest, prog=f"prefalign {name}", description=text)
+        module.run_command(cfg)
     except PrefalignError as e:
         print(f"prefalign {name}: error: {e}", file=sys.stderr)
         return 2

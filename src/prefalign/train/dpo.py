@@ -185,3 +185,14 @@ def _precompute(cfg: DPOConfig, reference: Any, train: list[TokenizedPair], eval
             cfg.per_device_eval_batch_size, default_cache_dir(cfg.output_dir), key,
         )
     return caches
+
+
+CONFIG = DPOConfig
+
+
+def run_command(cfg: DPOConfig) -> None:
+    """`prefalign dpo`."""
+    result = train_dpo(cfg)
+    shown = ("loss", "rewards/accuracies", "rewards/margins")
+    summary = ", ".join(f"{k}={result.last_metrics[k]:.4g}" for k in shown if k in result.last_metrics)
+    print(f"dpo: {result.state.global_step} steps, {summary}; model saved to {cfg.output_dir}")
