@@ -1,0 +1,161 @@
+"""`prefalign data inspect`: see exactly what a preference run will train on.
+
+For one row: where it came from, its format, the text the template renders, every token with the scored
+(completion) tokens marked, and what truncation cut. For the whole file: how many rows are valid, length
+percentiles before truncation, how many pairs truncation touches or drops and why, and warnings about the
+things that make DPO misbehave (everything truncated, chosen systematically longer than rejected).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from typing import Any
+
+from prefalign.config import DataArgs
+from prefalign.data.formats import FORMAT_NAMES, detect_format, normalize_pair
+from prefalign.data.load import load_rows
+from prefalign.data.templates import resolve_chat_template
+from prefalign.data.tokenize import DROP_REASONS, Encoded, Truncated, check_args, encode_pairs, truncate
+from prefalign.data.types import Pair
+from prefalign.errors import PrefalignError
+
+_GREEN, _RED, _DIM, _BOLD, _RESET = "\x1b[42;30m", "\x1b[41;30m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
+
+
+def inspect_dataset(args: DataArgs, tokenizer: Any, row: int | None = None, color: bool | None = None) -> str:
+    """A readable report on --dataset_name as `args` and `tokenizer` would tokenize it: the whole-file
+    summary, then one row in detail (`row`, a 0-based index into the file's rows; default the first).
+    Scored tokens are colored when `color` (default: stdout is a terminal), else wrapped in [[ ]]."""
+    if not args.dataset_name:
+        raise PrefalignError("no data given", where="--dataset_name")
+    check_args(args)
+    color = sys.stdout.isatty() if color is None else color
+    resolve_chat_template(tokenizer, args.chat_template)
+    rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+    if not rows:
+        raise PrefalignError("no rows", where=args.dataset_name)
+    index = 0 if row is None else row
+    if not 0 <= index < len(rows):
+        raise PrefalignError(f"row {index} is out of range (the data has {len(rows)} rows, 0-{len(rows) - 1})",
+                             where="--row")
+    pairs: list[tuple[int, Pair]] = []
+    errors: dict[int, PrefalignError] = {}
+    formats: Counter = Counter()
+    for i, (raw, source) in enumerate(rows):
+        try:
+            pairs.append((i, normalize_pair(raw, source, args)))
+            formats[detect_format(raw, args)] += 1
+        except PrefalignError as e:
+            errors[i] = e
+    encoded = encode_pairs([p for _, p in pairs], tokenizer)
+    truncated = [truncate(e, args) for e in encoded]
+    sections = [_summary(args, tokenizer, len(rows), pairs, errors, formats, encoded, truncated)]
+    by_row = {i: k for k, (i, _) in enumerate(pairs)}
+    if index in by_row:
+        k = by_row[index]
+        sections.append(_row_detail(index, pairs[k][1], encoded[k], truncated[k], tokenizer, args, color))
+    else:
+        sections.append(f"== row {index}: invalid ==\n{errors[index]}")
+    return "\n\n".join(sections) + "\n"
+
+
+def _percentiles(values: list[int]) -> list[int]:
+    """p50, p90, p99 (nearest rank) and max."""
+    s = sorted(values)
+    if not s:
+        return [0, 0, 0, 0]
+    return [s[min(len(s) - 1, max(0, -(-q * len(s) // 100) - 1))] for q in (50, 90, 99)] + [s[-1]]
+
+
+def _summary(args: DataArgs, tokenizer: Any, n_rows: int, pairs: list[tuple[int, Pair]],
+             errors: dict[int, PrefalignError], formats: Counter, encoded: list[Encoded],
+             truncated: list[Truncated]) -> str:
+    lines = [f"== {args.dataset_name}: {n_rows} rows, {len(pairs)} valid, {len(errors)} invalid =="]
+    if errors:
+        lines.append(f"first invalid row: {next(iter(errors.values()))}")
+    lines.append("formats: " + ", ".join(f"{FORMAT_NAMES[f]} ({f}): {n}" for f, n in sorted(formats.items())))
+    if any(p.is_conversational for _, p in pairs):
+        lines.append(f"chat template: {args.chat_template or 'the tokenizer’s own'}")
+    if not pairs:
+        return "\n".join(lines)
+    columns = {
+        "prompt": [len(e.prompt_ids) for e in encoded],
+        "chosen": [len(e.chosen_ids) for e in encoded],
+        "rejected": [len(e.rejected_ids) for e in encoded],
+        "longest": [len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in encoded],
+    }
+    lines.append("tokens before truncation   p50    p90    p99    max")
+    for name, values in columns.items():
+        label = "prompt + longer answer" if name == "longest" else name
+        lines.append(f"  {label:<24}" + "".join(f"{v:>7}" for v in _percentiles(values)))
+    limits = (f"max_length={args.max_length}, max_prompt_length={args.max_prompt_length}, "
+              f"max_completion_length={args.max_completion_length}, {args.truncation_mode}")
+    kept = [t for t in truncated if t.drop_reason is None]
+    lines.append(f"truncation ({limits}): prompt cut in {sum(t.prompt_truncated for t in kept)}, "
+                 f"completion cut in {sum(t.completion_truncated for t in kept)} of {len(kept)} kept pairs")
+    drops = Counter(t.drop_reason for t in truncated if t.drop_reason)
+    text = ", ".join(f"{DROP_REASONS[r].format(max_length=args.max_length)}: {n}" for r, n in drops.most_common())
+    lines.append(f"dropped: {sum(drops.values())}" + (f" ({text})" if text else ""))
+    lines += _warnings(pairs, encoded, truncated)
+    return "\n".join(lines)
+
+
+def _warnings(pairs: list[tuple[int, Pair]], encoded: list[Encoded], truncated: list[Truncated]) -> list[str]:
+    out = []
+    n = len(encoded)
+    mismatch = sum(e.prefix_mismatch for e in encoded)
+    if mismatch:
+        out.append(f"warning: in {mismatch} pairs the template tokenizes the prompt differently once an answer "
+                   "follows; the split falls where the tokens diverge")
+    longer = sum(len(e.chosen_ids) > len(e.rejected_ids) for e in encoded)
+    shorter = sum(len(e.chosen_ids) < len(e.rejected_ids) for e in encoded)
+    if n >= 10 and max(longer, shorter) >= 0.7 * n:
+        which = "longer" if longer > shorter else "shorter"
+        out.append(f"warning: chosen is {which} than rejected in {max(longer, shorter)} of {n} pairs; DPO can learn "
+                   "length instead of quality (consider --ld_alpha or --length_normalize)")
+    cut = sum(t.completion_truncated for t in truncated if t.drop_reason is None)
+    if n and cut >= 0.25 * n:
+        out.append(f"warning: {cut} of {n} pairs lose the end of a completion (often its EOS), so the model "
+                   "is not taught to stop there; consider a larger --max_length")
+    margins = [p.margin for _, p in pairs if p.margin is not None]
+    if margins:
+        out.append(f"margin column: {len(margins)} rows, min {min(margins):g}, mean "
+                   f"{sum(margins) / len(margins):g}, max {max(margins):g}")
+    return out
+
+
+def _piece(tokenizer: Any, token_id: int) -> str:
+    return repr(tokenizer.decode([token_id]))[1:-1]  # escapes \n and other invisibles
+
+
+def _row_detail(index: int, pair: Pair, enc: Encoded, t: Truncated, tokenizer: Any, args: DataArgs,
+                color: bool) -> str:
+    fmt = "conversation" if pair.is_conversational else "raw text (no chat template; EOS appended)"
+    lines = [f"== row {index}: {pair.source} ({fmt}) =="]
+    for name, before, after in (("prompt", enc.prompt_ids, t.prompt_ids), ("chosen", enc.chosen_ids, t.chosen_ids),
+                                ("rejected", enc.rejected_ids, t.rejected_ids)):
+        cut = ""
+        if len(after) < len(before):
+            side = "start" if name == "prompt" and args.truncation_mode == "keep_end" else "end"
+            cut = f"  (truncated from {len(before)}: {len(before) - len(after)} tokens cut at the {side})"
+        lines.append(f"{name + ':':<10}{len(after):>6} tokens{cut}")
+    if t.drop_reason:
+        lines.append(f"DROPPED: {DROP_REASONS[t.drop_reason].format(max_length=args.max_length)}")
+    if enc.prefix_mismatch:
+        lines.append("note: the template tokenizes this prompt differently once an answer follows")
+    marks = "colored" if color else "in [[ ]]"
+    for name, ids, paint in (("chosen", t.chosen_ids, _GREEN), ("rejected", t.rejected_ids, _RED)):
+        lines.append(f"-- {name}: rendered text, scored tokens {marks} --")
+        lines.append(_mark(tokenizer.decode(t.prompt_ids), tokenizer.decode(ids), paint, color))
+        lines.append(f"-- {name}: token id:piece, scored tokens {marks} --")
+        prompt_part = " ".join(f"{i}:{_piece(tokenizer, i)}" for i in t.prompt_ids)
+        scored = " ".join(f"{i}:{_piece(tokenizer, i)}" for i in ids)
+        lines.append(_mark(prompt_part + " ", scored, paint, color))
+    return "\n".join(lines)
+
+
+def _mark(context: str, scored: str, paint: str, color: bool) -> str:
+    if color:
+        return f"{_DIM}{context}{_RESET}{paint}{scored}{_RESET}"
+    return f"{context}[[{scored}]]"

@@ -1,0 +1,199 @@
+"""Load preference rows from local files, a directory of them, or a hub dataset, and normalise them to Pairs.
+
+Everything goes through `datasets.load_dataset`; what this module adds is the place each row came from
+("path:line") and errors that name it. Arrow's own parse errors say "row 1" of some internal block, so when
+a JSON Lines file fails to load, the file is scanned here to find the first line that is not a JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefalign.config import DataArgs
+from prefalign.data.formats import normalize_pair
+from prefalign.data.types import Pair
+from prefalign.errors import PrefalignError
+
+logger = logging.getLogger("prefalign.data")
+
+# file suffix -> datasets builder
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+Row = tuple[dict[str, Any], str]  # (row, source)
+
+
+def load_rows(name: str, config: str | None = None, split: str = "train") -> list[Row]:
+    """Rows of a local file / directory (`split` picks files named after it, if any) or of a hub dataset."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return _load_file(path)
+    if path.is_dir():
+        rows: list[Row] = []
+        for f in _data_files(path, split):
+            rows.extend(_load_file(f))
+        return rows
+    if Path(name).suffix in BUILDERS or name.startswith((".", "/", "~")):
+        raise PrefalignError("no such file or directory", where=name)
+    return _load_hub(name, config, split)
+
+
+def _data_files(directory: Path, split: str) -> list[Path]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in BUILDERS
+                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    if not files:
+        raise PrefalignError(f"no {'/'.join(BUILDERS)} files in this directory", where=str(directory))
+    # the hub's convention: train.jsonl / data/test-00000.parquet name their split; else every file is "train"
+    named = [f for f in files if split in f.stem.replace("_", "-").split("-")]
+    if named:
+        return named
+    if split != "train":
+        raise PrefalignError(f"no file named after split '{split}' in this directory", where=str(directory))
+    return files
+
+
+def _load_file(path: Path) -> list[Row]:
+    if path.suffix not in BUILDERS:
+        raise PrefalignError(f"unsupported file type '{path.suffix}' (use {', '.join(BUILDERS)})", where=str(path))
+    if path.stat().st_size == 0 or not path.read_bytes().strip():
+        raise PrefalignError("empty file", where=str(path))
+    import datasets
+
+    try:
+        with _quiet(datasets):
+            ds = datasets.load_dataset(BUILDERS[path.suffix], data_files=[str(path)], split="train")
+        rows = ds.to_list()
+    except Exception as e:  # Arrow / datasets errors: find the line they mean ourselves
+        if path.suffix in (".jsonl", ".json"):
+            return _rows_from_json(path, e)
+        raise PrefalignError(f"cannot read {path.suffix[1:]} file: {_one_line(e)}", where=str(path)) from e
+    return list(zip(rows, _sources(path, len(rows))))
+
+
+def _sources(path: Path, n: int) -> list[str]:
+    if path.suffix == ".csv":  # line 1 is the header (multi-line quoted fields would shift this)
+        return [f"{path}:{i + 2}" for i in range(n)]
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and not _is_json_array(path)):
+        lines = [i + 1 for i, raw in enumerate(path.read_bytes().splitlines()) if raw.strip()]
+        if len(lines) == n:  # physical lines, counting blank ones
+            return [f"{path}:{line}" for line in lines]
+    return [f"{path}:row {i}" for i in range(n)]
+
+
+def _is_json_array(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4096).lstrip().startswith(b"[")
+
+
+def _rows_from_json(path: Path, cause: Exception) -> list[Row]:
+    """datasets could not load a JSON file: name the first bad line; if every line is fine (Arrow refuses
+    e.g. a column that is a string in one row and a list in another), use the rows as Python parsed them."""
+    data = path.read_bytes()
+    if _is_json_array(path):
+        try:
+            rows = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise PrefalignError(f"not UTF-8 text (byte {e.start})", where=str(path)) from e
+        except json.JSONDecodeError as e:
+            raise PrefalignError(f"invalid JSON: {e.msg} (column {e.colno})", where=f"{path}:{e.lineno}") from e
+        return [(r, f"{path}:row {i}") for i, r in enumerate(rows)]
+    out: list[Row] = []
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise PrefalignError(f"not UTF-8 text (byte {e.start} of the line)", where=where) from e
+        except json.JSONDecodeError as e:
+            raise PrefalignError(f"invalid JSON: {e.msg} (column {e.colno})", where=where) from e
+        if not isinstance(row, dict):
+            raise PrefalignError(f"each line must be a JSON object, got {type(row).__name__}", where=where)
+        out.append((row, where))
+    if not out:
+        raise PrefalignError(f"no rows ({_one_line(cause)})", where=str(path))
+    return out
+
+
+def _load_hub(name: str, config: str | None, split: str) -> list[Row]:
+    import datasets
+
+    try:
+        with _quiet(datasets):
+            ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown id, unknown split: all the user's to fix
+        raise PrefalignError(f"cannot load dataset: {_one_line(e)}", where=name) from e
+    return [(row, f"{name}[{split}]:row {i}") for i, row in enumerate(ds)]
+
+
+@contextmanager
+def _quiet(datasets: Any) -> Iterator[None]:
+    """No progress bars for a local file that loads in milliseconds."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if e.__cause__ is not None and str(e.__cause__):
+        text += f" ({' '.join(str(e.__cause__).split())})"
+    return text[:500]
+
+
+def normalize_rows(rows: list[Row], args: DataArgs, what: str) -> list[Pair]:
+    """Pairs from raw rows; with --skip_invalid_rows bad rows are counted and reported in one line."""
+    if not rows:
+        raise PrefalignError("no rows", where=what)
+    pairs: list[Pair] = []
+    errors: list[PrefalignError] = []
+    for row, source in rows:
+        try:
+            pairs.append(normalize_pair(row, source, args))
+        except PrefalignError as e:
+            if not args.skip_invalid_rows:
+                raise
+            errors.append(e)
+    if errors:
+        logger.warning("%s: skipped %d invalid rows of %d (first: %s)", what, len(errors), len(rows), errors[0])
+    if not pairs:
+        raise PrefalignError(f"all {len(rows)} rows are invalid; first: {errors[0]}", where=what)
+    return pairs
+
+
+def split_pairs(pairs: list[Pair], ratio: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Hold out round(ratio * n) pairs (at least 1) chosen by `seed`; both parts keep file order."""
+    if not 0.0 < ratio < 1.0:
+        raise PrefalignError(f"must be between 0 and 1, got {ratio}", where="--eval_split_ratio")
+    n_eval = max(1, round(ratio * len(pairs)))
+    if n_eval >= len(pairs):
+        raise PrefalignError(
+            f"holding out {n_eval} of {len(pairs)} pairs leaves none to train on", where="--eval_split_ratio")
+    held = set(random.Random(seed).sample(range(len(pairs)), n_eval))
+    train = [p for i, p in enumerate(pairs) if i not in held]
+    return train, [p for i, p in enumerate(pairs) if i in held]
+
+
+def load_pairs(args: DataArgs) -> tuple[list[Pair], list[Pair] | None]:
+    """(train, eval) pairs. Eval comes from --eval_dataset_name, else --eval_split_ratio of the training rows
+    (seeded by the run's --seed when `args` carries one), else None."""
+    if not args.dataset_name:
+        raise PrefalignError("no training data given", where="--dataset_name")
+    train = normalize_rows(load_rows(args.dataset_name, args.dataset_config, args.dataset_split), args,
+                           args.dataset_name)
+    if args.eval_dataset_name:
+        rows = load_rows(args.eval_dataset_name, args.eval_dataset_config, args.eval_dataset_split)
+        return train, normalize_rows(rows, args, args.eval_dataset_name)
+    if args.eval_split_ratio:
+        return split_pairs(train, args.eval_split_ratio, int(getattr(args, "seed", 42)))
+    return train, None

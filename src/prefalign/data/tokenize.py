@@ -1,0 +1,205 @@
+"""Pairs -> token ids: prompt once, each completion without the prompt, truncated to the length limits.
+
+Conversational pairs (TRL's rule): prompt ids are the template's rendering of the prompt with the generation
+prompt; a completion is every token the template adds after that, so with ChatML the scored tokens are the
+answer, `<|im_end|>` and the newline after it. Scoring the end-of-turn token is what teaches the model to
+stop; the newline comes with it because the template writes it, as TRL scores it too.
+Where a template renders the prompt differently once an answer follows (so its tokens are not a prefix of the
+full conversation's), the split falls where the two token sequences diverge, and a warning says so once.
+
+Raw-text pairs (formats E/F), as TRL treats them for decoder-only models: prompt and completion are encoded
+separately without special tokens (no BOS is added), and EOS is appended to each completion that lacks it.
+
+Truncation, in this order: --max_prompt_length cuts the prompt (keep_end keeps its end, keep_start its start);
+--max_completion_length cuts each completion's end; then --max_length bounds prompt + completion for each
+completion. Under keep_end the prompt loses its oldest tokens first (keeping at least its last token, so the
+first answer token has a context) and completions are cut only if that is not enough; under keep_start
+completions lose their end and a prompt that fills max_length on its own leaves nothing to score.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefalign.config import DataArgs
+from prefalign.data.templates import render, require_chat_template
+from prefalign.data.types import Pair, TokenizedPair
+from prefalign.errors import PrefalignError
+
+logger = logging.getLogger("prefalign.data")
+
+DROP_REASONS = {
+    "no_completion": "no completion token left (prompt fills --max_length={max_length})",
+    "identical": "chosen and rejected are identical",
+    "identical_after_truncation": "chosen and rejected identical after truncation",
+}
+_ENCODE_BATCH = 1024
+
+
+@dataclass
+class TokenizeStats:
+    """What tokenization did to the pairs; every dropped pair is counted under its reason."""
+
+    total: int = 0
+    kept: int = 0
+    prompt_truncated: int = 0
+    completion_truncated: int = 0
+    prefix_mismatch: int = 0  # conversational pairs whose prompt tokens were not a prefix of the full ones
+    dropped: Counter = field(default_factory=Counter)
+    max_length: int | None = None
+
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def reason_text(self, reason: str) -> str:
+        return DROP_REASONS.get(reason, reason).format(max_length=self.max_length)
+
+    def summary(self) -> str:
+        """One line, e.g. 'tokenized 12 pairs: kept 10, prompt truncated 3, ... dropped 2 (identical: 2)'."""
+        parts = [f"tokenized {self.total} pairs: kept {self.kept}",
+                 f"prompt truncated {self.prompt_truncated}", f"completion truncated {self.completion_truncated}"]
+        if self.prefix_mismatch:
+            parts.append(f"template prefix mismatch {self.prefix_mismatch}")
+        dropped = f"dropped {self.num_dropped}"
+        if self.dropped:
+            dropped += " (" + ", ".join(f"{self.reason_text(r)}: {n}" for r, n in sorted(self.dropped.items())) + ")"
+        return ", ".join([*parts, dropped])
+
+
+@dataclass
+class Encoded:
+    """Untruncated ids of one pair, and whether the template broke the prompt-prefix property."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    prefix_mismatch: bool = False
+
+
+@dataclass
+class Truncated:
+    """Ids after truncation, what was cut, and the reason the pair is dropped (None if kept)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    prompt_truncated: bool
+    completion_truncated: bool
+    drop_reason: str | None
+
+
+def _encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in range(0, len(texts), _ENCODE_BATCH):  # batched: the fast tokenizer works in parallel in Rust
+        out.extend(tokenizer(texts[i:i + _ENCODE_BATCH], add_special_tokens=False)["input_ids"])
+    return [list(ids) for ids in out]
+
+
+def encode_pairs(pairs: list[Pair], tokenizer: Any) -> list[Encoded]:
+    """Token ids of every pair before truncation (conversational pairs via the chat template)."""
+    chat = [p for p in pairs if p.is_conversational]
+    if chat:
+        require_chat_template(tokenizer, chat[0].source)
+    texts: list[str] = []
+    for p in pairs:
+        if p.is_conversational:
+            texts += [render(tokenizer, p.prompt, True, p.source),
+                      render(tokenizer, p.prompt + p.chosen, False, p.source),
+                      render(tokenizer, p.prompt + p.rejected, False, p.source)]
+        else:
+            texts += [p.prompt, p.chosen, p.rejected]
+    ids = _encode_texts(tokenizer, texts)
+    eos = tokenizer.eos_token_id
+    out = []
+    for i, p in enumerate(pairs):
+        prompt, a, b = ids[3 * i: 3 * i + 3]
+        if p.is_conversational:
+            out.append(_split_completions(prompt, a, b))
+        else:
+            out.append(Encoded(prompt, _with_eos(a, eos), _with_eos(b, eos)))
+    return out
+
+
+def _with_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def _split_completions(prompt: list[int], full_chosen: list[int], full_rejected: list[int]) -> Encoded:
+    """Completions are the tokens after the prompt; where the prompt is not a token prefix of the full
+    conversations, the split falls at the first position where either one diverges from it."""
+    k = len(prompt)
+    if full_chosen[:k] == prompt and full_rejected[:k] == prompt:
+        return Encoded(prompt, full_chosen[k:], full_rejected[k:])
+    for full in (full_chosen, full_rejected):
+        k = min(k, next((i for i, (x, y) in enumerate(zip(prompt, full)) if x != y), min(k, len(full))))
+    return Encoded(full_chosen[:k], full_chosen[k:], full_rejected[k:], prefix_mismatch=True)
+
+
+def truncate(enc: Encoded, args: DataArgs) -> Truncated:
+    """Apply --max_prompt_length, --max_completion_length and --max_length (see the module docstring)."""
+    prompt, chosen, rejected = enc.prompt_ids, enc.chosen_ids, enc.rejected_ids
+    keep_end = args.truncation_mode == "keep_end"
+    if args.max_prompt_length is not None and len(prompt) > args.max_prompt_length:
+        n = args.max_prompt_length
+        prompt = prompt[len(prompt) - n:] if keep_end else prompt[:n]
+    if args.max_completion_length is not None:
+        chosen, rejected = chosen[:args.max_completion_length], rejected[:args.max_completion_length]
+    if args.max_length is not None:
+        longest = max(len(chosen), len(rejected))
+        if keep_end and len(prompt) + longest > args.max_length:
+            keep = max(1, args.max_length - longest)
+            prompt = prompt[max(0, len(prompt) - keep):]
+        room = max(0, args.max_length - len(prompt))
+        prompt = prompt[:args.max_length]  # keep_start with a prompt longer than max_length
+        chosen, rejected = chosen[:room], rejected[:room]
+    drop = None
+    if not chosen or not rejected:
+        drop = "no_completion"
+    elif chosen == rejected:
+        drop = "identical" if enc.chosen_ids == enc.rejected_ids else "identical_after_truncation"
+    return Truncated(prompt, chosen, rejected,
+                     prompt_truncated=len(prompt) < len(enc.prompt_ids),
+                     completion_truncated=len(chosen) < len(enc.chosen_ids) or len(rejected) < len(enc.rejected_ids),
+                     drop_reason=drop)
+
+
+def check_args(args: DataArgs) -> None:
+    if args.truncation_mode not in ("keep_end", "keep_start"):
+        raise PrefalignError(f"must be keep_end or keep_start, got '{args.truncation_mode}'", where="--truncation_mode")
+    for flag in ("max_length", "max_prompt_length", "max_completion_length"):
+        value = getattr(args, flag)
+        if value is not None and value < (2 if flag == "max_length" else 1):
+            raise PrefalignError(f"must be at least {2 if flag == 'max_length' else 1}, got {value}", where=f"--{flag}")
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer: Any, args: DataArgs) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Tokenize and truncate `pairs`; pairs left with nothing to learn from are dropped and counted."""
+    check_args(args)
+    stats = TokenizeStats(total=len(pairs), max_length=args.max_length)
+    out: list[TokenizedPair] = []
+    first_mismatch = None
+    for pair, enc in zip(pairs, encode_pairs(pairs, tokenizer)):
+        t = truncate(enc, args)
+        if enc.prefix_mismatch:
+            stats.prefix_mismatch += 1
+            first_mismatch = first_mismatch or pair.source
+        if t.drop_reason is not None:
+            stats.dropped[t.drop_reason] += 1
+            continue
+        stats.prompt_truncated += t.prompt_truncated
+        stats.completion_truncated += t.completion_truncated
+        out.append(TokenizedPair(t.prompt_ids, t.chosen_ids, t.rejected_ids, pair.source, pair.margin))
+    stats.kept = len(out)
+    if first_mismatch:
+        logger.warning("%s: the chat template tokenizes the prompt differently once an answer follows (%d pairs); "
+                       "the prompt/completion split falls where the tokens diverge", first_mismatch,
+                       stats.prefix_mismatch)
+    if pairs and not out:
+        why = ", ".join(f"{stats.reason_text(r)}: {n}" for r, n in stats.dropped.most_common())
+        where = "--max_length" if "no_completion" in stats.dropped else None
+        raise PrefalignError(f"all {len(pairs)} pairs dropped: {why}", where=where)
+    return out, stats
