@@ -1,0 +1,420 @@
+"""On-policy RL objectives (GRPO and its variants, RLOO, PPO) as pure functions of tensors.
+
+Nothing here touches a model, a device or a process group: the trainers compute log-probs, values and rewards,
+then call these functions. Hyperparameters use TRL's names (`beta`, `epsilon`, `epsilon_high`, `delta`,
+`loss_type`, `scale_rewards`, `kl_coef`, `cliprange`, ...) and the formulas follow TRL's GRPOTrainer,
+RLOOTrainer and PPOTrainer, with two deliberate differences, both noted where they happen:
+
+- PPO puts the score on the last real completion token and masks values with the completion mask. TRL adds it
+  one position *after* the EOS token and keeps one extra value position; that offset is an artefact of its
+  padding bookkeeping, not part of the algorithm.
+- `policy/approxkl_avg` is a masked mean over completion tokens (TRL averages over padding too).
+
+Shapes: B completions (= prompts x num_generations, grouped so that rows g*G .. g*G+G-1 share a prompt),
+T completion tokens. Masks are 1 on real completion tokens (up to and including EOS), 0 on padding.
+Metrics are detached 0-dim tensors named as TRL logs them; the loop decides how to average them over steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from prefalign.errors import PrefalignError
+
+# ----------------------------------------------------------------------------------------------- KL, entropy
+
+
+def _k1(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    return logps - ref_logps
+
+
+def _k2(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    return 0.5 * (logps - ref_logps) ** 2
+
+
+def _k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    # Schulman's unbiased, always non-negative estimator of KL(policy || ref) from samples of the policy.
+    log_ratio = ref_logps - logps
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}
+
+
+def kl_divergence(logps: Tensor, ref_logps: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token KL(policy || ref) estimate from sampled tokens. `logps`, `ref_logps`: (B, T) -> (B, T).
+
+    k1 = logp - ref (unbiased, can be negative), k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise PrefalignError(f"unknown KL estimator {estimator!r}; choose one of {sorted(KL_ESTIMATORS)}", "--kl_estimator")
+    return KL_ESTIMATORS[estimator](logps, ref_logps)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the next-token distribution. (B, T, V) -> (B, T)."""
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    return -(logps.exp() * logps).sum(-1)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` where `mask` is 1 (0 when the mask is empty)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of `values` where `mask` is 1, with Bessel's correction as TRL applies it."""
+    mask = mask.to(values.dtype)
+    centered = values - masked_mean(values, mask)
+    variance = masked_mean(centered**2, mask)
+    count = mask.sum()
+    if unbiased and count > 1:
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(values - mean) / sqrt(var + 1e-8) over masked entries; `shift_mean=False` adds the mean back (only scales)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def group_advantages(
+    rewards: Tensor, num_generations: int, *, scale_rewards: str | bool = "group", eps: float = 1e-4
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO advantages: reward minus its group's mean, divided by a std + `eps`. (B,) -> (B,).
+
+    scale_rewards: "group" divides by the group's std (DeepSeekMath), "batch" by the std of the whole batch
+    (the mean is still the group's), "none" does not divide (Dr. GRPO). True/False mean "group"/"none" (TRL's
+    aliases). Stds are unbiased (torch.std); a group with one member has std 0.
+    Metrics: reward, reward_std (mean group std), frac_reward_zero_std.
+    """
+    scale = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)  # type: ignore[call-overload]
+    if scale not in SCALE_REWARDS:
+        raise PrefalignError(f"scale_rewards must be one of {list(SCALE_REWARDS)}, got {scale_rewards!r}", "--scale_rewards")
+    grouped = rewards.float().view(-1, num_generations)  # (P, G)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (B,)
+    if num_generations > 1:
+        group_std = grouped.std(dim=1).repeat_interleave(num_generations)  # (B,)
+    else:
+        group_std = torch.zeros_like(advantages)
+    if scale == "batch":
+        std = rewards.float().std().expand_as(advantages) if rewards.numel() > 1 else torch.zeros_like(advantages)
+    else:
+        std = group_std  # "none" still reports the group std
+    if scale != "none":
+        advantages = advantages / (std + eps)
+    metrics = {
+        "reward": rewards.float().mean().detach(),
+        "reward_std": std.mean().detach(),
+        "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean(),
+    }
+    return advantages, metrics
+
+
+def rloo_advantages(
+    rewards: Tensor, num_generations: int, *, normalize_advantages: bool = False, eps: float = 1e-4
+) -> Tensor:
+    """REINFORCE leave-one-out: r_i - mean of the other G-1 rewards of its group. (B,) -> (B,).
+
+    With `normalize_advantages` the result is standardised over the batch: (A - mean) / (std + eps), as TRL's
+    RLOOTrainer does. Equivalent to G/(G-1) x (r_i - group mean).
+    """
+    if num_generations < 2:
+        raise PrefalignError("RLOO needs at least 2 generations per prompt for its baseline", "--num_generations")
+    grouped = rewards.float().view(-1, num_generations)  # (P, G)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (num_generations - 1)  # (P, G)
+    advantages = (grouped - baseline).view(-1)
+    if normalize_advantages:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + eps)
+    return advantages
+
+
+# ----------------------------------------------------------------------------------------------- GRPO loss
+
+
+def high_entropy_mask(entropies: Tensor, mask: Tensor, top_entropy_quantile: float) -> Tensor:
+    """Boolean (B, T): real tokens whose entropy is in the top `top_entropy_quantile` fraction of the batch.
+
+    The threshold is the (1 - q) quantile (linear interpolation) of the entropies of real tokens; a token is kept
+    when its entropy >= threshold, so q = 1 keeps every token and q = 0.2 keeps the top 20 % ("80/20" paper).
+    """
+    real = mask.bool()
+    values = entropies[real].float()
+    if values.numel() == 0:
+        return torch.zeros_like(real)
+    threshold = torch.quantile(values, 1.0 - top_entropy_quantile)
+    return (entropies >= threshold) & real
+
+
+def _seq_mean_then_mean(per_token: Tensor, mask: Tensor, **_: object) -> Tensor:
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+def _token_mean(per_token: Tensor, mask: Tensor, **_: object) -> Tensor:
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _fixed_length(per_token: Tensor, mask: Tensor, *, max_completion_length: int | None, **_: object) -> Tensor:
+    if max_completion_length is None:
+        raise PrefalignError("loss_type dr_grpo divides by max_completion_length; set it", "--max_completion_length")
+    return (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+
+
+def _global_tokens(
+    per_token: Tensor, mask: Tensor, *, num_items_in_batch: Tensor | int | None, num_processes: int, **_: object
+) -> Tensor:
+    # Divide by the real tokens of the whole accumulated global batch (per process, since DDP averages
+    # gradients over processes): every token weighs the same however the batch is split into micro-batches.
+    total = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=mask.dtype, device=mask.device)
+    return (per_token * mask).sum() / (total.clamp(min=1.0) / num_processes)
+
+
+# loss_type -> how the (B, T) per-token loss becomes a scalar. The first three are per micro-batch (the loop
+# then averages over gradient-accumulation steps, as TRL divides by them); dapo is already global.
+GRPO_NORMALIZERS: dict[str, Callable[..., Tensor]] = {
+    "grpo": _seq_mean_then_mean,
+    "bnpo": _token_mean,
+    "dr_grpo": _fixed_length,
+    "dapo": _global_tokens,
+}
+
+
+def _importance_log_weights(log_ratio: Tensor, mask: Tensor, level: str) -> Tensor:
+    if level == "token":
+        return log_ratio  # (B, T)
+    if level == "sequence":  # GSPO: one ratio per sequence, from the mean token log-ratio
+        return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
+    raise PrefalignError(
+        f"importance_sampling_level must be token or sequence, got {level!r}", "--importance_sampling_level"
+    )
+
+
+def grpo_loss(
+    per_token_logps: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    old_per_token_logps: Tensor | None = None,
+    ref_per_token_logps: Tensor | None = None,
+    entropies: Tensor | None = None,
+    loss_type: str = "dapo",
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    importance_sampling_level: str = "token",
+    top_entropy_quantile: float = 1.0,
+    use_bias_correction_kl: bool = False,
+    max_completion_length: int | None = None,
+    num_items_in_batch: Tensor | int | None = None,
+    num_processes: int = 1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped-surrogate GRPO loss of one micro-batch, with TRL's semantics.
+
+    per_token_logps (B, T) with grad; advantages (B,) or (B, T); completion_mask (B, T);
+    old_per_token_logps (B, T) from the sampling policy (None: single on-policy step, ratio = exp(logp - logp.detach())
+    = 1 with the policy gradient); ref_per_token_logps (B, T), needed when beta != 0; entropies (B, T), needed for
+    top_entropy_quantile < 1 and for the entropy metric.
+    Ratio r = exp(log-ratio) per token, or per sequence (GSPO) from the mean token log-ratio. Per token:
+    -min(r·A, clip(r, 1-epsilon, 1+epsilon_high)·A), where r is first capped at `delta` when given (two-sided
+    clipping), times the entropy mask, plus beta·k3 KL. `loss_type` normalises it (see GRPO_NORMALIZERS);
+    `num_items_in_batch` (dapo) is the real-token count of the global accumulated batch.
+    """
+    if loss_type not in GRPO_NORMALIZERS:
+        raise PrefalignError(f"unknown loss_type {loss_type!r}; choose one of {sorted(GRPO_NORMALIZERS)}", "--loss_type")
+    mask = completion_mask.to(per_token_logps.dtype)  # (B, T)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
+    old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+    # Zero the log-ratio at padding first: whatever sits there must not overflow exp() into inf·0 = nan.
+    log_ratio = (per_token_logps - old) * mask
+    coef_1 = torch.exp(_importance_log_weights(log_ratio, mask, importance_sampling_level))
+    eps_low, eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high
+
+    per_token_kl = None
+    if beta != 0.0:
+        if ref_per_token_logps is None:
+            raise ValueError("grpo_loss: beta != 0 needs ref_per_token_logps")
+        per_token_kl = kl_divergence(per_token_logps * mask, ref_per_token_logps * mask, "k3")  # (B, T)
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
+
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    if delta is not None:
+        coef_1 = torch.clamp(coef_1, max=delta)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)  # (B, T), or (B, 1) at sequence level
+    if top_entropy_quantile < 1.0:
+        if entropies is None:
+            raise ValueError("grpo_loss: top_entropy_quantile < 1 needs entropies")
+        per_token_loss = per_token_loss * high_entropy_mask(entropies, mask, top_entropy_quantile)
+    if per_token_kl is not None:
+        per_token_loss = per_token_loss + beta * per_token_kl
+    per_token_loss = per_token_loss.expand_as(mask)
+
+    loss = GRPO_NORMALIZERS[loss_type](
+        per_token_loss, mask, max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch, num_processes=num_processes,
+    )
+    return loss, _grpo_metrics(coef_1, adv, mask, eps_low, eps_high, per_token_kl, entropies)
+
+
+def _grpo_metrics(
+    coef_1: Tensor, adv: Tensor, mask: Tensor, eps_low: float, eps_high: float,
+    per_token_kl: Tensor | None, entropies: Tensor | None,
+) -> dict[str, Tensor]:
+    def batch_mean(x: Tensor) -> Tensor:
+        # A sequence-level quantity (B, 1) counts once per sequence; a token-level one once per real token.
+        return x.mean() if x.shape[1] == 1 else masked_mean(x, mask)
+
+    with torch.no_grad():
+        low = (coef_1 < 1 - eps_low) & (adv < 0)
+        high = (coef_1 > 1 + eps_high) & (adv > 0)
+        metrics = {
+            "clip_ratio/low_mean": batch_mean(low.float()),
+            "clip_ratio/high_mean": batch_mean(high.float()),
+            "clip_ratio/region_mean": batch_mean((low | high).float()),
+        }
+        if per_token_kl is not None:
+            metrics["kl"] = batch_mean(per_token_kl.float())
+        if entropies is not None:
+            metrics["entropy"] = masked_mean(entropies.float(), mask)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------------- PPO
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last real token of each row. (B, T) -> (B,); 0 for an empty row."""
+    # cumsum reaches its maximum first at the last 1; argmax returns the first maximum.
+    return mask.long().cumsum(dim=1).argmax(dim=1)
+
+
+def ppo_rewards(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    completion_mask: Tensor,
+    *,
+    kl_coef: float = 0.05,
+    kl_estimator: str = "k1",
+    missing_eos_penalty: float | None = None,
+    contains_eos: Tensor | None = None,
+    whiten_rewards: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token PPO rewards: -kl_coef·KL at every token, plus the score at the last real token. -> (B, T).
+
+    scores (B,) from the reward model; logprobs/ref_logprobs (B, T) of the sampled tokens (no grad);
+    `missing_eos_penalty` is subtracted from the score of completions whose `contains_eos` (B,) is False;
+    `whiten_rewards` scales (does not shift) the rewards over real tokens. Padding gets reward 0.
+    Metrics (TRL's names): objective/kl, objective/entropy, objective/non_score_reward, objective/rlhf_reward,
+    objective/scores — sums over tokens, averaged over completions.
+    """
+    mask = completion_mask.to(logprobs.dtype)  # (B, T)
+    scores = scores.float().clone()
+    if missing_eos_penalty is not None:
+        if contains_eos is None:
+            raise ValueError("ppo_rewards: missing_eos_penalty needs contains_eos")
+        scores[~contains_eos.bool()] -= missing_eos_penalty
+    # k1 = logp - ref; k3 as in kl_divergence. Both measure KL(policy || ref) per sampled token.
+    kl = kl_divergence(logprobs * mask, ref_logprobs * mask, kl_estimator)  # (B, T), 0 at padding
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    rows = torch.arange(rewards.size(0), device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+    rewards = rewards * mask
+    nsr = non_score_reward.sum(1).mean()
+    metrics = {
+        "objective/kl": kl.sum(1).mean().detach(),
+        "objective/entropy": (-logprobs * mask).sum(1).mean().detach(),
+        "objective/non_score_reward": nsr.detach(),
+        "objective/rlhf_reward": (scores.mean() + nsr).detach(),
+        "objective/scores": scores.mean().detach(),
+    }
+    return rewards, metrics
+
+
+def compute_gae(
+    rewards: Tensor, values: Tensor, completion_mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95,
+    whiten_advantages: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over right-padded sequences. (B, T) x3 -> advantages, returns (B, T).
+
+    delta_t = r_t + gamma·V_{t+1} - V_t (V after the last real token is 0, the episode ends there);
+    A_t = delta_t + gamma·lam·A_{t+1}; returns = A + V (before whitening, as TRL). With `whiten_advantages`
+    the advantages are standardised over real tokens. Padding positions are 0 in both outputs.
+    """
+    mask = completion_mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    last_gae = torch.zeros_like(values[:, 0])  # (B,)
+    reversed_advantages = []
+    for t in reversed(range(values.size(1))):
+        next_value = values[:, t + 1] if t + 1 < values.size(1) else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
+        reversed_advantages.append(last_gae)
+    advantages = torch.stack(reversed_advantages[::-1], dim=1)  # (B, T)
+    returns = (advantages + values) * mask
+    if whiten_advantages:
+        advantages = masked_whiten(advantages, mask) * mask
+    return advantages, returns
+
+
+def ppo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    completion_mask: Tensor,
+    *,
+    cliprange: float = 0.2,
+    cliprange_value: float = 0.2,
+    vf_coef: float = 0.1,
+    entropies: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped policy loss + vf_coef x clipped value loss, masked means over real tokens. All inputs (B, T).
+
+    pg = mean max(-A·r, -A·clip(r, 1±cliprange)), r = exp(logprobs - old_logprobs);
+    vf = 0.5 · mean max((V - R)^2, (clip(V, V_old ± cliprange_value) - R)^2).
+    Metrics (TRL's names): policy/approxkl_avg, policy/clipfrac_avg, loss/policy_avg, loss/value_avg,
+    val/clipfrac_avg, val/ratio (and policy/entropy_avg when entropies are given).
+    """
+    mask = completion_mask.to(logprobs.dtype)
+    values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    vf_losses1 = (values - returns) ** 2
+    vf_losses2 = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+
+    log_ratio = (logprobs - old_logprobs) * mask  # padding -> ratio 1, never inf
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    loss = pg_loss + vf_coef * vf_loss
+
+    with torch.no_grad():
+        metrics = {
+            "policy/approxkl_avg": 0.5 * masked_mean(log_ratio**2, mask),
+            "policy/clipfrac_avg": masked_mean((pg_losses2 > pg_losses).float(), mask),
+            "loss/policy_avg": pg_loss.detach(),
+            "loss/value_avg": vf_loss.detach(),
+            "val/clipfrac_avg": masked_mean((vf_losses2 > vf_losses1).float(), mask),
+            "val/ratio": masked_mean(ratio, mask),
+        }
+        if entropies is not None:
+            metrics["policy/entropy_avg"] = masked_mean(entropies.float(), mask)
+    return loss, metrics
