@@ -1,0 +1,122 @@
+"""Padding-free preference batches: all pairs of a micro-batch in one row, each prompt run once.
+
+Every peer (TRL, OpenRLHF, LLaMA-Factory, torchtune, MiniMind) feeds a pair as two padded rows, prompt+chosen
+and prompt+rejected, so the shared prompt goes through the model twice and the pad tokens cost as much as real
+ones. Here a micro-batch is ONE row of concatenated pairs and nothing else:
+
+- `share_prompt=True`: each pair is `prompt + chosen + rejected`. The rejected tokens' position ids restart at
+  len(prompt), and they attend to the prompt and to themselves but not to chosen, so every completion token sees
+  exactly the context it would see in its own padded row. That is two attention blocks per pair:
+  `[prompt+chosen]` (causal) and `[rejected]` (causal, plus the prompt as a fully visible prefix).
+- `share_prompt=False`: `prompt+chosen` and `prompt+rejected` are two independent packed documents.
+
+The batch describes that structure with `attn_blocks` rows `(q_start, q_end, prefix_start, prefix_end)`: the
+query tokens `[q_start, q_end)` attend causally among themselves and fully to `[prefix_start, prefix_end)`
+(an empty range when there is no prefix). Blocks tile the row in order. `model.packed` turns them into
+attention; any layout that can be written this way runs through the same forward.
+
+Completion tokens are scored through `logit_index`: for each completion token, the row position whose hidden
+state predicts it (the previous token of its own sequence; for the first token, the last prompt token, which
+chosen and rejected share). Rows of `logit_index` / `target_ids` / `target_mask` are chosen pairs then
+rejected pairs, completion tokens left-aligned, as in `model.logprobs.CompletionLogps`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from prefalign.data.types import TokenizedPair
+from prefalign.errors import PrefalignError
+
+
+def pair_cost(pair: TokenizedPair, share_prompt: bool) -> int:
+    """Tokens that `pair` occupies in a packed row (the prompt once when shared, twice otherwise)."""
+    prompt = len(pair.prompt_ids) * (1 if share_prompt else 2)
+    return prompt + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
+def pack_pairs(pairs: list[TokenizedPair], *, max_tokens_per_batch: int, share_prompt: bool) -> list[list[int]]:
+    """Group pair indices into micro-batches of at most `max_tokens_per_batch` packed tokens.
+
+    Next-fit in the given order: a micro-batch is closed as soon as the next pair does not fit, so the order
+    the sampler chose (its shuffling) is kept exactly and the result is deterministic. A pair is never split;
+    a pair longer than the budget on its own gets a micro-batch to itself (truncation is `data.tokenize`'s job).
+    """
+    if max_tokens_per_batch < 1:
+        raise ValueError(f"max_tokens_per_batch must be positive, got {max_tokens_per_batch}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, pair in enumerate(pairs):
+        cost = pair_cost(pair, share_prompt)
+        if current and used + cost > max_tokens_per_batch:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += cost
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _sequences(pair: TokenizedPair, share_prompt: bool) -> list[tuple[list[int], int, int, int]]:
+    """The pair as attention blocks `(tokens, position_start, prefix_offset, prefix_len)` relative to its start.
+
+    `prefix_offset` / `prefix_len` locate the fully visible prefix inside the pair's own span.
+    """
+    prompt, chosen, rejected = list(pair.prompt_ids), list(pair.chosen_ids), list(pair.rejected_ids)
+    if share_prompt:
+        return [(prompt + chosen, 0, 0, 0), (rejected, len(prompt), 0, len(prompt))]
+    return [(prompt + chosen, 0, 0, 0), (prompt + rejected, 0, 0, 0)]
+
+
+def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, share_prompt: bool) -> dict[str, Any]:
+    """One padding-free row holding every pair of the micro-batch (see the module docstring for the keys)."""
+    if not pairs:
+        raise ValueError("collate_packed needs at least one pair")
+    num_pairs = len(pairs)
+    width = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)  # Tc
+    logit_index = torch.zeros((2 * num_pairs, width), dtype=torch.long)  # (2B, Tc)
+    target_ids = torch.full((2 * num_pairs, width), pad_token_id, dtype=torch.long)  # (2B, Tc)
+    target_mask = torch.zeros((2 * num_pairs, width), dtype=torch.bool)  # (2B, Tc)
+
+    tokens: list[int] = []
+    positions: list[int] = []
+    blocks: list[tuple[int, int, int, int]] = []
+    for i, pair in enumerate(pairs):
+        start = len(tokens)
+        n_prompt = len(pair.prompt_ids)
+        if n_prompt == 0:
+            # Same rule as the padded layout: nothing would predict the first completion token.
+            raise PrefalignError("the prompt is empty, so no token predicts the first completion token",
+                                 pair.source or "batch")
+        for j, (seq, pos0, prefix_off, prefix_len) in enumerate(_sequences(pair, share_prompt)):
+            q_start = len(tokens)
+            tokens += seq
+            positions += range(pos0, pos0 + len(seq))
+            prefix_start = start + prefix_off if prefix_len else q_start  # an empty prefix sits at the block
+            blocks.append((q_start, len(tokens), prefix_start, prefix_start + prefix_len))
+            completion = pair.chosen_ids if j == 0 else pair.rejected_ids
+            # Row position of the token right before completion token 0 in this sequence's own context.
+            first = len(tokens) - len(completion)  # position of completion token 0
+            before_first = start + n_prompt - 1 if (share_prompt and j == 1) else first - 1
+            row = i if j == 0 else num_pairs + i
+            for k, token in enumerate(completion):
+                logit_index[row, k] = before_first if k == 0 else first + k - 1
+                target_ids[row, k] = token
+                target_mask[row, k] = True
+
+    return {
+        "layout": "packed",
+        "input_ids": torch.tensor([tokens], dtype=torch.long),  # (1, T)
+        "position_ids": torch.tensor([positions], dtype=torch.long),  # (1, T)
+        "attn_blocks": torch.tensor(blocks, dtype=torch.long),  # (N, 4)
+        "logit_index": logit_index,
+        "target_ids": target_ids,
+        "target_mask": target_mask,
+        "share_prompt": share_prompt,
+        "num_tokens": len(tokens),
+        "num_pairs": num_pairs,
+    }
