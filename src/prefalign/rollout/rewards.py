@@ -1,0 +1,280 @@
+"""Reward functions for GRPO / RLOO, a reward-model scorer, and how several rewards combine into one.
+
+The one signature (TRL's):
+
+    fn(prompts: list, completions: list, **columns) -> list[float | None]
+
+It is called with keyword arguments: `prompts` and `completions` are lists of the same length (one entry per
+completion, the prompt repeated for each of its generations); a completion is a string, or for conversational
+prompts a one-message list `[{"role": "assistant", "content": ...}]`. Every other dataset column arrives as a
+keyword list aligned with them (`answer=[...]`), so a function should accept `**kwargs` for the ones it ignores.
+Returning None for a completion means "this function does not apply here" (multi-task data): it is left out
+of that completion's weighted sum instead of counting as 0.
+
+Spec strings accepted by `load_reward_function` (the CLI's `--reward_funcs`):
+
+    exact_match            1.0 when the completion equals the `answer` column (whitespace-normalised), else 0.0
+    exact_match:number     1.0 when the last number in the completion equals the last number in `answer`
+    regex:PATTERN          1.0 when PATTERN matches anywhere in the completion (re.DOTALL; anchor with ^...$)
+    length:N               -|len(completion) - N| / N, characters; 0 at exactly N characters
+    path/to/file.py:NAME   function NAME defined in that file
+    package.module:NAME    function NAME importable from package.module
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefalign.errors import PrefalignError
+
+logger = logging.getLogger(__name__)
+
+RewardFunction = Callable[..., list]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def completion_text(completion: str | list[dict[str, Any]]) -> str:
+    """The text of a completion: the string itself, or the content of a conversational completion's messages."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(m.get("content", "")) for m in completion)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in `text` ("1,234.5" -> 1234.5), or None when there is none."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _answers(columns: dict[str, Any], name: str) -> list:
+    if "answer" not in columns:
+        raise PrefalignError(f"reward {name} compares against an 'answer' column, which the dataset lacks", "--reward_funcs")
+    return columns["answer"]
+
+
+def exact_match(prompts: list, completions: list, **columns: Any) -> list[float | None]:
+    """1.0 when the completion equals the row's `answer` after collapsing whitespace; None where answer is None."""
+    answers = _answers(columns, "exact_match")
+    return [
+        None if a is None else float(_normalise(completion_text(c)) == _normalise(str(a)))
+        for c, a in zip(completions, answers)
+    ]
+
+
+def exact_match_number(prompts: list, completions: list, **columns: Any) -> list[float | None]:
+    """1.0 when the last number in the completion equals the last number in `answer` (GSM8K's "#### 42" works)."""
+    answers = _answers(columns, "exact_match:number")
+    out: list[float | None] = []
+    for c, a in zip(completions, answers):
+        expected = None if a is None else last_number(str(a))
+        if expected is None:
+            out.append(None)
+            continue
+        got = last_number(completion_text(c))
+        out.append(float(got is not None and math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-9)))
+    return out
+
+
+def regex_reward(pattern: str) -> RewardFunction:
+    """A reward of 1.0 for completions in which `pattern` matches (re.search, DOTALL), else 0.0."""
+    try:
+        compiled = re.compile(pattern, re.DOTALL)
+    except re.error as e:
+        raise PrefalignError(f"invalid regular expression {pattern!r}: {e}", "--reward_funcs") from None
+
+    def regex_format(prompts: list, completions: list, **columns: Any) -> list[float | None]:
+        return [float(compiled.search(completion_text(c)) is not None) for c in completions]
+
+    return regex_format
+
+
+def length_reward(target: int) -> RewardFunction:
+    """A reward of -|characters - target| / target: 0 at the target length, -1 at 0 or 2 x target characters."""
+    if target <= 0:
+        raise PrefalignError(f"length target must be a positive number of characters, got {target}", "--reward_funcs")
+
+    def length(prompts: list, completions: list, **columns: Any) -> list[float | None]:
+        return [-abs(len(completion_text(c)) - target) / target for c in completions]
+
+    return length
+
+
+def _import_attribute(module_part: str, attr: str, spec: str) -> Any:
+    if module_part.endswith(".py"):
+        path = Path(module_part)
+        if not path.is_file():
+            raise PrefalignError(f"reward function file {module_part} does not exist", spec)
+        mod_spec = importlib.util.spec_from_file_location(f"prefalign_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+        mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ModuleNotFoundError as e:
+            raise PrefalignError(f"cannot import module {module_part!r} ({e})", spec) from None
+    if not hasattr(module, attr):
+        raise PrefalignError(f"module {module_part!r} has no attribute {attr!r}", spec)
+    return getattr(module, attr)
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """Resolve one spec string (see the module docstring) to a reward function with a meaningful `__name__`."""
+    head, sep, rest = spec.partition(":")
+    if spec == "exact_match":
+        return exact_match
+    if head == "exact_match" and rest == "number":
+        return exact_match_number
+    if head == "regex" and sep:
+        return regex_reward(rest)
+    if head == "length" and sep:
+        try:
+            return length_reward(int(rest))
+        except ValueError:
+            raise PrefalignError(f"length:N needs an integer N, got {rest!r}", spec) from None
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise PrefalignError(
+            "not a reward function spec; use exact_match, exact_match:number, regex:PATTERN, length:N, "
+            "module:function or file.py:function", spec,
+        )
+    fn = _import_attribute(module_part, attr, spec)
+    if not callable(fn):
+        raise PrefalignError(f"{attr!r} in {module_part!r} is not callable", spec)
+    return fn
+
+
+def reward_function_name(fn: Callable[..., Any]) -> str:
+    """The name used in metrics (`rewards/<name>/mean`): the function's `__name__`, or its class name."""
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def compute_rewards(
+    functions: Sequence[Callable[..., Any]], prompts: list, completions: list, columns: dict[str, list] | None = None
+) -> torch.Tensor:
+    """Call every reward function; (F, N) float32 with None -> nan. A wrong return is a PrefalignError naming it."""
+    columns = columns or {}
+    rows = []
+    for fn in functions:
+        values = fn(prompts=prompts, completions=completions, **columns)
+        name = reward_function_name(fn)
+        if values is None or len(values) != len(completions):
+            got = "None" if values is None else f"{len(values)} values"
+            raise PrefalignError(f"returned {got} for {len(completions)} completions", f"reward function {name}")
+        try:
+            rows.append([math.nan if v is None else float(v) for v in values])
+        except (TypeError, ValueError):
+            raise PrefalignError("returned a value that is neither a number nor None", f"reward function {name}") from None
+    return torch.tensor(rows, dtype=torch.float32).view(len(functions), len(completions))
+
+
+def combine_rewards(
+    per_function: torch.Tensor | Sequence[Sequence[float | None]],
+    weights: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum over reward functions, skipping None/nan: (F, N) -> (N,), as TRL's nansum.
+
+    Returns the rewards and metrics `rewards/<name>/mean` and `rewards/<name>/std` (nan-aware, per function).
+    A completion for which every function returned None gets 0 and a warning.
+    """
+    if not isinstance(per_function, torch.Tensor):
+        per_function = torch.tensor([[math.nan if v is None else float(v) for v in row] for row in per_function])
+    per_function = per_function.float()  # (F, N)
+    n_funcs = per_function.size(0)
+    w = torch.ones(n_funcs) if weights is None else torch.tensor(list(weights), dtype=torch.float32)
+    if w.numel() != n_funcs:
+        raise PrefalignError(f"{w.numel()} reward weights given for {n_funcs} reward functions", "--reward_weights")
+    rewards = (per_function * w.to(per_function.device).unsqueeze(1)).nansum(dim=0)  # (N,)
+    all_none = torch.isnan(per_function).all(dim=0)
+    if all_none.any():
+        logger.warning("every reward function returned None for %d completion(s); their reward is 0", int(all_none.sum()))
+    names = list(names) if names is not None else [f"reward_{i}" for i in range(n_funcs)]
+    metrics: dict[str, float] = {}
+    for name, row in zip(names, per_function):
+        valid = row[~torch.isnan(row)]
+        metrics[f"rewards/{name}/mean"] = valid.mean().item() if valid.numel() else math.nan
+        metrics[f"rewards/{name}/std"] = valid.std().item() if valid.numel() > 1 else math.nan
+    return rewards, metrics
+
+
+class RewardModelScorer:
+    """Scores prompt + completion texts with a sequence-classification model that has one label.
+
+    Conversational rows go through the reward tokenizer's chat template (prompt messages + completion
+    messages); text rows are concatenated as prompt + completion. The score is logit 0 at the last non-padding
+    token. Usable as a reward function: `scorer(prompts=..., completions=...)`.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if isinstance(model_path, torch.nn.Module):
+            self.model = model_path
+        else:
+            if not Path(model_path).exists():
+                raise PrefalignError(f"reward model {model_path} does not exist", "--reward_model_path")
+            self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=dtype)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(self.model.config._name_or_path)
+        self.tokenizer = tokenizer
+        if self.tokenizer.pad_token_id is None:
+            raise PrefalignError("the reward tokenizer has no pad token", "--reward_model_path")
+        if self.model.config.pad_token_id is None:
+            # the classification head finds the last real token through pad_token_id
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.eval().requires_grad_(False)
+        if device is not None:
+            self.model.to(device)
+        self.batch_size, self.max_length = batch_size, max_length
+        self.__name__ = Path(str(getattr(self.model.config, "_name_or_path", "reward_model")) or "reward_model").name
+
+    def texts(self, prompts: list, completions: list) -> list[str]:
+        out = []
+        for p, c in zip(prompts, completions):
+            if isinstance(p, str):
+                out.append(p + completion_text(c))
+            else:
+                out.append(self.tokenizer.apply_chat_template(list(p) + list(c), tokenize=False))
+        return out
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float]:
+        texts = self.texts(prompts, completions)
+        device = next(self.model.parameters()).device
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size], return_tensors="pt", padding=True, padding_side="right",
+                truncation=self.max_length is not None, max_length=self.max_length, add_special_tokens=False,
+            ).to(device)
+            logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # (b, 1)
+            scores.extend(logits[:, 0].float().tolist())
+        return scores
