@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import conv
 
+from helpers import conv
 from prefalign.config import DataArgs
 from prefalign.data.formats import detect_format, normalize_pair
 from prefalign.data.types import Pair

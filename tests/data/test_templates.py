@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-from helpers import conv
 
+from helpers import conv
 from prefalign.data.templates import (
     BUILTIN_TEMPLATES,
     CHATML,
