@@ -1,0 +1,131 @@
+"""Rollouts from the real tiny Qwen2 through `model.generate`: layout, EOS cut, truncation, seeds, peft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prefalign.errors import PrefalignError
+from prefalign.rollout.generate import generate_completions, left_pad, mask_truncated_completions
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+def _with_eos_bias(tiny_model_dir, tokenizer, bias: float):
+    """The tiny model with an LM head that adds `bias` to the EOS logit (a bias-carrying copy of the tied head)."""
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    head = torch.nn.Linear(m.config.hidden_size, m.config.vocab_size, bias=True)
+    head.weight.data.copy_(m.lm_head.weight.data)
+    head.bias.data.zero_()
+    head.bias.data[tokenizer.eos_token_id] = bias
+    m.lm_head = head
+    return m
+
+
+def _prompts(tok):
+    return [tok("the capital of france is")["input_ids"], tok("two plus")["input_ids"]]
+
+
+def test_layout_grouping_and_left_padding(model, tiny_tokenizer):
+    prompts = _prompts(tiny_tokenizer)
+    long, short = prompts
+    out = generate_completions(model, tiny_tokenizer, prompts, num_generations=3, max_completion_length=5, seed=0)
+    pad = tiny_tokenizer.pad_token_id
+    assert out.prompt_ids.tolist() == [long] * 3 + [[pad] * (len(long) - len(short)) + short] * 3
+    assert out.prompt_mask.sum(1).tolist() == [len(long)] * 3 + [len(short)] * 3
+    assert out.completion_ids.shape[0] == 6 and out.completion_ids.shape[1] <= 5
+    assert out.completion_mask.shape == out.completion_ids.shape and len(out.texts) == 6
+    for row, n, text in zip(out.completion_ids, out.completion_lengths.tolist(), out.texts):
+        assert text == tiny_tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+        assert row[n:].tolist() == [pad] * (len(row) - n)
+    assert left_pad([[5], [6, 7]], 0)[0].tolist() == [[0, 5], [6, 7]]
+
+
+def test_seed_is_deterministic_and_leaves_global_rng(model, tiny_tokenizer):
+    prompts = _prompts(tiny_tokenizer)
+    state = torch.get_rng_state()
+    a = generate_completions(model, tiny_tokenizer, prompts, num_generations=4, max_completion_length=6, seed=7)
+    b = generate_completions(model, tiny_tokenizer, prompts, num_generations=4, max_completion_length=6, seed=7)
+    c = generate_completions(model, tiny_tokenizer, prompts, num_generations=4, max_completion_length=6, seed=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    # G samples of one prompt differ from each other (sampling, not G copies of one sample)
+    assert len({tuple(r) for r in a.completion_ids[:4].tolist()}) > 1
+
+
+def test_certain_eos_stops_after_one_token(tiny_model_dir, tiny_tokenizer):
+    m = _with_eos_bias(tiny_model_dir, tiny_tokenizer, 60.0)
+    out = generate_completions(m, tiny_tokenizer, _prompts(tiny_tokenizer), num_generations=2, max_completion_length=8, seed=0)
+    eos = tiny_tokenizer.eos_token_id
+    assert out.completion_ids.tolist() == [[eos]] * 4
+    assert out.completion_mask.tolist() == [[1]] * 4
+    assert out.is_truncated.tolist() == [False] * 4
+    assert out.texts == [""] * 4
+
+
+def test_impossible_eos_truncates(tiny_model_dir, tiny_tokenizer):
+    m = _with_eos_bias(tiny_model_dir, tiny_tokenizer, -1e4)
+    out = generate_completions(m, tiny_tokenizer, _prompts(tiny_tokenizer), num_generations=2, max_completion_length=5, seed=0)
+    assert out.completion_ids.shape == (4, 5)
+    assert out.completion_mask.tolist() == [[1] * 5] * 4
+    assert out.is_truncated.tolist() == [True] * 4
+    assert mask_truncated_completions(out.completion_mask, out.is_truncated).sum().item() == 0
+
+
+def test_eos_in_the_middle_cuts_the_mask(tiny_model_dir, tiny_tokenizer):
+    """With EOS made likely (+4 on its logit) some rows stop early: the mask covers tokens up to the first EOS."""
+    m = _with_eos_bias(tiny_model_dir, tiny_tokenizer, 4.0)
+    out = generate_completions(m, tiny_tokenizer, _prompts(tiny_tokenizer), num_generations=6, max_completion_length=6, seed=3)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    stopped_early = 0
+    for row, n, truncated in zip(out.completion_ids.tolist(), out.completion_lengths.tolist(), out.is_truncated.tolist()):
+        if truncated:
+            assert eos not in row and n == 6
+        else:
+            assert row.index(eos) == n - 1 and row[n:] == [pad] * (len(row) - n)
+            stopped_early += n < out.completion_ids.size(1)
+    assert stopped_early > 0 and out.is_truncated.any() and not out.is_truncated.all()
+    kept = mask_truncated_completions(out.completion_mask, out.is_truncated)
+    assert kept.sum(1).tolist() == [0 if t else n for t, n in zip(out.is_truncated.tolist(), out.completion_lengths.tolist())]
+
+
+def test_batched_top1_matches_each_prompt_alone(model, tiny_tokenizer):
+    """top_k = 1 is greedy: left padding must not change what a prompt produces."""
+    prompts = _prompts(tiny_tokenizer)
+    both = generate_completions(model, tiny_tokenizer, prompts, num_generations=1, max_completion_length=6, top_k=1)
+    for i, p in enumerate(prompts):
+        alone = generate_completions(model, tiny_tokenizer, [p], num_generations=1, max_completion_length=6, top_k=1)
+        n = alone.completion_lengths[0].item()
+        assert both.completion_ids[i, :n].tolist() == alone.completion_ids[0, :n].tolist()
+
+
+def test_peft_model_and_disable_adapter(tiny_model_dir, tiny_tokenizer, model):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    # init_lora_weights=False: B is random too, so the adapter really changes the policy
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
+    prompts = _prompts(tiny_tokenizer)
+    kw = {"num_generations": 3, "max_completion_length": 6, "seed": 11}
+    plain = generate_completions(model, tiny_tokenizer, prompts, **kw)
+    adapted = generate_completions(peft_model, tiny_tokenizer, prompts, **kw)
+    with peft_model.disable_adapter():
+        reference = generate_completions(peft_model, tiny_tokenizer, prompts, **kw)
+    assert torch.equal(reference.completion_ids, plain.completion_ids)
+    assert not torch.equal(adapted.completion_ids, plain.completion_ids)
+    peft_model.train()
+    generate_completions(peft_model, tiny_tokenizer, prompts, **kw)
+    assert peft_model.training  # mode restored after sampling in eval mode
+
+
+def test_bad_inputs(model, tiny_tokenizer):
+    with pytest.raises(PrefalignError, match="temperature"):
+        generate_completions(model, tiny_tokenizer, [[1, 2]], num_generations=1, max_completion_length=2, temperature=0)
+    with pytest.raises(PrefalignError, match="at least one token"):
+        generate_completions(model, tiny_tokenizer, [[]], num_generations=1, max_completion_length=2)
