@@ -14,6 +14,7 @@ from prefalign.losses.policy import (
     grpo_loss,
     high_entropy_mask,
     kl_divergence,
+    kl_penalized_rewards,
     masked_whiten,
     ppo_loss,
     ppo_rewards,
@@ -48,13 +49,14 @@ def test_kl_estimators_by_hand():
 
 def test_group_advantages_group_scaling_and_zero_std_group():
     """Group 1 = [1, 0, 0, 0]: mean 0.25, unbiased std sqrt((0.75² + 3·0.25²)/3) = 0.5, so A = (r - 0.25)/(0.5 + 1e-4).
-    Group 2 = [2, 2, 2, 2]: std 0, A = 0/(0 + 1e-4) = 0. reward_std = mean(0.5 x4, 0 x4) = 0.25."""
+    Group 2 = [2, 2, 2, 2]: std 0, A = 0/(0 + 1e-4) = 0. reward_std is the std of all 8 (TRL logs that):
+    mean 9/8, squared deviations 0.015625 + 3·1.265625 + 4·0.765625 = 6.875, std sqrt(6.875/7)."""
     rewards = torch.tensor([1.0, 0, 0, 0, 2, 2, 2, 2])
     adv, m = group_advantages(rewards, 4)
     expected = [0.75 / 0.5001] + [-0.25 / 0.5001] * 3 + [0.0] * 4
     assert adv.tolist() == approx(expected)
     assert m["reward"].item() == approx(9 / 8)
-    assert m["reward_std"].item() == approx(0.25)
+    assert m["reward_std"].item() == approx(math.sqrt(6.875 / 7))
     assert m["frac_reward_zero_std"].item() == approx(0.5)
     # True is TRL's alias of "group"
     assert torch.equal(group_advantages(rewards, 4, scale_rewards=True)[0], adv)
@@ -84,8 +86,28 @@ def test_rloo_advantages_leave_one_out():
     raw = torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3])
     norm = rloo_advantages(rewards, 4, normalize_advantages=True)
     assert norm.tolist() == approx(((raw - raw.mean()) / (raw.std() + 1e-4)).tolist())
-    with pytest.raises(PrefalignError, match="num_generations"):
-        rloo_advantages(rewards, 1)
+    assert rloo_advantages(rewards, 1).tolist() == [0.0] * 4  # no siblings, no baseline (TRL's eval case)
+
+
+def test_unscorable_rewards_get_zero_advantage():
+    """nan = every reward function returned None. Group [1, nan, 0, 0]: the nan is left out, mean of [1, 0, 0] = 1/3,
+    unbiased std sqrt(((2/3)² + 2·(1/3)²)/2) = sqrt(1/3); the nan row gets 0. Group [5, nan]: one scorable member,
+    std undefined -> all 0. RLOO on [1, nan, 0, 0]: baselines over scorable siblings: 1 - 0 = 1, 0 - 1/2 = -1/2."""
+    nan = float("nan")
+    adv, m = group_advantages(torch.tensor([1.0, nan, 0.0, 0.0]), 4)
+    std = math.sqrt(1 / 3)
+    assert adv.tolist() == approx([(2 / 3) / (std + 1e-4), 0.0, (-1 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4)])
+    assert m["reward"].item() == approx(1 / 3)
+    assert group_advantages(torch.tensor([5.0, nan]), 2)[0].tolist() == [0.0, 0.0]
+    assert rloo_advantages(torch.tensor([1.0, nan, 0.0, 0.0]), 4).tolist() == approx([1.0, 0.0, -0.5, -0.5])
+    assert rloo_advantages(torch.tensor([5.0, nan]), 2).tolist() == [0.0, 0.0]
+
+
+def test_kl_penalized_rewards():
+    """r - beta·sum k1 over real tokens: 1 - 0.5·(0.2 + 0.4) = 0.7 (the padding 9 is ignored)."""
+    r = kl_penalized_rewards(torch.tensor([1.0]), torch.tensor([[0.2, 0.4, 9.0]]), torch.zeros(1, 3),
+                             torch.tensor([[1, 1, 0]]), beta=0.5)
+    assert r.tolist() == approx([0.7])
 
 
 # ------------------------------------------------------------------------------------------------ GRPO loss

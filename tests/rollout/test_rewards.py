@@ -75,9 +75,9 @@ def test_load_user_functions(tmp_path, monkeypatch):
 
 def test_combine_rewards_nansum_and_metrics():
     """f0 = [1, None, 0.5], f1 = [2, 3, None], weights [1, 0.5]: [1 + 1, 0 + 1.5, 0.5 + 0] = [2, 1.5, 0.5].
-    Means skip None: f0 (1 + 0.5)/2 = 0.75, f1 (2 + 3)/2 = 2.5. A column of Nones sums to 0."""
+    Means skip None: f0 (1 + 0.5)/2 = 0.75, f1 (2 + 3)/2 = 2.5. A column of Nones is unscorable: nan."""
     rewards, m = combine_rewards([[1, None, 0.5, None], [2, 3, None, None]], [1.0, 0.5], ["f0", "f1"])
-    assert rewards.tolist() == [2.0, 1.5, 0.5, 0.0]
+    assert rewards[:3].tolist() == [2.0, 1.5, 0.5] and math.isnan(rewards[3].item())
     assert m["rewards/f0/mean"] == 0.75 and m["rewards/f1/mean"] == 2.5
     assert m["rewards/f1/std"] == pytest.approx(math.sqrt(0.5))
     with pytest.raises(PrefalignError, match="reward_weights"):

@@ -89,6 +89,15 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tens
 SCALE_REWARDS = ("group", "batch", "none")
 
 
+def nanstd(values: Tensor, dim: int | None = None) -> Tensor:
+    """Unbiased std ignoring nan; nan where fewer than 2 values are present (TRL's nanstd)."""
+    mean = torch.nanmean(values, dim=dim, keepdim=True)
+    variance = torch.nanmean((values - mean) ** 2, dim=dim)
+    count = (~torch.isnan(values)).sum(dim=dim).to(values.dtype)
+    correction = torch.where(count > 1, count / (count - 1), torch.full_like(count, float("nan")))
+    return torch.sqrt(variance * correction)
+
+
 def group_advantages(
     rewards: Tensor, num_generations: int, *, scale_rewards: str | bool = "group", eps: float = 1e-4
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -96,48 +105,64 @@ def group_advantages(
 
     scale_rewards: "group" divides by the group's std (DeepSeekMath), "batch" by the std of the whole batch
     (the mean is still the group's), "none" does not divide (Dr. GRPO). True/False mean "group"/"none" (TRL's
-    aliases). Stds are unbiased (torch.std); a group with one member has std 0.
-    Metrics: reward, reward_std (mean group std), frac_reward_zero_std.
+    aliases). Stds are unbiased. A nan reward marks an unscorable completion (every reward function returned
+    None): it is left out of its group's mean and std, and its advantage is 0 — as is every advantage of a group
+    whose std cannot be computed (fewer than 2 scorable members).
+    Metrics (TRL's): reward (mean), reward_std (std over the batch), frac_reward_zero_std.
     """
     scale = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)  # type: ignore[call-overload]
     if scale not in SCALE_REWARDS:
         raise PrefalignError(f"scale_rewards must be one of {list(SCALE_REWARDS)}, got {scale_rewards!r}", "--scale_rewards")
-    grouped = rewards.float().view(-1, num_generations)  # (P, G)
-    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (B,)
-    if num_generations > 1:
-        group_std = grouped.std(dim=1).repeat_interleave(num_generations)  # (B,)
-    else:
-        group_std = torch.zeros_like(advantages)
+    rewards = rewards.float()
+    grouped = rewards.view(-1, num_generations)  # (P, G)
+    advantages = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).view(-1)  # (B,)
     if scale == "batch":
-        std = rewards.float().std().expand_as(advantages) if rewards.numel() > 1 else torch.zeros_like(advantages)
+        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    elif num_generations > 1:  # "group", and "none" for the zero-std metric
+        std = nanstd(grouped, dim=1).repeat_interleave(num_generations)  # (B,)
     else:
-        std = group_std  # "none" still reports the group std
+        std = torch.zeros_like(rewards)
     if scale != "none":
         advantages = advantages / (std + eps)
     metrics = {
-        "reward": rewards.float().mean().detach(),
-        "reward_std": std.mean().detach(),
+        "reward": torch.nanmean(rewards).detach(),
+        "reward_std": nanstd(rewards).detach() if rewards.numel() > 1 else torch.zeros(()),
         "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean(),
     }
-    return advantages, metrics
+    return torch.nan_to_num(advantages, nan=0.0), metrics
 
 
 def rloo_advantages(
     rewards: Tensor, num_generations: int, *, normalize_advantages: bool = False, eps: float = 1e-4
 ) -> Tensor:
-    """REINFORCE leave-one-out: r_i - mean of the other G-1 rewards of its group. (B,) -> (B,).
+    """REINFORCE leave-one-out: r_i - mean of the other rewards of its group. (B,) -> (B,).
 
-    With `normalize_advantages` the result is standardised over the batch: (A - mean) / (std + eps), as TRL's
-    RLOOTrainer does. Equivalent to G/(G-1) x (r_i - group mean).
+    Equivalent to G/(G-1) x (r_i - group mean). nan rewards (unscorable) are left out of their siblings'
+    baselines and get advantage 0, as does a lone scorable member; with one generation every advantage is 0.
+    `normalize_advantages` standardises over the batch, (A - mean) / (std + eps), as TRL's RLOOTrainer.
     """
+    rewards = rewards.float()
     if num_generations < 2:
-        raise PrefalignError("RLOO needs at least 2 generations per prompt for its baseline", "--num_generations")
-    grouped = rewards.float().view(-1, num_generations)  # (P, G)
-    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (num_generations - 1)  # (P, G)
+        return torch.zeros_like(rewards)
+    grouped = rewards.view(-1, num_generations)  # (P, G)
+    scorable = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)  # (P, 1)
+    baseline = (torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (scorable - 1)  # (P, G)
     advantages = (grouped - baseline).view(-1)
     if normalize_advantages:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + eps)
-    return advantages
+        advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + eps)
+    return torch.nan_to_num(advantages, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def kl_penalized_rewards(
+    rewards: Tensor, logps: Tensor, ref_logps: Tensor, completion_mask: Tensor, *, beta: float
+) -> Tensor:
+    """RLOO's KL-in-reward: r - beta x sum over real tokens of k1 = (logp - ref). (B,), (B, T) x3 -> (B,).
+
+    Unlike GRPO's k3 in the loss, this per-token estimate can be negative (the RLOO paper's choice, and TRL's);
+    `logps` are the sampling policy's (no grad).
+    """
+    mask = completion_mask.to(logps.dtype)
+    return rewards - beta * ((logps - ref_logps) * mask).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------- GRPO loss

@@ -194,7 +194,8 @@ def combine_rewards(
     """Weighted sum over reward functions, skipping None/nan: (F, N) -> (N,), as TRL's nansum.
 
     Returns the rewards and metrics `rewards/<name>/mean` and `rewards/<name>/std` (nan-aware, per function).
-    A completion for which every function returned None gets 0 and a warning.
+    A completion for which every function returned None is unscorable: its reward is nan (not 0, which would
+    bias its group's baseline), and the advantage functions in `losses.policy` give it advantage 0.
     """
     if not isinstance(per_function, torch.Tensor):
         per_function = torch.tensor([[math.nan if v is None else float(v) for v in row] for row in per_function])
@@ -206,7 +207,8 @@ def combine_rewards(
     rewards = (per_function * w.to(per_function.device).unsqueeze(1)).nansum(dim=0)  # (N,)
     all_none = torch.isnan(per_function).all(dim=0)
     if all_none.any():
-        logger.warning("every reward function returned None for %d completion(s); their reward is 0", int(all_none.sum()))
+        rewards[all_none] = math.nan
+        logger.warning("every reward function returned None for %d completion(s); they get no advantage", int(all_none.sum()))
     names = list(names) if names is not None else [f"reward_{i}" for i in range(n_funcs)]
     metrics: dict[str, float] = {}
     for name, row in zip(names, per_function):
