@@ -54,10 +54,11 @@ def inspect_dataset(args: DataArgs, tokenizer: Any, row: int | None = None, colo
     by_row = {i: k for k, (i, _) in enumerate(pairs)}
     if index in by_row:
         k = by_row[index]
-        sections.append(_row_detail(index, pairs[k][1], encoded[k], truncated[k], tokenizer, args, color))
+        fmt = detect_format(rows[index][0], args)
+        sections.append(_row_detail(index, fmt, pairs[k][1], encoded[k], truncated[k], tokenizer, args, color))
     else:
         sections.append(f"== row {index}: invalid ==\n{errors[index]}")
-    return "\n\n".join(sections) + "\n"
+    return "\n\n".join(sections)
 
 
 def _percentiles(values: list[int]) -> list[int]:
@@ -74,7 +75,7 @@ def _summary(args: DataArgs, tokenizer: Any, n_rows: int, pairs: list[tuple[int,
     lines = [f"== {args.dataset_name}: {n_rows} rows, {len(pairs)} valid, {len(errors)} invalid =="]
     if errors:
         lines.append(f"first invalid row: {next(iter(errors.values()))}")
-    lines.append("formats: " + ", ".join(f"{FORMAT_NAMES[f]} ({f}): {n}" for f, n in sorted(formats.items())))
+    lines.append("formats: " + ", ".join(f"{f} {FORMAT_NAMES[f]}: {n}" for f, n in sorted(formats.items())))
     if any(p.is_conversational for _, p in pairs):
         lines.append(f"chat template: {args.chat_template or 'the tokenizer’s own'}")
     if not pairs:
@@ -129,33 +130,41 @@ def _piece(tokenizer: Any, token_id: int) -> str:
     return repr(tokenizer.decode([token_id]))[1:-1]  # escapes \n and other invisibles
 
 
-def _row_detail(index: int, pair: Pair, enc: Encoded, t: Truncated, tokenizer: Any, args: DataArgs,
-                color: bool) -> str:
-    fmt = "conversation" if pair.is_conversational else "raw text (no chat template; EOS appended)"
-    lines = [f"== row {index}: {pair.source} ({fmt}) =="]
+def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, tokenizer: Any,
+                args: DataArgs, color: bool) -> str:
+    kind = "" if pair.is_conversational else "; raw text: no chat template, EOS appended"
+    lines = [f"== row {index}: {pair.source} (format {fmt}: {FORMAT_NAMES[fmt]}{kind}) =="]
+    longest = len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
+    lines.append(f"tokens: prompt {len(t.prompt_ids)}, chosen {len(t.chosen_ids)}, rejected {len(t.rejected_ids)}; "
+                 f"longest sequence {longest} (max_length {args.max_length})")
     for name, before, after in (("prompt", enc.prompt_ids, t.prompt_ids), ("chosen", enc.chosen_ids, t.chosen_ids),
                                 ("rejected", enc.rejected_ids, t.rejected_ids)):
-        cut = ""
         if len(after) < len(before):
             side = "start" if name == "prompt" and args.truncation_mode == "keep_end" else "end"
-            cut = f"  (truncated from {len(before)}: {len(before) - len(after)} tokens cut at the {side})"
-        lines.append(f"{name + ':':<10}{len(after):>6} tokens{cut}")
+            lines.append(f"truncated: {name} {len(before)} -> {len(after)} tokens, cut at the {side}")
     if t.drop_reason:
         lines.append(f"DROPPED: {DROP_REASONS[t.drop_reason].format(max_length=args.max_length)}")
     if enc.prefix_mismatch:
         lines.append("note: the template tokenizes this prompt differently once an answer follows")
     marks = "colored" if color else "in [[ ]]"
-    for name, ids, paint in (("chosen", t.chosen_ids, _GREEN), ("rejected", t.rejected_ids, _RED)):
-        lines.append(f"-- {name}: rendered text, scored tokens {marks} --")
-        lines.append(_mark(tokenizer.decode(t.prompt_ids), tokenizer.decode(ids), paint, color))
-        lines.append(f"-- {name}: token id:piece, scored tokens {marks} --")
-        prompt_part = " ".join(f"{i}:{_piece(tokenizer, i)}" for i in t.prompt_ids)
-        scored = " ".join(f"{i}:{_piece(tokenizer, i)}" for i in ids)
-        lines.append(_mark(prompt_part + " ", scored, paint, color))
+    prompt_text = tokenizer.decode(t.prompt_ids)
+    lines.append(f"-- text: prompt + chosen, scored tokens {marks} --")
+    lines.append(_mark(prompt_text, tokenizer.decode(t.chosen_ids), _GREEN, color))
+    lines.append(f"-- text: the same prompt + rejected, scored tokens {marks} --")
+    lines.append(_mark("", tokenizer.decode(t.rejected_ids), _RED, color))
+    lines.append("-- token id:piece --")
+    prompt_ids = _ids(tokenizer, t.prompt_ids)
+    lines.append("prompt:   " + (f"{_DIM}{prompt_ids}{_RESET}" if color else prompt_ids))
+    lines.append("chosen:   " + _mark("", _ids(tokenizer, t.chosen_ids), _GREEN, color))
+    lines.append("rejected: " + _mark("", _ids(tokenizer, t.rejected_ids), _RED, color))
     return "\n".join(lines)
+
+
+def _ids(tokenizer: Any, ids: list[int]) -> str:
+    return " ".join(f"{i}:{_piece(tokenizer, i)}" for i in ids)
 
 
 def _mark(context: str, scored: str, paint: str, color: bool) -> str:
     if color:
-        return f"{_DIM}{context}{_RESET}{paint}{scored}{_RESET}"
+        return (f"{_DIM}{context}{_RESET}" if context else "") + f"{paint}{scored}{_RESET}"
     return f"{context}[[{scored}]]"

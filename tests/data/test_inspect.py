@@ -1,0 +1,108 @@
+"""`inspect_dataset`: whole-file summary numbers and one row's rendering, derived by hand from the tiny tokenizer.
+
+Token counts used below (read off the tokenizer, see test_tokenize.py):
+  B row  prompt "...capital of france" + generation prompt = 19, chosen "paris<|im_end|>\\n" = 4, rejected "red..." = 3
+  E rows prompt "hello" = 'he' 'llo' = 2, "four" + EOS = 3, "hello<|im_end|>" = 3, "hi" + EOS = 'h' 'i' EOS = 3
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from helpers import conv
+from prefalign.config import DataArgs
+from prefalign.data.inspect import _percentiles, inspect_dataset
+from prefalign.errors import PrefalignError
+
+QUESTION = conv(("user", "what is the capital of france"))
+ROWS = [
+    {"prompt": QUESTION, "chosen": conv(("assistant", "paris")), "rejected": conv(("assistant", "red"))},
+    {"prompt": "hello", "chosen": "four", "rejected": "hello<|im_end|>"},
+    {"prompt": "hello", "chosen": "hi", "rejected": "hi"},  # identical: dropped
+]
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "d.jsonl"
+    # a blank line before an invalid row (no rejected): the invalid row is physical line 5
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS) + "\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    return path
+
+
+@pytest.fixture
+def tok(tiny_tokenizer):
+    return copy.deepcopy(tiny_tokenizer)
+
+
+def test_summary_numbers(data, tok):
+    out = inspect_dataset(DataArgs(dataset_name=str(data), max_length=12), tok, row=0, color=False)
+    lines = out.splitlines()
+    assert lines[0] == f"== {data}: 4 rows, 3 valid, 1 invalid =="
+    # prompt is a list in one row and a string in others, so datasets stores rows as JSON: an absent key stays absent
+    assert lines[1] == f"first invalid row: {data}:5: missing column 'rejected' (columns present: chosen, prompt)"
+    assert lines[2] == "formats: B prompt messages + assistant answers (TRL): 1, E plain strings: 2"
+    table = {line.split()[0]: line.split()[-4:] for line in lines if line.startswith("  ")}
+    # nearest-rank percentiles of 3 values: p50 is the 2nd smallest, p90/p99/max the largest
+    assert table == {"prompt": ["2", "19", "19", "19"], "chosen": ["3", "4", "4", "4"],
+                     "rejected": ["3", "3", "3", "3"], ["prompt", "+", "longer", "answer"][0]: ["5", "23", "23", "23"]}
+    # max_length 12: the B row keeps 12 - 4 = 8 prompt tokens; the E rows (5 tokens) fit
+    assert ("truncation (max_length=12, max_prompt_length=None, max_completion_length=None, keep_end): "
+            "prompt cut in 1, completion cut in 0 of 2 kept pairs") in lines
+    assert "dropped: 1 (chosen and rejected are identical: 1)" in lines
+
+
+def test_row_detail_marks_scored_tokens(data, tok):
+    out = inspect_dataset(DataArgs(dataset_name=str(data), max_length=12), tok, row=0, color=False)
+    detail = out[out.index("== row 0"):]
+    assert detail.splitlines()[:3] == [
+        f"== row 0: {data}:1 (format B: prompt messages + assistant answers (TRL)) ==",
+        "tokens: prompt 8, chosen 4, rejected 3; longest sequence 12 (max_length 12)",
+        "truncated: prompt 19 -> 8 tokens, cut at the start",
+    ]
+    # the kept prompt is its last 8 tokens; the scored part is exactly the answer, <|im_end|> and "\n"
+    assert " of france<|im_end|>\n<|im_start|>assistant\n[[paris<|im_end|>\n]]\n" in detail
+    assert "\n[[red<|im_end|>\n]]\n" in detail
+    assert "prompt:   364: of 384: france 2:<|im_end|> 201:\\n 1:<|im_start|> 297:as 308:sistant 201:\\n\n" in detail
+    assert "chosen:   [[82:p 326:aris 2:<|im_end|> 201:\\n]]" in detail
+    assert "rejected: [[372:red 2:<|im_end|> 201:\\n]]" in detail
+
+
+def test_raw_row_in_color(data, tok):
+    out = inspect_dataset(DataArgs(dataset_name=str(data)), tok, row=1, color=True)
+    detail = out[out.index("== row 1"):]
+    assert "raw text: no chat template, EOS appended" in detail
+    assert "\x1b[2mhello\x1b[0m\x1b[42;30mfour<|im_end|>\x1b[0m" in detail
+    assert "[[" not in detail
+
+
+def test_dropped_and_invalid_rows(data, tok):
+    dropped = inspect_dataset(DataArgs(dataset_name=str(data)), tok, row=2, color=False)
+    assert "DROPPED: chosen and rejected are identical" in dropped
+    invalid = inspect_dataset(DataArgs(dataset_name=str(data)), tok, row=3, color=False)
+    assert invalid.endswith(f"== row 3: invalid ==\n{data}:5: missing column 'rejected' (columns present: chosen, prompt)")
+    with pytest.raises(PrefalignError) as e:
+        inspect_dataset(DataArgs(dataset_name=str(data)), tok, row=4)
+    assert e.value.where == "--row" and "the data has 4 rows" in e.value.reason
+
+
+def test_warnings_for_length_bias_and_cut_completions(tmp_path, tok):
+    rows = [{"prompt": "hello", "chosen": "the sky is blue", "rejected": "no"} for _ in range(10)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = inspect_dataset(DataArgs(dataset_name=str(path), max_length=5), tok, color=False)
+    assert "warning: chosen is longer than rejected in 10 of 10 pairs" in out
+    assert "warning: 10 of 10 pairs lose the end of a completion" in out
+
+
+def test_named_template_is_applied_and_reported(data, tok):
+    out = inspect_dataset(DataArgs(dataset_name=str(data), chat_template="phi3"), tok, row=0, color=False)
+    assert "chat template: phi3" in out and "<|user|>\nwhat is the capital of france<|end|>\n<|assistant|>\n[[" in out
+
+
+def test_percentiles():
+    assert _percentiles(list(range(1, 101))) == [50, 90, 99, 100]
+    assert _percentiles([7]) == [7, 7, 7, 7]
