@@ -1,0 +1,129 @@
+"""The demo's evidence: report.json (machine-readable) and report.md (for people), written side by side.
+
+The report dict, as the demo pipeline builds it:
+
+    {
+      "stages": {                                  # in the order they ran; "sft" is the baseline
+        "sft": {"accuracy": 0.52, "wall_time_s": 95.1},
+        "dpo": {"accuracy": 0.91, "kl": 3.2, "reward_accuracy": 0.97, "wall_time_s": 120.4},
+        ...
+      },
+      "baseline": "sft",                           # optional; default "sft" when present
+      "required_gain": {"dpo": 0.30},              # optional: minimum accuracy gain over the baseline
+      "samples": [{"prompt": "...", "reference": "...", "sft": "...", "dpo": "..."}],   # optional
+      "plots": ["accuracy.png", "dpo/loss.png"],   # optional, relative to out_dir
+      "settings": {...}, "total_wall_time_s": 301.0 # optional
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from prefalign.errors import PrefalignError
+
+# Stage columns after accuracy, in TRL-like names where one exists; missing values show as "-".
+_COLUMNS = [("kl", "KL to reference"), ("reward_accuracy", "reward accuracy"), ("wall_time_s", "wall time (s)")]
+
+
+def _check(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    stages = report.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise PrefalignError("report needs a non-empty 'stages' dict", "report")
+    for name, stage in stages.items():
+        acc = stage.get("accuracy") if isinstance(stage, dict) else None
+        if not isinstance(acc, (int, float)) or not 0.0 <= acc <= 1.0:
+            raise PrefalignError(f"stage {name!r} needs an 'accuracy' between 0 and 1, got {acc!r}", "report")
+    return stages
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "-" if not math.isfinite(v) else f"{v:.3f}"
+    return str(v)
+
+
+def _md_cell(text: Any) -> str:
+    """Text safe inside a markdown table cell: pipes escaped, newlines shown as ⏎."""
+    return str(text).replace("|", "\\|").replace("\n", " ⏎ ")
+
+
+def gains(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per stage with a required gain: its gain over the baseline and whether it meets the requirement."""
+    stages = _check(report)
+    baseline = report.get("baseline", "sft")
+    out: dict[str, dict[str, Any]] = {}
+    for name, need in (report.get("required_gain") or {}).items():
+        if name not in stages or baseline not in stages:
+            continue
+        gain = stages[name]["accuracy"] - stages[baseline]["accuracy"]
+        # rounding guard: a gain printed as 0.300 must not fail a 0.30 requirement through float noise
+        out[name] = {"gain": gain, "required": need, "passed": gain >= need - 1e-9}
+    return out
+
+
+def _stage_table(report: dict[str, Any]) -> list[str]:
+    stages = _check(report)
+    baseline = report.get("baseline", "sft")
+    base = stages.get(baseline, {}).get("accuracy")
+    head = ["stage", "held-out accuracy", f"gain over {baseline}"] + [label for _, label in _COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, stage in stages.items():
+        gain = "-" if base is None or name == baseline else f"{stage['accuracy'] - base:+.3f}"
+        cells = [name, f"{stage['accuracy']:.3f}", gain] + [_fmt(stage.get(key)) for key, _ in _COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _samples(report: dict[str, Any]) -> list[str]:
+    samples = report.get("samples") or []
+    if not samples:
+        return []
+    keys = [k for k in samples[0] if k != "prompt"]
+    lines = ["## Sample generations (greedy, held-out prompts)", "", "| prompt | " + " | ".join(keys) + " |"]
+    lines.append("|" + "---|" * (len(keys) + 1))
+    for s in samples:
+        lines.append("| " + " | ".join(_md_cell(s.get(k, "")) for k in ["prompt", *keys]) + " |")
+    return lines + [""]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md's text: stage table, requirement checks, samples, plots, settings."""
+    lines = ["# prefalign demo report", ""]
+    lines += _stage_table(report) + [""]
+    checks = gains(report)
+    if checks:
+        lines += ["## Checks", ""]
+        for name, c in checks.items():
+            verdict = "PASS" if c["passed"] else "FAIL"
+            lines.append(f"- {verdict}: {name} gains {c['gain']:+.3f} over the baseline (needs >= {c['required']:+.2f})")
+        lines.append("")
+    lines += _samples(report)
+    plots = report.get("plots") or []
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).as_posix()}]({Path(p).as_posix()})" for p in plots] + [""]
+    if "total_wall_time_s" in report:
+        lines += [f"Total wall time: {report['total_wall_time_s']:.1f} s", ""]
+    if report.get("settings"):
+        lines += ["## Settings", "", "```json", json.dumps(report["settings"], indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    """Write out_dir/report.json and out_dir/report.md; returns (json_path, md_path)."""
+    _check(report)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full = dict(report)
+    checks = gains(report)
+    if checks:
+        full["checks"] = checks
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    json_path.write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(render_markdown(report), encoding="utf-8")
+    return json_path, md_path

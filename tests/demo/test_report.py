@@ -1,0 +1,61 @@
+"""demo.report.write_report: report.json round-trips the dict plus checks; report.md shows table, checks, samples, plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prefalign.demo.report import gains, write_report
+from prefalign.errors import PrefalignError
+
+
+def _report():
+    return {
+        "stages": {
+            "sft": {"accuracy": 0.5, "wall_time_s": 90.0},
+            "dpo": {"accuracy": 0.875, "kl": 2.5, "reward_accuracy": 0.96875, "wall_time_s": 120.25},
+            "grpo": {"accuracy": 0.625, "wall_time_s": 100.0},
+        },
+        "required_gain": {"dpo": 0.30, "grpo": 0.20},
+        "samples": [{"prompt": "What is 37 + 48?", "reference": "37 + 48 = 85", "sft": "37 + 48 = 75",
+                     "dpo": "37 + 48 = 85"}],
+        "plots": ["accuracy.png", "dpo/loss.png"],
+        "total_wall_time_s": 310.25,
+        "settings": {"vocab_size": 272},
+    }
+
+
+def test_gains_pass_and_fail():
+    # dpo: 0.875 - 0.5 = 0.375 >= 0.30 passes; grpo: 0.625 - 0.5 = 0.125 < 0.20 fails
+    g = gains(_report())
+    assert g["dpo"] == {"gain": 0.375, "required": 0.30, "passed": True}
+    assert g["grpo"] == {"gain": 0.125, "required": 0.20, "passed": False}
+
+
+def test_write_report_files(tmp_path):
+    json_path, md_path = write_report(tmp_path / "out", _report())
+    assert json_path == tmp_path / "out" / "report.json" and md_path == tmp_path / "out" / "report.md"
+    data = json.loads(json_path.read_text())
+    assert data["stages"]["dpo"] == {"accuracy": 0.875, "kl": 2.5, "reward_accuracy": 0.96875, "wall_time_s": 120.25}
+    assert data["checks"]["grpo"]["passed"] is False
+    md = md_path.read_text()
+    assert "| dpo | 0.875 | +0.375 | 2.500 | 0.969 | 120.250 |" in md
+    assert "| sft | 0.500 | - | - | - | 90.000 |" in md
+    assert "- PASS: dpo gains +0.375" in md and "- FAIL: grpo gains +0.125" in md
+    assert "| What is 37 + 48? | 37 + 48 = 85 | 37 + 48 = 75 | 37 + 48 = 85 |" in md
+    assert "![dpo/loss.png](dpo/loss.png)" in md and "![accuracy.png](accuracy.png)" in md
+    assert "Total wall time: 310.2 s" in md
+
+
+def test_markdown_cells_are_escaped(tmp_path):
+    r = {"stages": {"sft": {"accuracy": 0.5}}, "samples": [{"prompt": "a|b", "sft": "x\ny"}]}
+    _, md = write_report(tmp_path, r)
+    assert "| a\\|b | x ⏎ y |" in md.read_text()
+
+
+@pytest.mark.parametrize("bad", [{}, {"stages": {}}, {"stages": {"sft": {}}}, {"stages": {"sft": {"accuracy": 1.5}}}])
+def test_invalid_report(tmp_path, bad):
+    with pytest.raises(PrefalignError, match="report"):
+        write_report(tmp_path, bad)
+    assert not (tmp_path / "report.json").exists()
