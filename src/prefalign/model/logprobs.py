@@ -1,0 +1,279 @@
+"""Per-token log-probabilities of completions, without ever holding [batch, seq, vocab] float32 logits.
+
+A preference step only needs log p(token) at the completion tokens. Computing `model(ids).logits` first
+materialises a [2B, T, V] tensor (and autograd saves its float32 log-softmax for backward): for Qwen2.5's
+152k vocabulary at 2B=16, T=2048 that is 20 GB. Instead we
+
+1. run the model's own forward (so DDP / DeepSpeed / peft wrappers see a normal call) with
+   `logits_to_keep=1`, so the LM head runs on one position per row, and capture the decoder's final hidden
+   states with a forward hook;
+2. gather the hidden states at the positions that *predict* completion tokens (position t-1 predicts t);
+3. apply the LM head (+ the model's logit scale / soft-capping) and log-softmax in chunks of `chunk_size`
+   positions, each chunk under `torch.utils.checkpoint`, so autograd keeps only the [chunk, H] inputs and the
+   [chunk, V] logits are recomputed one chunk at a time in backward.
+
+Models whose head we do not know how to reproduce (prompt-learning peft adapters, model types listed in
+`FULL_FORWARD_MODEL_TYPES`, models without `logits_to_keep`) fall back to the full forward's logits at the
+same positions: correct, but not memory-lean.
+
+Layouts other than "padded" (packed, shared-prompt) are added by `register_layout`; they reuse
+`score_positions`, which does steps 1-3 for any (row, column) positions of one forward call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from prefalign.errors import PrefalignError
+
+# Model types whose LM head does something we do not replicate (extra vocab slicing, custom soft-cap
+# modules): they get the full forward's logits.
+FULL_FORWARD_MODEL_TYPES = frozenset({"inkling2"})
+
+
+@dataclass
+class CompletionLogps:
+    """Completion-token log-probs of a batch; rows are the B chosen completions, then the B rejected ones."""
+
+    token_logps: Tensor
+    """(2B, Tc) float32 log-prob of each completion token, left-aligned, 0 past the completion's end."""
+    mask: Tensor
+    """(2B, Tc) bool, True at real completion tokens."""
+    logits_mean_sum: Tensor
+    """(2B,) sum over completion tokens of the mean (over the vocabulary) logit; no grad."""
+    wpo_adjust: Tensor | None = None
+    """(2B, Tc) logsumexp(2 * log_softmax) at each completion token (WPO's normaliser); no grad."""
+
+
+@dataclass
+class TokenScores:
+    """Scores of N selected positions, flat: what a layout scatters back into CompletionLogps."""
+
+    logps: Tensor  # (N,) float32, differentiable
+    mean_logits: Tensor  # (N,) float32, detached
+    wpo_adjust: Tensor | None  # (N,) float32, detached
+
+
+LayoutFn = Callable[..., CompletionLogps]
+_LAYOUTS: dict[str, LayoutFn] = {}
+
+
+def register_layout(name: str, fn: LayoutFn) -> None:
+    """Make `completion_logps` accept batches with `batch["layout"] == name`.
+
+    `fn(model, batch, *, with_wpo: bool, chunk_size: int) -> CompletionLogps`; build it on `score_positions`
+    and `left_align` so it inherits the memory-lean head.
+    """
+    _LAYOUTS[name] = fn
+
+
+def completion_logps(
+    model: nn.Module, batch: dict[str, Any], *, with_wpo: bool = False, chunk_size: int = 1024
+) -> CompletionLogps:
+    """Log-probs of every completion token of `batch` under `model`, dispatched on `batch["layout"]`."""
+    layout = batch.get("layout")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"unknown batch layout {layout!r}; registered: {sorted(_LAYOUTS)}")
+    return _LAYOUTS[layout](model, batch, with_wpo=with_wpo, chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------- finding the backbone and the head
+
+
+@dataclass
+class _Head:
+    decoder: nn.Module  # returns the final (normed) hidden states
+    lm_head: nn.Module
+    scale: float  # logits are multiplied by this (Cohere's logit_scale, 1 / Granite's logits_scaling)
+    softcap: float | None  # Gemma-2 style tanh soft-capping of the final logits
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / DeepSpeed / peft wrappers (LoRA layers stay injected)."""
+    from accelerate.utils import extract_model_from_parallel
+    from peft import PeftModel
+
+    inner = extract_model_from_parallel(model)
+    if isinstance(inner, PeftModel):
+        inner = inner.get_base_model()
+    return inner
+
+
+def _is_prompt_learning(model: nn.Module) -> bool:
+    from accelerate.utils import extract_model_from_parallel
+    from peft import PeftModel
+
+    inner = extract_model_from_parallel(model)
+    return isinstance(inner, PeftModel) and inner.active_peft_config.is_prompt_learning
+
+
+def resolve_head(model: nn.Module) -> _Head | None:
+    """The decoder and LM head of `model`, or None when only the full forward is known to be right."""
+    if _is_prompt_learning(model):
+        return None  # virtual tokens shift positions; let peft's own forward handle them
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "model_type", None) in FULL_FORWARD_MODEL_TYPES:
+        return None
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        return None  # old/custom model: its forward would build the full logits anyway
+    try:
+        decoder, lm_head = inner.get_decoder(), inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    if not isinstance(decoder, nn.Module) or not isinstance(lm_head, nn.Module):
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = float(getattr(inner, "logit_scale", 1.0) or 1.0)  # Cohere multiplies by model.logit_scale
+    if getattr(text_config, "logits_scaling", None):  # Granite divides by config.logits_scaling
+        scale /= float(text_config.logits_scaling)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return _Head(decoder, lm_head, scale, float(softcap) if softcap else None)
+
+
+def _head_logits(head: _Head, hidden: Tensor) -> Tensor:
+    """(n, H) hidden states -> (n, V) float32 logits exactly as the model's forward would post-process them."""
+    logits = head.lm_head(hidden).float()
+    if head.scale != 1.0:
+        logits = logits * head.scale
+    if head.softcap is not None:
+        logits = torch.tanh(logits / head.softcap) * head.softcap
+    return logits
+
+
+# ---------------------------------------------------------------- scoring selected positions
+
+
+def _score_chunk(
+    logits_fn: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor, with_wpo: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-prob of `targets` for one chunk; the [n, V] logits live only inside this call."""
+    logits = logits_fn(inputs)  # (n, V) float32
+    lse = logits.logsumexp(-1)  # (n,)
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (n,)
+    with torch.no_grad():
+        mean_logits = logits.mean(-1)  # (n,)
+        # WPO: logsumexp over the vocabulary of 2 * log_softmax, i.e. log sum_v p_v^2.
+        wpo = (2 * (logits - lse[:, None])).logsumexp(-1) if with_wpo else torch.zeros_like(lse)
+    return logps, mean_logits, wpo
+
+
+def _score_in_chunks(
+    logits_fn: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    with_wpo: bool,
+    chunk_size: int,
+    recompute: bool,
+) -> TokenScores:
+    """Score N positions `chunk_size` at a time; with `recompute`, each chunk is activation-checkpointed."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    use_checkpoint = recompute and torch.is_grad_enabled() and inputs.requires_grad
+    parts = []
+    for start in range(0, inputs.shape[0], chunk_size):
+        args = (logits_fn, inputs[start : start + chunk_size], targets[start : start + chunk_size], with_wpo)
+        if use_checkpoint:
+            # Non-reentrant checkpoint: backward re-runs the head on this chunk instead of keeping its logits.
+            parts.append(checkpoint(_score_chunk, *args, use_reentrant=False))
+        else:
+            parts.append(_score_chunk(*args))
+    if not parts:  # no completion tokens at all
+        empty = inputs.new_zeros(0, dtype=torch.float32)
+        return TokenScores(empty + inputs.sum() * 0, empty, empty if with_wpo else None)
+    logps, means, wpo = (torch.cat(p) for p in zip(*parts))
+    return TokenScores(logps, means, wpo if with_wpo else None)
+
+
+def _backbone_hidden(model: nn.Module, head: _Head, forward_kwargs: dict[str, Any]) -> Tensor:
+    """Final hidden states (rows, T, H) from the model's own forward, with the LM head run on one position."""
+    captured: list[Tensor] = []
+
+    def keep(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = head.decoder.register_forward_hook(keep)
+    try:
+        model(**forward_kwargs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected the decoder to run once per forward, it ran {len(captured)} times")
+    return captured[0]
+
+
+def score_positions(
+    model: nn.Module,
+    forward_kwargs: dict[str, Any],
+    rows: Tensor,
+    cols: Tensor,
+    targets: Tensor,
+    *,
+    with_wpo: bool = False,
+    chunk_size: int = 1024,
+) -> TokenScores:
+    """One forward of `model(**forward_kwargs)`; score `targets[i]` from the output at (rows[i], cols[i]).
+
+    (rows, cols) are the positions whose output *predicts* the target, i.e. one before the target token.
+    """
+    head = resolve_head(model)
+    if head is None:
+        logits = model(**forward_kwargs, use_cache=False).logits  # (rows, T, V): the non-lean fallback
+        return _score_in_chunks(
+            lambda x: x.float(), logits[rows, cols], targets,
+            with_wpo=with_wpo, chunk_size=chunk_size, recompute=False,
+        )  # fmt: skip
+    hidden = _backbone_hidden(model, head, forward_kwargs)  # (rows, T, H)
+    return _score_in_chunks(
+        lambda h: _head_logits(head, h), hidden[rows, cols], targets,
+        with_wpo=with_wpo, chunk_size=chunk_size, recompute=True,
+    )  # fmt: skip
+
+
+def left_align(values: Tensor, rows: Tensor, slots: Tensor, num_rows: int, width: int) -> Tensor:
+    """Scatter flat `values` to a (num_rows, width) tensor at (rows, slots), zeros elsewhere (differentiable)."""
+    out = values.new_zeros((num_rows, width))
+    return out.index_put((rows, slots), values)
+
+
+# ---------------------------------------------------------------- the padded layout
+
+
+def _padded_logps(
+    model: nn.Module, batch: dict[str, Any], *, with_wpo: bool, chunk_size: int
+) -> CompletionLogps:
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (2B, T)
+    completion = batch["completion_mask"].bool()  # (2B, T)
+    if completion[:, 0].any():
+        raise PrefalignError(
+            "a completion starts at the first position, so no token predicts it; the prompt must not be empty",
+            "batch",
+        )
+    num_rows = input_ids.shape[0]
+    rows, cols = completion.nonzero(as_tuple=True)  # row-major, so each row's tokens stay in order
+    scores = score_positions(
+        model, {"input_ids": input_ids, "attention_mask": attention_mask}, rows, cols - 1, input_ids[rows, cols],
+        with_wpo=with_wpo, chunk_size=chunk_size,
+    )  # fmt: skip
+    slots = (completion.cumsum(1) - 1)[rows, cols]  # index of each token within its completion
+    lengths = completion.sum(1)  # (2B,)
+    width = int(lengths.max()) if num_rows else 0
+    return CompletionLogps(
+        token_logps=left_align(scores.logps, rows, slots, num_rows, width),
+        mask=left_align(torch.ones_like(rows, dtype=torch.bool), rows, slots, num_rows, width),
+        logits_mean_sum=scores.mean_logits.new_zeros(num_rows).index_add(0, rows, scores.mean_logits),
+        wpo_adjust=None
+        if scores.wpo_adjust is None
+        else left_align(scores.wpo_adjust, rows, slots, num_rows, width),
+    )
+
+
+register_layout("padded", _padded_logps)
