@@ -48,6 +48,18 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+def _quiet_libraries() -> None:
+    """Our own errors are one line each; library chatter (datasets' failed-load log, weight-loading bars) is not."""
+    import datasets
+    import transformers
+
+    # datasets logs a failed JSON parse at ERROR level before raising; our own error names the file and line.
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     from prefalign.argparsing import parse_config
 
@@ -69,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise PrefalignError("this command is not available in this version") from None
         cfg = parse_config(module.CONFIG, rest, prog=f"prefalign {name}", description=text)
+        _quiet_libraries()
         module.run_command(cfg)
     except PrefalignError as e:
         print(f"prefalign {name}: error: {e}", file=sys.stderr)

@@ -1,0 +1,170 @@
+"""`prefalign dpo` end to end on a tiny model: metrics, outputs, checkpoints, resume, invariants, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import conv, write_jsonl
+
+from prefalign.cli import main
+from prefalign.train.metrics import read_metrics
+
+TRL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm", "learning_rate", "epoch",
+            "pairs/s", "tokens/s", "step"}
+
+
+def _pairs(n: int = 16) -> list[dict]:
+    rows = []
+    for i in range(n):
+        a, b = i % 7 + 1, i % 5 + 2
+        rows.append({
+            "prompt": conv(("user", f"what is {a} + {b}")),
+            "chosen": conv(("assistant", f"{a} + {b} = {a + b}")),
+            "rejected": conv(("assistant", f"{a} + {b} = {a + b + 1} no")),
+        })
+    return rows
+
+
+@pytest.fixture()
+def pairs_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "pairs.jsonl", _pairs())
+
+
+def _run(model_dir, data, out, *extra) -> int:
+    return main(["dpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
+                 "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1",
+                 "--disable_tqdm", "--report_to", "none", *map(str, extra)])
+
+
+def test_dpo_run_writes_metrics_model_and_checkpoints(tiny_model_dir, pairs_file, tmp_path):
+    out = tmp_path / "run"
+    assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 4, "--save_steps", 2, "--beta", 0.5) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert TRL_KEYS <= set(records[0])
+    first, last = records[0], records[-1]
+    # Step 1 is computed before any update: policy == reference, so rewards and margins are exactly 0, loss = ln 2.
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert last["rewards/margins"] > 0 and last["loss"] < first["loss"]
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (out / "checkpoint-4").exists()  # the final step is the final model, not a checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_batch_times_accumulation_gives_the_same_update(tiny_model_dir, pairs_file, tmp_path):
+    """B=4 x A=1, B=2 x A=2 and B=1 x A=4 see the same 4 pairs in step 1 and must give the same update.
+
+    The pre-clip gradient norm is the sharp check: a wrong normalisation (sum instead of mean, or dividing by A
+    twice) scales it by 2 or 4. Adam's first step is nearly scale-invariant, so the weights only confirm direction
+    (atol 1e-5 = 1% of lr, because Adam's first step is ~lr·sign(g) and amplifies float noise where g ≈ 0)."""
+    from safetensors.torch import load_file
+
+    weights, logged = [], []
+    for b, a in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"b{b}a{a}"
+        assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 1, "--per_device_train_batch_size", b,
+                    "--gradient_accumulation_steps", a, "--max_grad_norm", 0) == 0
+        weights.append(load_file(out / "model.safetensors"))
+        logged.append(read_metrics(out / "metrics.jsonl")[0])
+    for other, record in zip(weights[1:], logged[1:]):
+        for key in ("grad_norm", "loss", "rewards/accuracies", "logps/chosen", "logits/rejected"):
+            assert record[key] == pytest.approx(logged[0][key], rel=1e-5), key
+        for name, value in weights[0].items():
+            torch.testing.assert_close(other[name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, pairs_file, tmp_path):
+    full = tmp_path / "full"
+    assert _run(tiny_model_dir, pairs_file, full, "--max_steps", 8, "--save_steps", 3, "--use_peft",
+                "--lora_r", 4, "--lora_dropout", 0.1, "--num_train_epochs", 3) == 0
+    # A run killed after checkpoint-3 leaves exactly that checkpoint and metrics up to (and past) step 3 on disk.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copytree(full / "checkpoint-3", killed / "checkpoint-3")
+    lines = (full / "metrics.jsonl").read_text().splitlines()[:5]  # steps 1..5: logged after the checkpoint
+    (killed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert _run(tiny_model_dir, pairs_file, killed, "--max_steps", 8, "--save_steps", 3, "--use_peft",
+                "--lora_r", 4, "--lora_dropout", 0.1, "--num_train_epochs", 3,
+                "--resume_from_checkpoint", "latest") == 0
+    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "learning_rate", "epoch"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+
+
+def test_same_seed_repeats_exactly(tiny_model_dir, pairs_file, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        assert _run(tiny_model_dir, pairs_file, tmp_path / name, "--max_steps", 3, "--seed", 7) == 0
+        runs.append([{k: v for k, v in r.items() if not k.endswith("/s")} for r in
+                     read_metrics(tmp_path / name / "metrics.jsonl")])
+    assert runs[0] == runs[1]
+
+
+def test_failed_start_keeps_earlier_run(tiny_model_dir, pairs_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 1) == 0
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 1) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds an earlier run" in err[0]
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--loss_type", "sigmod"], "unknown"),
+        (["--beta", "x"], "--beta: expected a number"),
+        (["--model_name_or_path", "/no/such/model"], "/no/such/model"),
+    ],
+)
+def test_bad_config_is_one_line_error_before_training(tiny_model_dir, pairs_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 1, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_malformed_data_via_real_entry_point(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(_pairs(1)[0]) + "\n{not json\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    proc = subprocess.run([sys.executable, "-m", "prefalign.cli", "dpo", "--model_name_or_path", str(tiny_model_dir),
+                           "--dataset_name", str(bad), "--output_dir", str(tmp_path / "o"), "--max_steps", "1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.jsonl:2" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_reference_free_and_combined_losses(tiny_model_dir, pairs_file, tmp_path):
+    for losses in (["simpo"], ["orpo"], ["sigmoid", "sft"]):
+        out = tmp_path / "_".join(losses)
+        assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 2, "--loss_type", *losses) == 0
+        assert all(math.isfinite(r["loss"]) for r in read_metrics(out / "metrics.jsonl"))
+
+
+def test_python_api(tiny_model_dir, pairs_file, tmp_path):
+    from prefalign import DPOConfig, train_dpo
+
+    result = train_dpo(DPOConfig(model_name_or_path=str(tiny_model_dir), dataset_name=str(pairs_file),
+                                 output_dir=str(tmp_path / "api"), max_steps=2, per_device_train_batch_size=4,
+                                 disable_tqdm=True))
+    assert result.state.global_step == 2 and "loss" in result.last_metrics
