@@ -137,10 +137,12 @@ def train_loop(
     scheduler = build_scheduler(optimizer, args, total)
     state = TrainState(total_steps=total)
     resume_step = None
+    seen_tokens = 0.0  # cumulative tokens trained on (TRL's num_tokens); kept in checkpoints to survive resume
     if args.resume_from_checkpoint:
         ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         load_model(ckpt)
-        state, _ = load_checkpoint(ckpt, optimizer, scheduler)
+        state, raw_state = load_checkpoint(ckpt, optimizer, scheduler)
+        seen_tokens = float(raw_state.get("num_tokens", 0.0))
         state.total_steps = total
         resume_step = state.global_step
         accelerator.print(f"Resuming from {ckpt} at step {state.global_step}")
@@ -149,7 +151,7 @@ def train_loop(
     def checkpoint() -> None:
         if accelerator.is_main_process:
             save_checkpoint(args.output_dir, state, save_model, optimizer, scheduler,
-                            save_total_limit=args.save_total_limit)
+                            extra={"num_tokens": seen_tokens}, save_total_limit=args.save_total_limit)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total, initial=state.global_step, desc="train", dynamic_ncols=True,
@@ -173,6 +175,9 @@ def train_loop(
                 state.epoch, state.micro_index = state.epoch + 1, 0
             elapsed = max(time.perf_counter() - start, 1e-9)
             last = _finish_metrics(metrics, stage, state, len(groups), elapsed)
+            if metrics["_tokens"]:
+                seen_tokens += metrics["_tokens"]
+                last["num_tokens"] = seen_tokens
             bar.update(1)
             bar.set_postfix({label: f"{last[k]:.4g}" for k, label in stage.progress_keys.items() if k in last})
             if state.global_step % args.logging_steps == 0 or state.global_step == total:

@@ -1,0 +1,340 @@
+"""Supervised data: rows -> SFTExample -> token ids with a loss mask; raw text corpora for pretraining.
+
+Row formats (detected per row, first match wins):
+- conversational: a `messages` list of {role, content} (as HuggingFaceH4/ultrachat_200k, whose `prompt` and
+  `prompt_id` columns are then ignored). Loss on the tokens of EVERY assistant turn, as MiniMind's SFT mask does.
+- prompt/completion: `prompt` + `completion`, both strings or both message lists. Loss on the completion only
+  (TRL's completion_only_loss), so an assistant turn inside a conversational prompt is context, not a target.
+- plain text: a `text` column (--dataset_text_field). Loss on every token.
+With --completion_only_loss false every token of every format is a target.
+
+Assistant tokens are found by rendering prefixes, the rule DPO uses for completions: turn i's tokens are those
+that template(messages[:i+1]) adds after template(messages[:i], add_generation_prompt=True); with ChatML that is
+the answer, `<|im_end|>` and the newline. Where a template renders an earlier part differently once more
+follows (so the prefix is not a token prefix of the whole), the span starts where the tokens diverge.
+
+Raw text (prompt/completion strings, plain text) is encoded without special tokens and EOS is appended, as TRL
+does, so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefalign.config import DataArgs
+from prefalign.data.load import Row, load_rows
+from prefalign.data.templates import render, require_chat_template
+from prefalign.errors import PrefalignError
+
+logger = logging.getLogger("prefalign.data")
+
+Message = dict[str, Any]
+ROLES = ("system", "user", "assistant", "tool")
+_ENCODE_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One validated supervised example: a conversation, or raw text with an untrained prefix."""
+
+    source: str
+    messages: list[Message] | None = None  # conversational
+    train_from: int = 0  # messages[:train_from] are context only (the prompt of a prompt/completion row)
+    prompt: str = ""  # raw text: context, never a target under completion_only_loss
+    text: str = ""  # raw text: the trained part
+
+    @property
+    def is_conversational(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass
+class TokenizedSample:
+    """Token ids and which of them are targets. `loss_mask[t]` means token t is predicted (from t-1) and scored;
+    token 0 never is."""
+
+    input_ids: list[int]
+    loss_mask: list[bool]
+    source: str = ""
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(self.loss_mask[1:])
+
+
+@dataclass
+class SFTTokenizeStats:
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
+    prefix_mismatch: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        """One line, e.g. 'tokenized 12 samples: kept 11, truncated 3, dropped 1 (no trained token: 1)'."""
+        text = f"tokenized {self.total} samples: kept {self.kept}, truncated {self.truncated}"
+        if self.prefix_mismatch:
+            text += f", template prefix mismatch {self.prefix_mismatch}"
+        dropped = sum(self.dropped.values())
+        text += f", dropped {dropped}"
+        if dropped:
+            text += " (" + ", ".join(f"{r}: {n}" for r, n in sorted(self.dropped.items())) + ")"
+        return text
+
+
+# ---------------------------------------------------------------- rows -> SFTExample
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def check_messages(value: Any, column: str, source: str) -> list[Message]:
+    """A list of {role, content} with known roles and string contents, or a PrefalignError naming the row."""
+    if not isinstance(value, list) or not value:
+        raise PrefalignError(f"column '{column}' must be a non-empty list of messages, got {_kind(value)}", source)
+    out: list[Message] = []
+    for i, msg in enumerate(value):
+        where = f"'{column}' message {i}"
+        if not isinstance(msg, dict):
+            raise PrefalignError(f"{where} must be an object with role and content, got {_kind(msg)}", source)
+        if msg.get("role") not in ROLES:
+            raise PrefalignError(f"{where} has role {msg.get('role')!r} (allowed: {', '.join(ROLES)})", source)
+        if not isinstance(msg.get("content"), str):
+            raise PrefalignError(f"{where} content must be a string, got {_kind(msg.get('content'))}", source)
+        out.append({k: v for k, v in msg.items() if v is not None})  # Arrow fills missing keys with None
+    return out
+
+
+def normalize_sft_row(row: dict[str, Any], source: str, args: Any) -> SFTExample:
+    """Detect the row's format (see the module docstring) and validate it."""
+    if not isinstance(row, dict):
+        raise PrefalignError(f"a row must be an object with columns, got {_kind(row)}", source)
+    text_field = getattr(args, "dataset_text_field", "text")
+    prompt_col = getattr(args, "prompt_column", "prompt")
+    if row.get("messages") is not None:
+        messages = _with_system(check_messages(row["messages"], "messages", source), args)
+        if getattr(args, "completion_only_loss", True) and not any(m["role"] == "assistant" for m in messages):
+            raise PrefalignError("the conversation has no assistant message, so no token would be trained", source)
+        return SFTExample(source, messages=messages)
+    if row.get("completion") is not None:
+        prompt, completion = row.get(prompt_col), row["completion"]
+        if isinstance(prompt, list) or isinstance(completion, list):
+            context = check_messages(prompt, prompt_col, source)
+            answer = check_messages(completion, "completion", source)
+            messages = _with_system(context, args)
+            return SFTExample(source, messages=messages + answer, train_from=len(messages))
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise PrefalignError(f"columns '{prompt_col}' and 'completion' must both be strings or both message "
+                                 f"lists, got {_kind(prompt)} and {_kind(completion)}", source)
+        if not completion:
+            raise PrefalignError("column 'completion' is an empty string", source)
+        if args.prompt_template is not None:
+            prompt = args.prompt_template.replace("{prompt}", prompt)
+        return SFTExample(source, prompt=prompt, text=completion)
+    if row.get(text_field) is not None:
+        text = row[text_field]
+        if not isinstance(text, str) or not text:
+            raise PrefalignError(f"column '{text_field}' must be a non-empty string, got {_kind(text)}", source)
+        return SFTExample(source, text=text)
+    present = ", ".join(sorted(row)) or "none"
+    raise PrefalignError(f"no 'messages', '{prompt_col}'+'completion' or '{text_field}' column (columns present: "
+                         f"{present})", source)
+
+
+def _with_system(messages: list[Message], args: Any) -> list[Message]:
+    system = getattr(args, "system_prompt", None)
+    if system is not None and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def normalize_sft_rows(rows: list[Row], args: Any, what: str) -> list[SFTExample]:
+    """Examples from raw rows; with --skip_invalid_rows bad rows are counted and reported in one line."""
+    if not rows:
+        raise PrefalignError("no rows", what)
+    out: list[SFTExample] = []
+    errors: list[PrefalignError] = []
+    for row, source in rows:
+        try:
+            out.append(normalize_sft_row(row, source, args))
+        except PrefalignError as e:
+            if not args.skip_invalid_rows:
+                raise
+            errors.append(e)
+    if errors:
+        logger.warning("%s: skipped %d invalid rows of %d (first: %s)", what, len(errors), len(rows), errors[0])
+    if not out:
+        raise PrefalignError(f"all {len(rows)} rows are invalid; first: {errors[0]}", what)
+    return out
+
+
+def split_holdout(items: list, ratio: float, seed: int) -> tuple[list, list]:
+    """Hold out round(ratio * n) items (at least 1) chosen by `seed`; both parts keep their order."""
+    if not 0.0 < ratio < 1.0:
+        raise PrefalignError(f"must be between 0 and 1, got {ratio}", "--eval_split_ratio")
+    n_eval = max(1, round(ratio * len(items)))
+    if n_eval >= len(items):
+        raise PrefalignError(f"holding out {n_eval} of {len(items)} rows leaves none to train on",
+                             "--eval_split_ratio")
+    held = set(random.Random(seed).sample(range(len(items)), n_eval))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def load_sft_examples(args: DataArgs) -> tuple[list[SFTExample], list[SFTExample] | None]:
+    """(train, eval) examples; eval from --eval_dataset_name, else --eval_split_ratio, else None."""
+    if not args.dataset_name:
+        raise PrefalignError("no training data given", "--dataset_name")
+    rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+    train = normalize_sft_rows(rows, args, args.dataset_name)
+    if args.eval_dataset_name:
+        rows = load_rows(args.eval_dataset_name, args.eval_dataset_config, args.eval_dataset_split)
+        return train, normalize_sft_rows(rows, args, args.eval_dataset_name)
+    if args.eval_split_ratio:
+        return split_holdout(train, args.eval_split_ratio, int(getattr(args, "seed", 42)))
+    return train, None
+
+
+# ---------------------------------------------------------------- SFTExample -> token ids + loss mask
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in range(0, len(texts), _ENCODE_BATCH):  # batched: the fast tokenizer works in parallel in Rust
+        out.extend(tokenizer(texts[i:i + _ENCODE_BATCH], add_special_tokens=False)["input_ids"])
+    return [list(ids) for ids in out]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _conversation_texts(ex: SFTExample, tokenizer: Any, completion_only: bool) -> list[str]:
+    """[full, prefix_1, upto_1, prefix_2, upto_2, ...] for every trained assistant turn."""
+    msgs = ex.messages or []
+    texts = [render(tokenizer, msgs, False, ex.source)]
+    if completion_only:
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant" and i >= ex.train_from:
+                texts += [render(tokenizer, msgs[:i], True, ex.source), render(tokenizer, msgs[:i + 1], False, ex.source)]
+    return texts
+
+
+def _conversation_mask(ids: list[list[int]]) -> tuple[list[bool], bool]:
+    """Loss mask over ids[0] (the full conversation) from (prefix, upto) id pairs; and whether a prefix broke."""
+    full = ids[0]
+    mask = [False] * len(full)
+    mismatch = False
+    for prefix, upto in zip(ids[1::2], ids[2::2]):
+        start = _common_prefix(prefix, full)
+        end = _common_prefix(upto, full)
+        mismatch |= start < len(prefix) or end < len(upto)
+        for t in range(start, end):
+            mask[t] = True
+    return mask, mismatch
+
+
+def tokenize_sft(examples: list[SFTExample], tokenizer: Any, args: Any) -> tuple[list[TokenizedSample], SFTTokenizeStats]:
+    """Token ids and loss masks, truncated to --max_length (the end is cut, as TRL does); samples with no
+    trained token left are dropped and counted."""
+    completion_only = bool(getattr(args, "completion_only_loss", True))
+    max_length = args.max_length
+    if max_length is not None and max_length < 2:
+        raise PrefalignError(f"must be at least 2, got {max_length}", "--max_length")
+    chat = [ex for ex in examples if ex.is_conversational]
+    if chat:
+        require_chat_template(tokenizer, chat[0].source)
+    texts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for ex in examples:
+        piece = _conversation_texts(ex, tokenizer, completion_only) if ex.is_conversational else [ex.prompt, ex.text]
+        spans.append((len(texts), len(texts) + len(piece)))
+        texts += piece
+    encoded = _encode(tokenizer, texts)
+    eos = tokenizer.eos_token_id
+    stats = SFTTokenizeStats(total=len(examples))
+    out: list[TokenizedSample] = []
+    for ex, (a, b) in zip(examples, spans):
+        ids_list = encoded[a:b]
+        if ex.is_conversational:
+            ids = ids_list[0]
+            mask, mismatch = _conversation_mask(ids_list) if completion_only else ([True] * len(ids), False)
+            stats.prefix_mismatch += mismatch
+        else:
+            prompt, text = ids_list
+            if eos is not None and (not text or text[-1] != eos):
+                text = text + [eos]
+            ids = prompt + text
+            mask = [not completion_only] * len(prompt) + [True] * len(text)
+        if max_length is not None and len(ids) > max_length:
+            ids, mask = ids[:max_length], mask[:max_length]
+            stats.truncated += 1
+        sample = TokenizedSample(ids, [False, *mask[1:]] if mask else mask, ex.source)
+        if sample.num_loss_tokens == 0:
+            stats.dropped["no trained token left (check --max_length)"] += 1
+            continue
+        out.append(sample)
+    stats.kept = len(out)
+    if stats.prefix_mismatch:
+        logger.warning("the chat template renders earlier turns differently once a later turn follows (%d samples); "
+                       "assistant spans start where the tokens diverge", stats.prefix_mismatch)
+    if examples and not out:
+        raise PrefalignError(f"all {len(examples)} samples dropped: no trained token left", "--max_length")
+    return out, stats
+
+
+# ---------------------------------------------------------------- raw text corpora (pretraining, tokenizers)
+
+
+def _txt_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*.txt") if not any(part.startswith(".") for part in p.parts))
+
+
+def load_texts(name: str, config: str | None = None, split: str = "train", text_field: str = "text",
+               conversations: bool = False) -> list[tuple[str, str]]:
+    """(text, source) documents: non-empty lines of .txt files, or the `text_field` column of any format
+    `load_rows` reads. With `conversations`, rows without that column contribute the contents of their
+    messages / prompt / completion / chosen / rejected columns (for training a tokenizer)."""
+    path = Path(name).expanduser()
+    txt = _txt_files(path) if path.suffix == ".txt" or (path.is_dir() and _txt_files(path)) else []
+    if path.suffix == ".txt" and not path.is_file():
+        raise PrefalignError("no such file", name)
+    if txt:
+        docs = []
+        for f in txt:
+            lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
+            docs += [(line, f"{f}:{i}") for i, line in enumerate(lines, start=1) if line.strip()]
+        if not docs:
+            raise PrefalignError("no non-empty lines", name)
+        return docs
+    out: list[tuple[str, str]] = []
+    for row, source in load_rows(name, config, split):
+        value = row.get(text_field)
+        if isinstance(value, str):
+            if value.strip():
+                out.append((value, source))
+            continue
+        pieces = list(_row_strings(row)) if conversations else []
+        if not pieces:
+            present = ", ".join(sorted(row)) or "none"
+            raise PrefalignError(f"no '{text_field}' column with a string (columns present: {present})", source)
+        out += [(p, source) for p in pieces]
+    return out
+
+
+def _row_strings(row: dict[str, Any]) -> Iterable[str]:
+    for column in ("messages", "prompt", "completion", "chosen", "rejected"):
+        value = row.get(column)
+        if isinstance(value, str) and value:
+            yield value
+        elif isinstance(value, list):
+            yield from (m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str))

@@ -1,0 +1,208 @@
+"""Bradley-Terry reward model (`prefalign rm`) on the same preference formats and tokenization as DPO.
+
+The model is `AutoModelForSequenceClassification` with one label: the decoder's hidden state at the last
+non-pad token of prompt+answer, through a linear `score` head, is the reward. A causal-LM checkpoint has no
+such head (the Qwen 0.5B case of the TRL post); transformers then creates one, randomly initialised, and we
+train and save it with the model, with `pad_token_id` set in the config, because the head reads the last
+token that is not padding and `from_pretrained(output_dir)` must pool the same token later (PPO).
+
+Loss per pair, as TRL's RewardTrainer: -log sigmoid(r_chosen - r_rejected - margin) (the margin column is
+optional, 0 when absent), plus center_rewards_coefficient x (r_chosen + r_rejected)^2 (Eisenstein et al.
+2023), which keeps rewards centred on 0. Metrics carry TRL's names: loss, accuracy (chosen strictly above
+rejected), margin (mean r_chosen - r_rejected), mean_reward (over both answers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from prefalign.config import DataArgs, ModelArgs, TrainArgs
+from prefalign.data.collate import collate_padded
+from prefalign.data.types import TokenizedPair
+from prefalign.errors import PrefalignError
+from prefalign.train.dpo import shuffled_groups
+from prefalign.train.metrics import MetricSums
+
+
+@dataclass
+class RMArgs:
+    center_rewards_coefficient: float | None = None
+    """Add this x (r_chosen + r_rejected)^2 to the loss, so that rewards stay centred on 0."""
+
+
+@dataclass
+class RMConfig(RMArgs, TrainArgs, DataArgs, ModelArgs):
+    """Configuration of `prefalign rm`."""
+
+    learning_rate: float = 1e-4
+    """Peak learning rate of AdamW (TRL's RewardConfig default)."""
+
+
+class RewardStage:
+    """Bradley-Terry step for the loop (see train.loop.Stage)."""
+
+    example_unit = "pairs"
+    progress_keys = {"loss": "loss", "accuracy": "acc", "margin": "margin"}
+
+    def __init__(self, cfg: RMConfig, train: list[TokenizedPair], eval_: list[TokenizedPair] | None,
+                 pad_token_id: int) -> None:
+        self.cfg = cfg
+        self.data = {"train": train, "eval": eval_ or []}
+        self.pad_token_id = pad_token_id
+
+    def train_groups(self, epoch: int) -> list[list[int]]:
+        return shuffled_groups(len(self.data["train"]), self.cfg.per_device_train_batch_size, self.cfg.seed, epoch)
+
+    def eval_groups(self) -> list[list[int]]:
+        n, size = len(self.data["eval"]), self.cfg.per_device_eval_batch_size
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    def batch_weight(self, group: Sequence[int], split: str) -> float:
+        return float(len(group))
+
+    def make_batch(self, group: Sequence[int], split: str) -> dict[str, Any]:
+        pairs = [self.data[split][i] for i in group]
+        batch = collate_padded(pairs, self.pad_token_id)  # rows: B prompt+chosen, then B prompt+rejected
+        batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)  # (B,)
+        batch["num_tokens"] = int(batch["attention_mask"].sum())
+        return batch
+
+    def _forward(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        use_cache=False).logits.squeeze(-1).float()  # (2B,)
+        b = batch["num_pairs"]
+        chosen, rejected = rewards[:b], rewards[b:]  # (B,), (B,)
+        losses = -F.logsigmoid(chosen - rejected - batch["margin"])  # (B,)
+        if self.cfg.center_rewards_coefficient:
+            losses = losses + self.cfg.center_rewards_coefficient * (chosen + rejected) ** 2
+        d = rewards.detach()
+        metrics: MetricSums = {
+            "loss": (float(losses.detach().sum()), b),
+            "accuracy": (float((d[:b] > d[b:]).float().sum()), b),
+            "margin": (float((d[:b] - d[b:]).sum()), b),
+            "mean_reward": (float(d.sum()), 2 * b),
+        }
+        return losses.sum(), metrics
+
+    def step(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
+        return self._forward(model, batch)
+
+    def eval_step(self, model: torch.nn.Module, batch: dict[str, Any]) -> MetricSums:
+        return self._forward(model, batch)[1]
+
+
+def _lora_targets(model: torch.nn.Module) -> list[str]:
+    """Names of the linear layers that get adapters: all of them but the score head (trained in full)."""
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names - {"score"})
+
+
+def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module, bool]:
+    """(model, whether a new score head was created). With --use_peft: LoRA on the body, the head trained in full."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from prefalign.model.load import DTYPES, _looks_local, enable_checkpointing
+
+    name = cfg.model_name_or_path
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise PrefalignError(f"no such model directory: {name}", "--model_name_or_path")
+    if cfg.dtype not in DTYPES:
+        raise PrefalignError(f"unknown dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}", "--dtype")
+    kwargs: dict[str, Any] = {"num_labels": 1, "dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise PrefalignError(f"cannot load a sequence-classification model from {name!r}: {first}",
+                             "--model_name_or_path") from None
+    new_head = any(k.split(".")[0] == "score" or ".score." in k for k in info.get("missing_keys", []))
+    # The head pools the last token that is not padding; saved in the config so that reloading pools the same.
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    if cfg.use_peft:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_target_modules or _lora_targets(model),
+                          task_type="SEQ_CLS", modules_to_save=["score"])
+        model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model, new_head
+
+
+def check_rm_config(cfg: RMConfig) -> None:
+    from prefalign.train.run import check_train_args
+
+    for flag in ("model_name_or_path", "dataset_name"):
+        if not getattr(cfg, flag):
+            raise PrefalignError("is required", f"--{flag}")
+    if cfg.load_in_4bit or cfg.peft_adapter_path:
+        flag = "--load_in_4bit" if cfg.load_in_4bit else "--peft_adapter_path"
+        raise PrefalignError("is not supported for reward models yet; use --use_peft", flag)
+    if cfg.center_rewards_coefficient is not None and cfg.center_rewards_coefficient < 0:
+        raise PrefalignError(f"must not be negative, got {cfg.center_rewards_coefficient}",
+                             "--center_rewards_coefficient")
+    check_train_args(cfg)
+
+
+def train_rm(cfg: RMConfig) -> Any:
+    """Run reward modelling end to end: pairs → prompt+chosen / prompt+rejected ids → loop → saved model."""
+    from prefalign.data.load import load_pairs
+    from prefalign.data.templates import resolve_chat_template
+    from prefalign.data.tokenize import tokenize_pairs
+    from prefalign.model.load import load_tokenizer, save_model
+    from prefalign.model.weights import load_weights_into
+    from prefalign.train.loop import train_loop
+    from prefalign.train.run import make_accelerator, save_final, start_run
+
+    check_rm_config(cfg)
+    accelerator = make_accelerator(cfg)
+    tokenizer = load_tokenizer(cfg)
+    resolve_chat_template(tokenizer, cfg.chat_template)
+    train_rows, eval_rows = load_pairs(cfg)
+    train, stats = tokenize_pairs(train_rows, tokenizer, cfg)
+    accelerator.print(f"train: {stats.summary()}")
+    eval_ = None
+    if eval_rows:
+        eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, cfg)
+        accelerator.print(f"eval: {eval_stats.summary()}")
+    model, new_head = load_reward_model(cfg, tokenizer.pad_token_id)
+    model = model.to(accelerator.device)
+    if new_head:
+        accelerator.print(f"{cfg.model_name_or_path} has no reward head: a new one-output score head is trained")
+    start_run(cfg, accelerator, cfg, "rm")
+    stage = RewardStage(cfg, train, eval_, tokenizer.pad_token_id)
+
+    def save(directory: Path) -> None:
+        save_model(model, tokenizer, directory, merge_adapter=False)
+
+    result = train_loop(stage, model, cfg, accelerator, save, lambda d: load_weights_into(model, d))
+    if result.interrupted:
+        raise KeyboardInterrupt
+    if accelerator.is_main_process:
+        save_final(cfg.output_dir, lambda d: save_model(model, tokenizer, d, merge_adapter=cfg.merge_adapter))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+CONFIG = RMConfig
+
+
+def run_command(cfg: RMConfig) -> None:
+    """`prefalign rm`."""
+    result = train_rm(cfg)
+    metrics = {**result.last_metrics, **result.eval_metrics}
+    shown = ("loss", "accuracy", "margin", "eval_accuracy", "eval_margin")
+    summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
+    print(f"rm: {result.state.global_step} steps, {summary}; reward model saved to {cfg.output_dir}")
