@@ -48,11 +48,12 @@ def detect_format(row: dict[str, Any], args: DataArgs) -> str:
         default_columns = (args.prompt_column, args.chosen_column, args.rejected_column) == (
             "prompt", "chosen", "rejected")
         return "E" if default_columns and not args.prompt_template else "F"
-    if prompt is None:
-        return "A"
-    if isinstance(prompt, list):
+    whole = isinstance(chosen, list) and not _is_continuation([m for m in chosen if isinstance(m, dict)])
+    if not whole:
         return "B"
-    return "D" if "score_chosen" in row or "prompt_id" in row else "C"
+    if "score_chosen" in row or "prompt_id" in row:
+        return "D"
+    return "C" if isinstance(prompt, str) else "A"
 
 
 def normalize_pair(row: dict[str, Any], source: str, args: DataArgs) -> Pair:
@@ -149,7 +150,7 @@ def _chat_pair(prompt: Any, chosen: list, rejected: list, *, row: dict, source: 
 
 def _is_continuation(messages: list[Message]) -> bool:
     """True when a message list holds only the answer (assistant/tool turns), not a conversation from the start."""
-    return bool(messages) and all(m["role"] in ("assistant", "tool") for m in messages)
+    return bool(messages) and all(m.get("role") in ("assistant", "tool") for m in messages)
 
 
 def _messages(value: list, column: str, source: str) -> list[Message]:
