@@ -1,0 +1,190 @@
+"""Load the tokenizer and the policy (full weights, LoRA, continued LoRA, QLoRA) and save the result.
+
+Adapter names when continuing from `--peft_adapter_path` (TRL's pattern from its Mistral-7B DPO post: the SFT
+adapter loaded twice into one base model):
+- `POLICY_ADAPTER` ("default"): trainable, the one that is saved. It keeps peft's default name so that a
+  saved output directory is a plain adapter directory.
+- `REFERENCE_ADAPTER` ("reference"): the same weights, frozen; `model.reference` switches to it for the
+  reference pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from prefalign.config import ModelArgs
+from prefalign.errors import PrefalignError
+
+POLICY_ADAPTER = "default"
+REFERENCE_ADAPTER = "reference"
+DTYPES: dict[str, Any] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+# Exceptions transformers/peft/huggingface_hub raise for a path or id that does not resolve to a model.
+_LOAD_ERRORS = (OSError, ValueError, KeyError, EnvironmentError)
+
+
+def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:
+    """The tokenizer of `--tokenizer_name_or_path` (default: the model's); pad falls back to eos."""
+    name = args.tokenizer_name_or_path or args.model_name_or_path
+    flag = "--tokenizer_name_or_path" if args.tokenizer_name_or_path else "--model_name_or_path"
+    if not name:
+        raise PrefalignError("no model given; pass a local directory or a hub id", "--model_name_or_path")
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise PrefalignError(f"no such tokenizer directory: {name}", flag)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+    except _LOAD_ERRORS as e:
+        raise PrefalignError(f"cannot load a tokenizer from {name!r}: {_first_line(e)}", flag) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise PrefalignError(f"tokenizer {name!r} has neither a pad nor an eos token", flag)
+        # Padding positions are always masked out, so reusing eos as pad changes no loss.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_pretrained(name_or_path: str | None, args: ModelArgs, flag: str, quantize: bool = False) -> PreTrainedModel:
+    """A causal LM from a local directory or hub id; any failure is a PrefalignError naming `flag`."""
+    if not name_or_path:
+        raise PrefalignError("no model given; pass a local directory or a hub id", flag)
+    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise PrefalignError(f"no such model directory: {name_or_path}", flag)
+    if args.dtype not in DTYPES:
+        raise PrefalignError(f"unknown dtype {args.dtype!r}; choose one of {sorted(DTYPES)}", "--dtype")
+    kwargs: dict[str, Any] = {"dtype": DTYPES[args.dtype], "trust_remote_code": args.trust_remote_code}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    if quantize:
+        kwargs["quantization_config"] = _bnb_config(args)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except _LOAD_ERRORS as e:
+        raise PrefalignError(f"cannot load a causal LM from {name_or_path!r}: {_first_line(e)}", flag) from None
+
+
+def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTrainedModel | PeftModel:
+    """The model to train: full weights, a fresh LoRA (`use_peft`), a continued adapter, or QLoRA."""
+    if args.load_in_4bit:
+        _check_4bit_possible(args)
+    model = load_pretrained(args.model_name_or_path, args, "--model_name_or_path", quantize=args.load_in_4bit)
+    model.config.use_cache = False  # training never decodes; the KV cache only costs memory
+    if args.load_in_4bit:
+        # Casts norms to fp32, freezes the base and enables checkpointing the way 4-bit bases need it.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        enable_checkpointing(model)
+
+    if args.peft_adapter_path:
+        model = _load_adapter_twice(model, args.peft_adapter_path)
+    elif args.use_peft or args.load_in_4bit:
+        model = get_peft_model(model, lora_config(args))
+    if isinstance(model, PeftModel) and gradient_checkpointing:
+        # With a frozen base the embedding output does not require grad; checkpointed blocks then would
+        # not propagate gradients to the adapters without this.
+        model.enable_input_require_grads()
+    return model
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing with the non-reentrant torch checkpoint (works with frozen inputs and peft)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def lora_config(args: ModelArgs) -> LoraConfig:
+    """LoRA settings from the flags; "all-linear" adapts every linear layer except the output head."""
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _load_adapter_twice(model: PreTrainedModel, path: str) -> PeftModel:
+    """The adapter at `path` as the trainable policy adapter and again, frozen, as the reference adapter."""
+    if _looks_local(path) and not Path(path).expanduser().is_dir():
+        raise PrefalignError(f"no such adapter directory: {path}", "--peft_adapter_path")
+    try:
+        peft_model = PeftModel.from_pretrained(model, path, is_trainable=True, adapter_name=POLICY_ADAPTER)
+        peft_model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    except _LOAD_ERRORS as e:
+        raise PrefalignError(f"cannot load a LoRA adapter from {path!r}: {_first_line(e)}", "--peft_adapter_path") from None
+    peft_model.set_adapter(POLICY_ADAPTER)  # also makes only the policy adapter trainable
+    return peft_model
+
+
+def _bnb_config(args: ModelArgs) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if args.dtype in ("bfloat16", "auto") else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def _check_4bit_possible(args: ModelArgs) -> None:
+    """QLoRA needs CUDA and bitsandbytes: say so before spending minutes loading weights."""
+    if not torch.cuda.is_available():
+        raise PrefalignError("4-bit loading (QLoRA) needs a CUDA GPU and none is available", "--load_in_4bit")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PrefalignError(
+            "4-bit loading needs bitsandbytes: pip install 'prefalign[qlora]'", "--load_in_4bit"
+        ) from None
+
+
+def save_model(
+    model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, merge_adapter: bool
+) -> None:
+    """Full model: safetensors weights + tokenizer. Peft: the policy adapter (never the reference adapter)
+    + tokenizer, and with `merge_adapter` also full merged weights in out_dir/merged."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(model, PeftModel):
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return
+    model.save_pretrained(out, selected_adapters=[POLICY_ADAPTER])
+    tokenizer.save_pretrained(out)
+    if merge_adapter:
+        if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
+            raise PrefalignError(
+                "cannot merge into a 4-bit base; merge the saved adapter into the full-precision model instead",
+                "--merge_adapter",
+            )
+        # Merge into a copy: merge_and_unload rewrites the modules in place and the caller may keep training.
+        merged_source = copy.deepcopy(model)
+        for name in list(merged_source.peft_config):
+            if name != POLICY_ADAPTER:
+                merged_source.delete_adapter(name)
+        merged = merged_source.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id ("org/name"): absolute, relative with dots, or more than one slash."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
