@@ -1,0 +1,243 @@
+"""The reference model of DPO-style losses, in whichever form costs the least memory.
+
+`build_reference` picks, in this order:
+- `--ref_model_name_or_path`: that model, loaded once and frozen;
+- `--peft_adapter_path`: the frozen "reference" adapter that `model.load` put into the policy's own base model
+  (the policy trains the "default" copy of the same adapter);
+- `--use_peft` / QLoRA with a fresh adapter: the policy itself with its adapter disabled (no second copy);
+- otherwise: a frozen deep copy of the initial policy (no second disk load).
+Reference-free losses (SimPO, ORPO, CPO, ...) get None and nothing is loaded.
+
+Every reference pass runs under `torch.no_grad()` in eval mode (no dropout: the reference must be a fixed
+function). When the pass uses the policy's own weights, the policy's per-module train/eval flags, its active
+adapter and every parameter's `requires_grad` are restored afterwards: peft's `set_adapter` would otherwise
+leave the policy adapter frozen. Gradient checkpointing needs no special handling: transformers only
+checkpoints in train mode.
+
+`precompute_reference` runs the reference once over the data and caches per-pair token log-probs on disk
+(safetensors) under a fingerprint of model + data + tokenization, so the reference can be dropped for training.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from prefalign.config import DPOArgs, ModelArgs
+from prefalign.data.types import TokenizedPair
+from prefalign.model.load import REFERENCE_ADAPTER, load_pretrained
+from prefalign.model.logprobs import CompletionLogps, completion_logps
+
+
+class Reference:
+    """Computes reference log-probs of a batch; subclasses say which weights the pass uses."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+        self.model = model
+        self.chunk_size = chunk_size
+
+    @contextmanager
+    def _weights(self) -> Iterator[None]:
+        yield
+
+    def logps(self, batch: dict[str, Any]) -> CompletionLogps:
+        """Reference CompletionLogps of `batch` (no grad, eval mode)."""
+        with torch.no_grad(), _eval_mode(self.model), self._weights():
+            return completion_logps(self.model, batch, chunk_size=self.chunk_size)
+
+
+class FrozenModelReference(Reference):
+    """A separate model (deep copy of the initial policy, or --ref_model_name_or_path), frozen for good."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+        super().__init__(model.eval().requires_grad_(False), chunk_size)
+
+
+class DisabledAdapterReference(Reference):
+    """The policy's base weights: its LoRA adapter switched off for the pass."""
+
+    @contextmanager
+    def _weights(self) -> Iterator[None]:
+        with self.model.disable_adapter():
+            yield
+
+
+class AdapterReference(Reference):
+    """A frozen adapter living in the policy's base model next to the trainable one."""
+
+    def __init__(self, model: PeftModel, adapter_name: str = REFERENCE_ADAPTER, chunk_size: int = 1024) -> None:
+        super().__init__(model, chunk_size)
+        self.adapter_name = adapter_name
+
+    @contextmanager
+    def _weights(self) -> Iterator[None]:
+        previous = self.model.active_adapter
+        requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.model.set_adapter(self.adapter_name, inference_mode=True)
+        try:
+            yield
+        finally:
+            self.model.set_adapter(previous)
+            # set_adapter flips requires_grad of every adapter; put back exactly what the trainer had.
+            for p, flag in requires_grad:
+                p.requires_grad_(flag)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the pass; restore each module's own flag afterwards (they need not all agree)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def build_reference(
+    policy: nn.Module, model_args: ModelArgs, dpo_args: DPOArgs, loss_needs_reference: bool, chunk_size: int = 1024
+) -> Reference | None:
+    """The cheapest reference that is right for this configuration (see the module docstring)."""
+    if not loss_needs_reference:
+        return None
+    del dpo_args  # precomputation is a separate step (precompute_reference); nothing here depends on it
+    if model_args.ref_model_name_or_path:
+        ref = load_pretrained(model_args.ref_model_name_or_path, model_args, "--ref_model_name_or_path")
+        device = next(policy.parameters()).device
+        return FrozenModelReference(ref.to(device), chunk_size)
+    if isinstance(policy, PeftModel):
+        if REFERENCE_ADAPTER in policy.peft_config:
+            return AdapterReference(policy, REFERENCE_ADAPTER, chunk_size)
+        return DisabledAdapterReference(policy, chunk_size)
+    return FrozenModelReference(copy.deepcopy(policy), chunk_size)
+
+
+# ---------------------------------------------------------------- precomputed reference log-probs
+
+CachedPair = tuple[Tensor, Tensor]  # (chosen_token_logps [Lc], rejected_token_logps [Lr]), float32 on CPU
+
+
+def reference_sources(model_args: ModelArgs) -> list[str]:
+    """What determines the reference's weights: the model (and continued adapter) it is built from, and dtype."""
+    if model_args.ref_model_name_or_path:
+        sources = [model_args.ref_model_name_or_path]
+    else:
+        sources = [model_args.model_name_or_path or ""]
+        if model_args.peft_adapter_path:
+            sources.append(model_args.peft_adapter_path)
+    return [*sources, f"dtype={model_args.dtype}", f"4bit={model_args.load_in_4bit}"]
+
+
+def fingerprint(
+    model_sources: Sequence[str], pairs: Sequence[TokenizedPair], settings: Mapping[str, Any] | None = None
+) -> str:
+    """A hex key for a reference cache: model identity + token ids of every pair + tokenization settings.
+
+    A local directory is identified by the name, size and mtime of every file in it (retrained weights change
+    the key); a hub id by its name. The token ids already reflect template and truncation; `settings` should
+    still carry them (and anything else that changes the numbers, e.g. precision) to be explicit.
+    """
+    h = hashlib.sha256()
+    for source in model_sources:
+        h.update(_source_identity(source).encode())
+    h.update(json.dumps(dict(settings or {}), sort_keys=True, default=str).encode())
+    for pair in pairs:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            h.update(array("q", [len(ids), *ids]).tobytes())  # the length prefix keeps the split unambiguous
+    return h.hexdigest()[:32]
+
+
+def _source_identity(source: str) -> str:
+    path = Path(source).expanduser()
+    if not path.exists():
+        return source
+    if path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    parts = [f"{p.relative_to(path)}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files]
+    return f"{path.resolve()}|" + ";".join(parts)
+
+
+def precompute_reference(
+    reference: Reference,
+    pairs: list[TokenizedPair],
+    collate_fn: Callable[[list[TokenizedPair]], dict[str, Any]],
+    batch_size: int,
+    cache_dir: Path,
+    fingerprint: str,
+) -> list[CachedPair]:
+    """Per-pair reference token log-probs, read from `cache_dir` when this fingerprint was computed before."""
+    path = Path(cache_dir) / f"ref_logps-{fingerprint}.safetensors"
+    if path.exists():
+        entries = _read_cache(path)
+        if _matches(entries, pairs):
+            return entries
+    entries = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        out = reference.logps(collate_fn(chunk))
+        b = len(chunk)
+        for i in range(b):
+            chosen = out.token_logps[i][out.mask[i]]
+            rejected = out.token_logps[b + i][out.mask[b + i]]
+            entries.append((chosen.float().cpu(), rejected.float().cpu()))
+    _write_cache(path, entries, fingerprint)
+    return entries
+
+
+def cached_logps(entries: Sequence[CachedPair], device: torch.device | str | None = None) -> CompletionLogps:
+    """Cached entries of one batch's pairs (in batch order) as the CompletionLogps a live reference returns.
+
+    Only token log-probs are cached: `logits_mean_sum` is NaN (no loss uses the reference's logits) and
+    `wpo_adjust` is None.
+    """
+    rows = [c for c, _ in entries] + [r for _, r in entries]  # chosen rows first, then rejected
+    width = max((len(r) for r in rows), default=0)
+    token_logps = torch.zeros(len(rows), width, dtype=torch.float32)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        token_logps[i, : len(row)] = row
+        mask[i, : len(row)] = True
+    nan = torch.full((len(rows),), float("nan"))
+    return CompletionLogps(token_logps.to(device), mask.to(device), nan.to(device), None)
+
+
+def _matches(entries: list[CachedPair], pairs: list[TokenizedPair]) -> bool:
+    """A cache file is only reused if every pair's completion lengths agree (guards a stale or foreign file)."""
+    return len(entries) == len(pairs) and all(
+        len(c) == len(p.chosen_ids) and len(r) == len(p.rejected_ids) for (c, r), p in zip(entries, pairs)
+    )
+
+
+def _write_cache(path: Path, entries: list[CachedPair], key: str) -> None:
+    tensors = {
+        "chosen": torch.cat([c for c, _ in entries]) if entries else torch.zeros(0),
+        "chosen_lengths": torch.tensor([len(c) for c, _ in entries], dtype=torch.long),
+        "rejected": torch.cat([r for _, r in entries]) if entries else torch.zeros(0),
+        "rejected_lengths": torch.tensor([len(r) for _, r in entries], dtype=torch.long),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"fingerprint": key})
+    os.replace(tmp, path)  # complete or absent: a crash mid-write leaves no half-file under the real name
+
+
+def _read_cache(path: Path) -> list[CachedPair]:
+    t = load_file(str(path))
+    chosen = torch.split(t["chosen"], t["chosen_lengths"].tolist())
+    rejected = torch.split(t["rejected"], t["rejected_lengths"].tolist())
+    return list(zip(chosen, rejected))
