@@ -180,6 +180,9 @@ class DPOArgs:
     """Weight pairs by their policy probability (WPO)."""
     ld_alpha: float | None = None
     """LD-DPO: tokens past the shorter completion's length count with this weight."""
+    disable_dropout: bool = True
+    """Turn dropout off in the policy (and reference), as TRL does, so that before the first update policy and
+    reference agree exactly and the implicit rewards are not noise."""
     precompute_ref_log_probs: bool = False
     """Compute reference log-probs in one pass before training and cache them on disk."""
     padding_free: bool = True

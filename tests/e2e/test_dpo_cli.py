@@ -89,7 +89,7 @@ def test_batch_times_accumulation_gives_the_same_update(tiny_model_dir, pairs_fi
 def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, pairs_file, tmp_path):
     full = tmp_path / "full"
     assert _run(tiny_model_dir, pairs_file, full, "--max_steps", 8, "--save_steps", 3, "--use_peft",
-                "--lora_r", 4, "--lora_dropout", 0.1, "--num_train_epochs", 3) == 0
+                "--lora_r", 4, "--lora_dropout", 0.1, "--disable_dropout", "false", "--num_train_epochs", 3) == 0
     # A run killed after checkpoint-3 leaves exactly that checkpoint and metrics up to (and past) step 3 on disk.
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -97,7 +97,7 @@ def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, pairs_file, t
     lines = (full / "metrics.jsonl").read_text().splitlines()[:5]  # steps 1..5: logged after the checkpoint
     (killed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     assert _run(tiny_model_dir, pairs_file, killed, "--max_steps", 8, "--save_steps", 3, "--use_peft",
-                "--lora_r", 4, "--lora_dropout", 0.1, "--num_train_epochs", 3,
+                "--lora_r", 4, "--lora_dropout", 0.1, "--disable_dropout", "false", "--num_train_epochs", 3,
                 "--resume_from_checkpoint", "latest") == 0
     a, b = read_metrics(full / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 9))
@@ -168,3 +168,36 @@ def test_python_api(tiny_model_dir, pairs_file, tmp_path):
                                  output_dir=str(tmp_path / "api"), max_steps=2, per_device_train_batch_size=4,
                                  disable_tqdm=True))
     assert result.state.global_step == 2 and "loss" in result.last_metrics
+
+
+def test_precomputed_reference_matches_live_and_is_reused(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    live, pre, again = tmp_path / "live", tmp_path / "pre", tmp_path / "again"
+    assert _run(tiny_model_dir, pairs_file, live, "--max_steps", 3) == 0
+    assert _run(tiny_model_dir, pairs_file, pre, "--max_steps", 3, "--precompute_ref_log_probs") == 0
+    files = list((tmp_path / "cache" / "ref_logps").glob("*.safetensors"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    assert _run(tiny_model_dir, pairs_file, again, "--max_steps", 3, "--precompute_ref_log_probs") == 0
+    assert files[0].stat().st_mtime_ns == stamp  # same key: read, not recomputed
+    for a, b in zip(read_metrics(live / "metrics.jsonl"), read_metrics(pre / "metrics.jsonl")):
+        for key in ("loss", "rewards/margins", "rewards/chosen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7)
+
+
+def test_lora_dpo_and_sft_adapter_as_policy_and_reference(tiny_model_dir, pairs_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    first = tmp_path / "lora"
+    assert _run(tiny_model_dir, pairs_file, first, "--max_steps", 2, "--use_peft", "--lora_r", 4,
+                "--merge_adapter") == 0
+    assert (first / "adapter_config.json").is_file() and (first / "merged" / "config.json").is_file()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), first)
+    # Continue from that adapter: trained copy + frozen reference copy in one base model. Before the first update
+    # policy == reference, so the first step's margin is exactly zero even though the adapter is not.
+    second = tmp_path / "continued"
+    assert _run(tiny_model_dir, pairs_file, second, "--max_steps", 2, "--peft_adapter_path", first) == 0
+    records = read_metrics(second / "metrics.jsonl")
+    assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)

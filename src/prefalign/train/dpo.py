@@ -8,6 +8,7 @@ sums of completion-token log-probs (means with --length_normalize).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,15 @@ def shuffled_groups(n: int, batch_size: int, seed: int, epoch: int) -> list[list
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout: nn.Dropout modules (LoRA's included) and attention-dropout rates stored as floats."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 class DPOStage:
@@ -105,8 +115,10 @@ class DPOStage:
         return self._forward(model, batch)[1]
 
 
-def default_cache_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "ref_logps_cache"
+def default_cache_dir() -> Path:
+    """Reference log-prob caches live outside any run directory so that later runs with the same key reuse them."""
+    root = os.environ.get("PREFALIGN_CACHE_DIR") or Path.home() / ".cache" / "prefalign"
+    return Path(root) / "ref_logps"
 
 
 def check_dpo_config(cfg: DPOConfig) -> None:
@@ -152,9 +164,14 @@ def train_dpo(cfg: DPOConfig) -> Any:
         eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, cfg)
         accelerator.print(f"eval: {eval_stats.summary()}")
     model = load_policy(cfg, gradient_checkpointing=cfg.gradient_checkpointing).to(accelerator.device)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     uses_reference = needs_reference([name for name, _ in resolve_losses(cfg)])
     reference = build_reference(model, cfg, cfg, uses_reference)
-    ref_cache = _precompute(cfg, reference, train, eval_, tokenizer) if cfg.precompute_ref_log_probs and reference else None
+    ref_cache = None
+    if cfg.precompute_ref_log_probs and reference is not None:
+        ref_cache = _precompute(cfg, reference, train, eval_, tokenizer)
+        reference = None  # every step reads the cache: no reference forward, and a frozen copy can be freed
     start_run(cfg, accelerator, cfg, "dpo")
     stage = DPOStage(cfg, train, eval_, tokenizer.pad_token_id, reference, ref_cache)
 
@@ -171,19 +188,33 @@ def train_dpo(cfg: DPOConfig) -> Any:
     return result
 
 
-def _precompute(cfg: DPOConfig, reference: Any, train: list[TokenizedPair], eval_: list[TokenizedPair] | None,
-                tokenizer: Any) -> dict[str, Any]:
-    from prefalign.model.reference import fingerprint, precompute_reference
+class ReferenceCache:
+    """Precomputed reference log-probs of one split, looked up by pair index."""
 
+    def __init__(self, entries: list[Any]) -> None:
+        self.entries = entries
+
+    def lookup(self, indices: Sequence[int], device: Any) -> CompletionLogps:
+        from prefalign.model.reference import cached_logps
+
+        return cached_logps([self.entries[i] for i in indices], device=device)
+
+
+def _precompute(cfg: DPOConfig, reference: Any, train: list[TokenizedPair], eval_: list[TokenizedPair] | None,
+                tokenizer: Any) -> dict[str, ReferenceCache]:
+    """One reference pass before training, cached on disk under a fingerprint of model, data and settings."""
+    from prefalign.model.reference import fingerprint, precompute_reference, reference_sources
+
+    settings = {k: getattr(cfg, k) for k in ("max_length", "max_prompt_length", "max_completion_length",
+                                             "truncation_mode", "chat_template", "bf16", "fp16")}
     caches = {}
     for split, pairs in (("train", train), ("eval", eval_ or [])):
-        if not pairs:
-            continue
-        key = fingerprint(cfg, pairs)
-        caches[split] = precompute_reference(
-            reference, pairs, lambda ps: collate_padded(ps, tokenizer.pad_token_id),
-            cfg.per_device_eval_batch_size, default_cache_dir(cfg.output_dir), key,
-        )
+        if pairs:
+            entries = precompute_reference(
+                reference, pairs, lambda ps: collate_padded(ps, tokenizer.pad_token_id),
+                cfg.per_device_eval_batch_size, default_cache_dir(), fingerprint(reference_sources(cfg), pairs, settings),
+            )
+            caches[split] = ReferenceCache(entries)
     return caches
 
 
