@@ -7,9 +7,9 @@ import json
 import random
 
 import pytest
-from helpers import WORDS, corpus, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from helpers import WORDS, corpus, write_jsonl
 from prefalign.cli import main
 from prefalign.train.metrics import read_metrics
 
