@@ -186,6 +186,31 @@ def test_layout_dispatch(tiny_model_dir) -> None:
     assert seen == [7] and out.token_logps.shape == (6, 6)
 
 
+def test_empty_completions(tiny_model_dir) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    out = completion_logps(model, collate_padded([TokenizedPair([5, 6], [], [7])], pad_token_id=0))
+    assert out.mask.tolist() == [[False], [True]] and out.token_logps[0, 0] == 0
+    assert out.logits_mean_sum[0] == 0
+    out.token_logps.sum().backward()  # still a valid graph
+
+
+def test_through_ddp_wrapper(tiny_model_dir, tmp_path) -> None:
+    """The forward goes through the wrapper (so DDP sees a normal call) and gradients reach the inner model."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        batch = _batch()
+        lean = completion_logps(DistributedDataParallel(model), batch, with_wpo=True, chunk_size=4)
+        _assert_same(lean, naive(model, batch))
+        lean.token_logps.sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- memory
 
 

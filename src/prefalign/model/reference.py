@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -114,6 +115,8 @@ def build_reference(
     if not loss_needs_reference:
         return None
     del dpo_args  # precomputation is a separate step (precompute_reference); nothing here depends on it
+    # The reference pass needs no gradient sync, so it may use the model inside a DDP/DeepSpeed wrapper.
+    policy = extract_model_from_parallel(policy)
     if model_args.ref_model_name_or_path:
         ref = load_pretrained(model_args.ref_model_name_or_path, model_args, "--ref_model_name_or_path")
         device = next(policy.parameters()).device
