@@ -42,11 +42,10 @@ def naive(model, batch: dict) -> CompletionLogps:
     mean = logits[:, :-1].mean(-1)  # (2B, T-1)
     keep = cm[:, 1:]
     width = int(cm.sum(1).max())
-    rows = []
-    for values in (token, wpo):
-        out = torch.zeros(ids.shape[0], width)
-        out = torch.stack([torch.cat([v[k], v.new_zeros(width - int(k.sum()))]) for v, k in zip(values, keep)])
-        rows.append(out)
+    rows = [
+        torch.stack([torch.cat([v[k], v.new_zeros(width - int(k.sum()))]) for v, k in zip(values, keep)])
+        for values in (token, wpo)
+    ]
     mask = torch.stack([torch.arange(width) < int(k.sum()) for k in keep])
     mean_sum = torch.stack([m[k].sum() for m, k in zip(mean.detach(), keep)])
     return CompletionLogps(rows[0], mask, mean_sum, rows[1].detach())
@@ -243,6 +242,7 @@ def _long_batch(seq: int, vocab: int) -> dict:
     return collate_padded(pairs, pad_token_id=0)
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_vocab() -> None:
     """Quadrupling the vocabulary adds ~rows*seq*dV*4 bytes to the naive peak but only O(chunk*dV + params)."""
     seq, chunk, hidden = 128, 32, 16
@@ -263,6 +263,7 @@ def test_peak_memory_does_not_grow_with_vocab() -> None:
     assert peaks[8000][0] < peaks[8000][1] / 4
 
 
+@pytest.mark.slow
 def test_peak_memory_vocab_term_does_not_grow_with_seq() -> None:
     """Doubling the sequence adds seq*H-sized activations to the lean peak, never seq*V-sized logits."""
     vocab, chunk, hidden = 8000, 32, 16
