@@ -50,6 +50,8 @@ class CompletionLogps:
     """(2B,) sum over completion tokens of the mean (over the vocabulary) logit; no grad."""
     wpo_adjust: Tensor | None = None
     """(2B, Tc) logsumexp(2 * log_softmax) at each completion token (WPO's normaliser); no grad."""
+    entropy: Tensor | None = None
+    """(2B, Tc) entropy of the next-token distribution at each completion token (`with_entropy`); no grad."""
 
 
 @dataclass
@@ -59,6 +61,7 @@ class TokenScores:
     logps: Tensor  # (N,) float32, differentiable
     mean_logits: Tensor  # (N,) float32, detached
     wpo_adjust: Tensor | None  # (N,) float32, detached
+    entropy: Tensor | None = None  # (N,) float32, detached (with_entropy)
 
 
 LayoutFn = Callable[..., CompletionLogps]
@@ -75,13 +78,24 @@ def register_layout(name: str, fn: LayoutFn) -> None:
 
 
 def completion_logps(
-    model: nn.Module, batch: dict[str, Any], *, with_wpo: bool = False, chunk_size: int = 1024
+    model: nn.Module, batch: dict[str, Any], *, with_wpo: bool = False, chunk_size: int = 1024,
+    with_entropy: bool = False, temperature: float = 1.0,
 ) -> CompletionLogps:
-    """Log-probs of every completion token of `batch` under `model`, dispatched on `batch["layout"]`."""
+    """Log-probs of every completion token of `batch` under `model`, dispatched on `batch["layout"]`.
+
+    `with_entropy` also returns per-token entropies (on-policy RL metrics and entropy masking); `temperature`
+    divides the logits first, so that the log-probs are those of the distribution a sampler at that
+    temperature draws from. Both are only supported by the padded layout and are passed on only when set.
+    """
     layout = batch.get("layout")
     if layout not in _LAYOUTS:
         raise ValueError(f"unknown batch layout {layout!r}; registered: {sorted(_LAYOUTS)}")
-    return _LAYOUTS[layout](model, batch, with_wpo=with_wpo, chunk_size=chunk_size)
+    extra: dict[str, Any] = {}
+    if with_entropy:
+        extra["with_entropy"] = True
+    if temperature != 1.0:
+        extra["temperature"] = temperature
+    return _LAYOUTS[layout](model, batch, with_wpo=with_wpo, chunk_size=chunk_size, **extra)
 
 
 # ---------------------------------------------------------------- finding the backbone and the head
@@ -152,8 +166,9 @@ def _head_logits(head: _Head, hidden: Tensor) -> Tensor:
 
 
 def _score_chunk(
-    logits_fn: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor, with_wpo: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+    logits_fn: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor, with_wpo: bool,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Log-prob of `targets` for one chunk; the [n, V] logits live only inside this call."""
     logits = logits_fn(inputs)  # (n, V) float32
     lse = logits.logsumexp(-1)  # (n,)
@@ -162,7 +177,12 @@ def _score_chunk(
         mean_logits = logits.mean(-1)  # (n,)
         # WPO: logsumexp over the vocabulary of 2 * log_softmax, i.e. log sum_v p_v^2.
         wpo = (2 * (logits - lse[:, None])).logsumexp(-1) if with_wpo else torch.zeros_like(lse)
-    return logps, mean_logits, wpo
+        if with_entropy:
+            log_p = logits - lse[:, None]  # (n, V)
+            entropy = -(log_p.exp() * log_p).sum(-1)  # (n,)
+        else:
+            entropy = torch.zeros_like(lse)
+    return logps, mean_logits, wpo, entropy
 
 
 def _score_in_chunks(
@@ -173,6 +193,7 @@ def _score_in_chunks(
     with_wpo: bool,
     chunk_size: int,
     recompute: bool,
+    with_entropy: bool = False,
 ) -> TokenScores:
     """Score N positions `chunk_size` at a time; with `recompute`, each chunk is activation-checkpointed."""
     if chunk_size < 1:
@@ -180,7 +201,8 @@ def _score_in_chunks(
     use_checkpoint = recompute and torch.is_grad_enabled() and inputs.requires_grad
     parts = []
     for start in range(0, inputs.shape[0], chunk_size):
-        args = (logits_fn, inputs[start : start + chunk_size], targets[start : start + chunk_size], with_wpo)
+        args = (logits_fn, inputs[start : start + chunk_size], targets[start : start + chunk_size], with_wpo,
+                with_entropy)
         if use_checkpoint:
             # Non-reentrant checkpoint: backward re-runs the head on this chunk instead of keeping its logits.
             parts.append(checkpoint(_score_chunk, *args, use_reentrant=False))
@@ -188,9 +210,10 @@ def _score_in_chunks(
             parts.append(_score_chunk(*args))
     if not parts:  # no completion tokens at all
         empty = inputs.new_zeros(0, dtype=torch.float32)
-        return TokenScores(empty + inputs.sum() * 0, empty, empty if with_wpo else None)
-    logps, means, wpo = (torch.cat(p) for p in zip(*parts))
-    return TokenScores(logps, means, wpo if with_wpo else None)
+        return TokenScores(empty + inputs.sum() * 0, empty, empty if with_wpo else None,
+                           empty if with_entropy else None)
+    logps, means, wpo, entropy = (torch.cat(p) for p in zip(*parts))
+    return TokenScores(logps, means, wpo if with_wpo else None, entropy if with_entropy else None)
 
 
 def _backbone_hidden(model: nn.Module, head: _Head, forward_kwargs: dict[str, Any]) -> Tensor:
@@ -219,22 +242,30 @@ def score_positions(
     *,
     with_wpo: bool = False,
     chunk_size: int = 1024,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> TokenScores:
     """One forward of `model(**forward_kwargs)`; score `targets[i]` from the output at (rows[i], cols[i]).
 
     (rows, cols) are the positions whose output *predicts* the target, i.e. one before the target token.
+    Logits are divided by `temperature` before the softmax.
     """
     head = resolve_head(model)
     if head is None:
         logits = model(**forward_kwargs, use_cache=False).logits  # (rows, T, V): the non-lean fallback
         return _score_in_chunks(
-            lambda x: x.float(), logits[rows, cols], targets,
-            with_wpo=with_wpo, chunk_size=chunk_size, recompute=False,
+            lambda x: x.float() / temperature, logits[rows, cols], targets,
+            with_wpo=with_wpo, chunk_size=chunk_size, recompute=False, with_entropy=with_entropy,
         )  # fmt: skip
     hidden = _backbone_hidden(model, head, forward_kwargs)  # (rows, T, H)
+
+    def logits_fn(h: Tensor) -> Tensor:
+        logits = _head_logits(head, h)
+        return logits if temperature == 1.0 else logits / temperature
+
     return _score_in_chunks(
-        lambda h: _head_logits(head, h), hidden[rows, cols], targets,
-        with_wpo=with_wpo, chunk_size=chunk_size, recompute=True,
+        logits_fn, hidden[rows, cols], targets,
+        with_wpo=with_wpo, chunk_size=chunk_size, recompute=True, with_entropy=with_entropy,
     )  # fmt: skip
 
 
@@ -248,7 +279,8 @@ def left_align(values: Tensor, rows: Tensor, slots: Tensor, num_rows: int, width
 
 
 def _padded_logps(
-    model: nn.Module, batch: dict[str, Any], *, with_wpo: bool, chunk_size: int
+    model: nn.Module, batch: dict[str, Any], *, with_wpo: bool, chunk_size: int, with_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> CompletionLogps:
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (2B, T)
     completion = batch["completion_mask"].bool()  # (2B, T)
@@ -261,7 +293,7 @@ def _padded_logps(
     rows, cols = completion.nonzero(as_tuple=True)  # row-major, so each row's tokens stay in order
     scores = score_positions(
         model, {"input_ids": input_ids, "attention_mask": attention_mask}, rows, cols - 1, input_ids[rows, cols],
-        with_wpo=with_wpo, chunk_size=chunk_size,
+        with_wpo=with_wpo, chunk_size=chunk_size, with_entropy=with_entropy, temperature=temperature,
     )  # fmt: skip
     slots = (completion.cumsum(1) - 1)[rows, cols]  # index of each token within its completion
     lengths = completion.sum(1)  # (2B,)
@@ -273,6 +305,7 @@ def _padded_logps(
         wpo_adjust=None
         if scores.wpo_adjust is None
         else left_align(scores.wpo_adjust, rows, slots, num_rows, width),
+        entropy=None if scores.entropy is None else left_align(scores.entropy, rows, slots, num_rows, width),
     )
 
 

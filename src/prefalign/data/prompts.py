@@ -1,0 +1,132 @@
+"""Prompt-only data for on-policy RL (GRPO, RLOO, PPO): rows -> PromptExample -> prompt token ids.
+
+A row needs a prompt column (`--prompt_column`, default `prompt`): a non-empty string, or a non-empty list of
+{role, content} messages that does not end with an assistant turn (the model writes that one). Every other
+column (e.g. `answer`) is kept and handed to the reward functions as a keyword list, as TRL does.
+
+Conversational prompts are rendered with the chat template and the generation prompt (ChatML:
+`<|im_start|>assistant\\n`); string prompts get `--prompt_template` and `--system_prompt` does not apply to
+them. Both are encoded without special tokens: a template writes its own BOS, and raw text stays raw (the SFT
+and DPO stages encode it the same way). Prompts longer than `--max_prompt_length` are cut per
+`--truncation_mode` (keep_end keeps the end, where the question is).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefalign.config import DataArgs
+from prefalign.data.load import Row, load_rows
+from prefalign.data.sft import check_messages, split_holdout
+from prefalign.data.templates import render, require_chat_template
+from prefalign.errors import PrefalignError
+
+logger = logging.getLogger("prefalign.data")
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """One validated prompt and the row's other columns."""
+
+    prompt: str | list[dict[str, Any]]
+    source: str
+    columns: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def normalize_prompt_row(row: dict[str, Any], source: str, args: DataArgs) -> PromptExample:
+    """Validate one row (see the module docstring); errors name `source` ("file:line")."""
+    if not isinstance(row, dict):
+        raise PrefalignError(f"a row must be an object with columns, got {_kind(row)}", source)
+    column = args.prompt_column
+    if column not in row or row[column] is None:
+        present = ", ".join(sorted(row)) or "none"
+        raise PrefalignError(f"no '{column}' column (columns present: {present})", source)
+    value = row[column]
+    columns = {k: v for k, v in row.items() if k != column}
+    if isinstance(value, str):
+        if not value.strip():
+            raise PrefalignError(f"column '{column}' is an empty string", source)
+        if args.prompt_template is not None:
+            value = args.prompt_template.replace("{prompt}", value)
+        return PromptExample(value, source, columns)
+    if isinstance(value, list):
+        messages = check_messages(value, column, source)
+        if messages[-1]["role"] == "assistant":
+            raise PrefalignError(f"column '{column}' ends with an assistant message; the model writes that turn",
+                                 source)
+        if args.system_prompt is not None and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": args.system_prompt}, *messages]
+        return PromptExample(messages, source, columns)
+    raise PrefalignError(f"column '{column}' must be a string or a list of messages, got {_kind(value)}", source)
+
+
+def normalize_prompt_rows(rows: list[Row], args: DataArgs, what: str) -> list[PromptExample]:
+    """Examples from raw rows; with --skip_invalid_rows bad rows are counted and reported in one line."""
+    if not rows:
+        raise PrefalignError("no rows", what)
+    out: list[PromptExample] = []
+    errors: list[PrefalignError] = []
+    for row, source in rows:
+        try:
+            out.append(normalize_prompt_row(row, source, args))
+        except PrefalignError as e:
+            if not args.skip_invalid_rows:
+                raise
+            errors.append(e)
+    if errors:
+        logger.warning("%s: skipped %d invalid rows of %d (first: %s)", what, len(errors), len(rows), errors[0])
+    if not out:
+        raise PrefalignError(f"all {len(rows)} rows are invalid; first: {errors[0]}", what)
+    return out
+
+
+def load_prompts(args: DataArgs) -> tuple[list[PromptExample], list[PromptExample] | None]:
+    """(train, eval) prompts: eval from --eval_dataset_name, else --eval_split_ratio of train, else None."""
+    if not args.dataset_name:
+        raise PrefalignError("no training data given", "--dataset_name")
+    rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+    train = normalize_prompt_rows(rows, args, args.dataset_name)
+    if args.eval_dataset_name:
+        rows = load_rows(args.eval_dataset_name, args.eval_dataset_config, args.eval_dataset_split)
+        return train, normalize_prompt_rows(rows, args, args.eval_dataset_name)
+    if args.eval_split_ratio:
+        return split_holdout(train, args.eval_split_ratio, int(getattr(args, "seed", 42)))
+    return train, None
+
+
+def prompt_text(example: PromptExample, tokenizer: Any) -> str:
+    """The text the model continues: the chat template with its generation prompt, or the string itself."""
+    if isinstance(example.prompt, str):
+        return example.prompt
+    require_chat_template(tokenizer, example.source)
+    return render(tokenizer, example.prompt, add_generation_prompt=True, source=example.source)
+
+
+def tokenize_prompts(
+    examples: list[PromptExample], tokenizer: Any, max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+) -> tuple[list[list[int]], int]:
+    """Token ids of every prompt (cut to `max_prompt_length`) and how many were cut."""
+    if truncation_mode not in ("keep_end", "keep_start"):
+        raise PrefalignError(f"must be keep_end or keep_start, got {truncation_mode!r}", "--truncation_mode")
+    texts = [prompt_text(e, tokenizer) for e in examples]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out, truncated = [], 0
+    for ids, example in zip(encoded, examples):
+        if not ids:
+            raise PrefalignError("the prompt encodes to no tokens", example.source)
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            truncated += 1
+            ids = ids[-max_prompt_length:] if truncation_mode == "keep_end" else ids[:max_prompt_length]
+        out.append(list(ids))
+    return out, truncated
