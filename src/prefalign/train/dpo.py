@@ -226,4 +226,5 @@ def run_command(cfg: DPOConfig) -> None:
     result = train_dpo(cfg)
     shown = ("loss", "rewards/accuracies", "rewards/margins")
     summary = ", ".join(f"{k}={result.last_metrics[k]:.4g}" for k in shown if k in result.last_metrics)
-    print(f"dpo: {result.state.global_step} steps, {summary}; model saved to {cfg.output_dir}")
+    if os.environ.get("RANK", "0") == "0":  # one summary line under torchrun / accelerate launch
+        print(f"dpo: {result.state.global_step} steps, {summary}; model saved to {cfg.output_dir}")

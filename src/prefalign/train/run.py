@@ -62,12 +62,16 @@ def check_output_dir(args: TrainArgs) -> None:
 
 
 def make_accelerator(args: TrainArgs) -> Any:
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
     log_with = [r for r in args.report_to if r != "none"] or None
-    accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=args.output_dir)
+    # Without cpu=True, Accelerate ignores a torchrun process group on a machine with no accelerator.
+    cpu_only = not (torch.cuda.is_available() or torch.backends.mps.is_available()
+                    or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=args.output_dir, cpu=cpu_only)
     set_seed(args.seed)
     return accelerator
 
