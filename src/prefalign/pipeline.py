@@ -45,7 +45,7 @@ class PipelineConfig:
     """Configuration of `prefalign pipeline`."""
 
     recipe: str | None = None
-    """YAML recipe: a list of stages, each with `stage:` and that command's flags (see the module docstring)."""
+    """YAML recipe: a list of stages, each with `stage:` and that command's flags, e.g. `- {stage: sft, dataset_name: chat.jsonl, output_dir: out/sft}`."""
     dry_run: bool = False
     """Print the resolved stages (with chained paths, skip/resume decisions) and stop."""
 
