@@ -61,6 +61,8 @@ def pack_documents(docs: list[list[int]], block_size: int, per_document: bool) -
                 current, used = [], 0
     if current:
         blocks.append(current)
+    # a trailing block of one token has no target; a step made only of such blocks would weigh 0
+    blocks = [b for b in blocks if sum(len(s.input_ids) for s in b) > 1]
     if per_document:
         return blocks
     merged = []
