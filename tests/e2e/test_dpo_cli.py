@@ -201,3 +201,39 @@ def test_lora_dpo_and_sft_adapter_as_policy_and_reference(tiny_model_dir, pairs_
     records = read_metrics(second / "metrics.jsonl")
     assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_resumable_checkpoint(tiny_model_dir, pairs_file, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    args = [sys.executable, "-m", "prefalign.cli", "dpo", "--model_name_or_path", str(tiny_model_dir),
+            "--dataset_name", str(pairs_file), "--output_dir", str(out), "--max_steps", "400", "--logging_steps", "1",
+            "--per_device_train_batch_size", "2", "--disable_tqdm", "--save_steps", "0"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert ckpts and (ckpts[-1] / "trainer_state.json").is_file()
+    step = json.loads((ckpts[-1] / "trainer_state.json").read_text())["global_step"]
+    assert 2 <= step < 400
+    resumed = subprocess.run([*args[:-2], "--save_steps", "0", "--max_steps", str(step + 2), "--resume_from_checkpoint",
+                              "latest"], env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_metrics(out / "metrics.jsonl")[-1]["step"] == step + 2
+
+
+def test_bf16_autocast_and_tensorboard(tiny_model_dir, pairs_file, tmp_path):
+    out = tmp_path / "bf16"
+    assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 2, "--bf16", "--report_to", "tensorboard") == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert list(out.rglob("events.out.tfevents.*"))
