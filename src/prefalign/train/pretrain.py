@@ -61,15 +61,11 @@ def pack_documents(docs: list[list[int]], block_size: int, per_document: bool) -
                 current, used = [], 0
     if current:
         blocks.append(current)
-    # a trailing block of one token has no target; a step made only of such blocks would weigh 0
-    blocks = [b for b in blocks if sum(len(s.input_ids) for s in b) > 1]
-    if per_document:
-        return blocks
-    merged = []
-    for block in blocks:
-        ids = [t for seg in block for t in seg.input_ids]
-        merged.append([TokenizedSample(ids, [False] + [True] * (len(ids) - 1))])
-    return merged
+    if not per_document:
+        blocks = [[TokenizedSample(ids, [False] + [True] * (len(ids) - 1))]
+                  for ids in ([t for seg in block for t in seg.input_ids] for block in blocks)]
+    # a block without targets (say, a trailing single token) would give a step of weight 0: leave it out
+    return [b for b in blocks if any(seg.num_loss_tokens for seg in b)]
 
 
 def encode_documents(texts: list[str], tokenizer: Any) -> list[list[int]]:
