@@ -74,7 +74,7 @@ def test_plan_resumes_from_checkpoints_and_continues_lora_adapters(tmp_path):
 def test_every_stage_is_validated_before_anything_runs(tmp_path, capsys):
     path = recipe(tmp_path, [{"stage": "train-tokenizer", "dataset_name": "c.txt", "output_dir": str(tmp_path / "t")},
                              {"stage": "sft", "dataset_name": "d", "output_dir": "o", "lerning_rate": 1}])
-    assert main(["pipeline", "--recipe", path]) == 2
+    assert main(["pipeline", path]) == 2  # the recipe as a bare argument, as README shows
     assert capsys.readouterr().err.strip() == \
         f"prefalign pipeline: error: {path} stage 2 (sft) key 'lerning_rate': unknown option (see --help for the list)"
     assert not (tmp_path / "t").exists()

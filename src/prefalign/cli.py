@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             if e.name != module_name:
                 raise
             raise PrefalignError("this command is not available in this version") from None
+        positional = getattr(module, "POSITIONAL", None)  # e.g. `prefalign pipeline recipe.yaml`
+        if positional and rest and not rest[0].startswith("-"):
+            rest = [f"--{positional}", rest[0], *rest[1:]]
         cfg = parse_config(module.CONFIG, rest, prog=f"prefalign {name}", description=text)
         _quiet_libraries()
         module.run_command(cfg)

@@ -199,6 +199,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[PlannedStage]:
     return stages
 
 
+POSITIONAL = "recipe"  # `prefalign pipeline recipe.yaml` == `prefalign pipeline --recipe recipe.yaml`
 CONFIG = PipelineConfig
 
 
