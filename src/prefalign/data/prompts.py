@@ -49,7 +49,7 @@ def normalize_prompt_row(row: dict[str, Any], source: str, args: DataArgs) -> Pr
         raise PrefalignError(f"a row must be an object with columns, got {_kind(row)}", source)
     column = args.prompt_column
     if column not in row or row[column] is None:
-        present = ", ".join(sorted(row)) or "none"
+        present = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"  # Arrow fills gaps with None
         raise PrefalignError(f"no '{column}' column (columns present: {present})", source)
     value = row[column]
     columns = {k: v for k, v in row.items() if k != column}
