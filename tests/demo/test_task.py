@@ -59,12 +59,12 @@ def test_wrong_answers_are_systematic():
     rng = random.Random(0)
     # carry in the ones digit (7 + 8 = 15): the carry is dropped, 85 -> 75
     assert task.wrong_answer("What is 37 + 48?", rng) == "37 + 48 = 75"
-    # no carry (2 + 1 = 3): the ones digit is off by one, 73 -> 72 or 74
-    seen = {task.wrong_answer("What is 32 + 41?", rng) for _ in range(50)}
-    assert seen == {"32 + 41 = 72", "32 + 41 = 74"}
-    # ones digit 9 / 0: the slip stays inside the tens (79 -> 78 only, 70 -> 71 only)
-    assert {task.wrong_answer("What is 35 + 44?", rng) for _ in range(20)} == {"35 + 44 = 78"}
-    assert {task.wrong_answer("What is 30 + 40?", rng) for _ in range(20)} == {"30 + 40 = 71"}
+    # no carry (2 + 1 = 3): the ones digit slips by 1 or 2, 73 -> 71, 72, 74 or 75
+    seen = {task.wrong_answer("What is 32 + 41?", rng) for _ in range(100)}
+    assert seen == {"32 + 41 = 71", "32 + 41 = 72", "32 + 41 = 74", "32 + 41 = 75"}
+    # ones digit 9 / 0: the slip stays inside the tens (79 -> 77, 78 only; 70 -> 71, 72 only)
+    assert {task.wrong_answer("What is 35 + 44?", rng) for _ in range(50)} == {"35 + 44 = 77", "35 + 44 = 78"}
+    assert {task.wrong_answer("What is 30 + 40?", rng) for _ in range(50)} == {"30 + 40 = 71", "30 + 40 = 72"}
     for p in task.make_prompts(300, 0, "train"):
         assert not task.judge(p, task.wrong_answer(p, rng))
 

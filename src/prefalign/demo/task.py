@@ -4,11 +4,11 @@
 digits are single tokens, and its characteristic mistake is easy to name. The wrong answers are *systematic*:
 
 * when the ones digits carry (7 + 8 >= 10) the wrong answer forgets the carry: "37 + 48 = 75";
-* otherwise the ones digit is off by one: "32 + 41 = 74" or "= 72".
+* otherwise the ones digit slips by one or two: "32 + 41 = 71", "72", "74" or "75".
 
 SFT data mixes right and wrong answers (`wrong_fraction`). With a fraction above one half, the most likely answer
 the SFT model learns for a carry prompt is the carry-less one, while for the other prompts the right answer stays
-the most likely (the off-by-one mass is split between two answers). Greedy accuracy therefore lands near the share
+the most likely (the slip's mass is split between up to four answers). Greedy accuracy therefore lands near the share
 of prompts without a carry (about 55%), and the right answer still has real probability on carry prompts: exactly
 what preference optimisation (DPO on right-vs-wrong pairs, or GRPO/PPO with the judge as reward) can fix.
 
@@ -35,9 +35,13 @@ class TaskSpec:
     """Parameters of the addition task."""
 
     low: int = 10
-    """Smallest operand."""
+    """Smallest first operand."""
     high: int = 99
-    """Largest operand."""
+    """Largest first operand."""
+    b_low: int = 10
+    """Smallest second operand."""
+    b_high: int = 99
+    """Largest second operand."""
     heldout_every: int = 8
     """One unordered operand pair in this many is held out (never written to a training file)."""
     wrong_fraction: float = 0.6
@@ -78,7 +82,7 @@ def make_prompts(n: int, seed: int, split: Split = "train", spec: TaskSpec = DEF
     pool = [
         (a, b)
         for a in range(spec.low, spec.high + 1)
-        for b in range(spec.low, spec.high + 1)
+        for b in range(spec.b_low, spec.b_high + 1)
         if _is_heldout(a, b, spec) == want_heldout
     ]
     rng = random.Random(seed)
@@ -105,14 +109,15 @@ def has_carry(a: int, b: int) -> bool:
 
 
 def wrong_answer(prompt: str | Sequence[Message], rng: random.Random) -> str:
-    """A systematic wrong answer: the carry forgotten when there is one, else the ones digit off by one."""
+    """A systematic wrong answer: the carry forgotten when there is one, else the ones digit off by one or two."""
     a, b = operands(prompt)
     if has_carry(a, b):
         total = a + b - 10  # the carry into the tens digit is dropped
     else:
         ones = (a + b) % 10
-        # stay within the tens digit so that the error is a single-digit slip
-        delta = rng.choice([d for d in (-1, 1) if 0 <= ones + d <= 9])
+        # a slip of 1 or 2 that stays inside the tens digit; four ways to be wrong (two at the edges) keep each
+        # one rarer than the right answer even when most answers are wrong, so greedy decoding stays right here
+        delta = rng.choice([d for d in (-2, -1, 1, 2) if 0 <= ones + d <= 9])
         total = a + b + delta
     return _format(a, b, total)
 
