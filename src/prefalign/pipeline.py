@@ -118,7 +118,6 @@ def plan(recipe: str) -> list[PlannedStage]:
     tokenizer_dir: str | None = None
     policy: dict[str, str] = {}
     sft_model: str | None = None
-    mixed: tuple[str, Any] | None = None
     out: list[PlannedStage] = []
     for i, entry in enumerate(entries, start=1):
         name = entry["stage"]
@@ -148,12 +147,6 @@ def plan(recipe: str) -> list[PlannedStage]:
             elif output_dir.is_dir() and any(output_dir.iterdir()):
                 values["overwrite_output_dir"], action = True, "restart"
         make_config(_module(name).CONFIG, values, source=where)  # every flag checked before anything runs
-        if name not in ("train-tokenizer", "init-model"):
-            precision = ("bf16" if values.get("bf16") else "fp16" if values.get("fp16") else "no")
-            if mixed and mixed[0] != precision:
-                raise PrefalignError(f"mixed precision {precision!r} differs from {mixed[1]}'s {mixed[0]!r}; one "
-                                     "process keeps one Accelerate precision, so run such stages separately", where)
-            mixed = mixed or (precision, where)
         if name == "train-tokenizer":
             tokenizer_dir = str(output_dir)
         elif name in POLICY_STAGES:

@@ -22,6 +22,7 @@ from prefalign.losses.aggregate import preference_inputs
 from prefalign.losses.preference import compute_preference_loss, needs_reference, resolve_losses
 from prefalign.model.logprobs import CompletionLogps, completion_logps
 from prefalign.train.metrics import MetricSums
+from prefalign.train.run import disable_dropout, print_summary
 
 
 def shuffled_groups(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -29,15 +30,6 @@ def shuffled_groups(n: int, batch_size: int, seed: int, epoch: int) -> list[list
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Zero every dropout: nn.Dropout modules (LoRA's included) and attention-dropout rates stored as floats."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
 
 
 class DPOStage:
@@ -146,11 +138,9 @@ def train_dpo(cfg: DPOConfig) -> Any:
     from prefalign.data.load import load_pairs
     from prefalign.data.templates import resolve_chat_template
     from prefalign.data.tokenize import tokenize_pairs
-    from prefalign.model.load import load_policy, load_tokenizer, save_model
+    from prefalign.model.load import load_policy, load_tokenizer
     from prefalign.model.reference import build_reference
-    from prefalign.model.weights import load_weights_into
-    from prefalign.train.loop import train_loop
-    from prefalign.train.run import make_accelerator, save_final, start_run
+    from prefalign.train.run import make_accelerator, start_run, train_and_save
 
     check_dpo_config(cfg)
     accelerator = make_accelerator(cfg)
@@ -175,17 +165,7 @@ def train_dpo(cfg: DPOConfig) -> Any:
     start_run(cfg, accelerator, cfg, "dpo")
     stage = DPOStage(cfg, train, eval_, tokenizer.pad_token_id, reference, ref_cache)
 
-    def save(directory: Path) -> None:
-        save_model(model, tokenizer, directory, merge_adapter=False)
-
-    result = train_loop(stage, model, cfg, accelerator, save, lambda d: load_weights_into(model, d))
-    if result.interrupted:
-        raise KeyboardInterrupt
-    if accelerator.is_main_process:
-        save_final(cfg.output_dir, lambda d: save_model(model, tokenizer, d, merge_adapter=cfg.merge_adapter))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
+    return train_and_save(stage, model, tokenizer, cfg, accelerator)
 
 
 class ReferenceCache:
@@ -223,8 +203,5 @@ CONFIG = DPOConfig
 
 def run_command(cfg: DPOConfig) -> None:
     """`prefalign dpo`."""
-    result = train_dpo(cfg)
-    shown = ("loss", "rewards/accuracies", "rewards/margins")
-    summary = ", ".join(f"{k}={result.last_metrics[k]:.4g}" for k in shown if k in result.last_metrics)
-    if os.environ.get("RANK", "0") == "0":  # one summary line under torchrun / accelerate launch
-        print(f"dpo: {result.state.global_step} steps, {summary}; model saved to {cfg.output_dir}")
+    print_summary("dpo", train_dpo(cfg), cfg.output_dir, ("loss", "rewards/accuracies", "rewards/margins",
+                                                         "eval_rewards/accuracies"))

@@ -39,6 +39,7 @@ from prefalign.model.logprobs import completion_logps
 from prefalign.rollout.generate import generate_completions, mask_truncated_completions
 from prefalign.rollout.rewards import combine_rewards, compute_rewards, reward_function_name
 from prefalign.train.metrics import MetricSums
+from prefalign.train.run import disable_dropout, print_summary
 
 # ----------------------------------------------------------------------------------------------- configuration
 
@@ -356,12 +357,6 @@ def reference_weights(reference: Any) -> tuple[torch.nn.Module, Any]:
     return reference.model, reference._weights
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 def completion_metrics(token_mask: Tensor, is_truncated: Tensor) -> dict[str, float]:
     """TRL's completions/* metrics of a rollout."""
     lengths = token_mask.sum(1).float()  # (N,)
@@ -538,11 +533,9 @@ def train_grpo(cfg: GRPOConfig, advantage_fn: AdvantageFn | None = None, kl_in_r
                run_name: str = "grpo", check: Callable[[Any], None] | None = None) -> Any:
     """GRPO end to end (RLOO with its advantages): prompts → rollouts → loop → final model in cfg.output_dir."""
     from prefalign.data.templates import resolve_chat_template
-    from prefalign.model.load import load_policy, load_tokenizer, save_model
+    from prefalign.model.load import load_policy, load_tokenizer
     from prefalign.model.reference import build_reference
-    from prefalign.model.weights import load_weights_into
-    from prefalign.train.loop import train_loop
-    from prefalign.train.run import make_accelerator, save_final, start_run
+    from prefalign.train.run import make_accelerator, start_run, train_and_save
 
     (check or check_grpo_config)(cfg)
     accelerator = make_accelerator(cfg)
@@ -557,20 +550,7 @@ def train_grpo(cfg: GRPOConfig, advantage_fn: AdvantageFn | None = None, kl_in_r
     start_run(cfg, accelerator, cfg, run_name)
     stage = GRPOStage(cfg, model, train, eval_, reward_fns, reference, accelerator.num_processes, advantage_fn,
                       kl_in_reward)
-    result = train_loop(stage, model, cfg, accelerator, lambda d: save_model(model, tokenizer, d, False),
-                        lambda d: load_weights_into(model, d))
-    if result.interrupted:
-        raise KeyboardInterrupt
-    if accelerator.is_main_process:
-        save_final(cfg.output_dir, lambda d: save_model(model, tokenizer, d, merge_adapter=cfg.merge_adapter))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
-
-
-def summary(name: str, result: Any, cfg: Any, shown: tuple[str, ...]) -> str:
-    values = ", ".join(f"{k}={result.last_metrics[k]:.4g}" for k in shown if k in result.last_metrics)
-    return f"{name}: {result.state.global_step} steps, {values}; model saved to {cfg.output_dir}"
+    return train_and_save(stage, model, tokenizer, cfg, accelerator)
 
 
 CONFIG = GRPOConfig
@@ -578,4 +558,4 @@ CONFIG = GRPOConfig
 
 def run_command(cfg: GRPOConfig) -> None:
     """`prefalign grpo`."""
-    print(summary("grpo", train_grpo(cfg), cfg, ("reward", "reward_std", "kl", "completions/mean_length")))
+    print_summary("grpo", train_grpo(cfg), cfg.output_dir, ("reward", "reward_std", "kl", "completions/mean_length"))

@@ -47,9 +47,9 @@ from prefalign.train.grpo import (
     rollout_logps,
     rollout_seed,
     score,
-    summary,
 )
 from prefalign.train.metrics import MetricSums
+from prefalign.train.run import disable_dropout, print_summary
 
 
 @dataclass
@@ -305,9 +305,8 @@ def train_ppo(cfg: PPOConfig) -> Any:
     from prefalign.model.load import load_policy, load_tokenizer, save_model
     from prefalign.model.reference import build_reference
     from prefalign.model.weights import load_weights_into
-    from prefalign.train.grpo import disable_dropout, load_reward_functions, load_rl_data
-    from prefalign.train.loop import train_loop
-    from prefalign.train.run import make_accelerator, save_final, start_run
+    from prefalign.train.grpo import load_reward_functions, load_rl_data
+    from prefalign.train.run import make_accelerator, start_run, train_and_save
 
     check_ppo_config(cfg)
     accelerator = make_accelerator(cfg)
@@ -331,14 +330,7 @@ def train_ppo(cfg: PPOConfig) -> Any:
         load_weights_into(policy, directory)
         _load_value(wrapper, directory)
 
-    result = train_loop(stage, wrapper, cfg, accelerator, save, load)
-    if result.interrupted:
-        raise KeyboardInterrupt
-    if accelerator.is_main_process:
-        save_final(cfg.output_dir, lambda d: save_model(policy, tokenizer, d, merge_adapter=cfg.merge_adapter))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
+    return train_and_save(stage, wrapper, tokenizer, cfg, accelerator, final_model=policy, save=save, load=load)
 
 
 CONFIG = PPOConfig
@@ -347,4 +339,5 @@ CONFIG = PPOConfig
 def run_command(cfg: PPOConfig) -> None:
     """`prefalign ppo`."""
     result = train_ppo(cfg)
-    print(summary("ppo", result, cfg, ("objective/scores", "objective/kl", "policy/approxkl_avg", "loss/value_avg")))
+    print_summary("ppo", result, cfg.output_dir, ("objective/scores", "objective/kl", "policy/approxkl_avg",
+                                                  "loss/value_avg"))

@@ -17,7 +17,8 @@ from typing import Any
 from prefalign.config import DataArgs, ModelArgs, TrainArgs
 from prefalign.data.sft import TokenizedSample
 from prefalign.errors import PrefalignError
-from prefalign.train.sft import CausalLMStage, Row, run_lm_training, summary_line
+from prefalign.train.run import print_summary
+from prefalign.train.sft import SHOWN, CausalLMStage, Row, run_lm_training
 
 
 @dataclass
@@ -116,4 +117,4 @@ CONFIG = PretrainConfig
 
 def run_command(cfg: PretrainConfig) -> None:
     """`prefalign pretrain`."""
-    print(summary_line("pretrain", train_pretrain(cfg), cfg.output_dir))
+    print_summary("pretrain", train_pretrain(cfg), cfg.output_dir, SHOWN)

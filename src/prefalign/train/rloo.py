@@ -15,7 +15,8 @@ from typing import Any
 from torch import Tensor
 
 from prefalign.losses.policy import kl_penalized_rewards, nanstd, rloo_advantages
-from prefalign.train.grpo import AdvantageFn, GRPOConfig, check_grpo_config, summary, train_grpo
+from prefalign.train.grpo import AdvantageFn, GRPOConfig, check_grpo_config, train_grpo
+from prefalign.train.run import print_summary
 
 
 @dataclass
@@ -52,4 +53,4 @@ CONFIG = RLOOConfig
 def run_command(cfg: RLOOConfig) -> Any:
     """`prefalign rloo`."""
     result = train_grpo(cfg, rloo_advantage_fn(cfg), kl_in_reward=True, run_name="rloo", check=check_grpo_config)
-    print(summary("rloo", result, cfg, ("reward", "reward_std", "kl", "completions/mean_length")))
+    print_summary("rloo", result, cfg.output_dir, ("reward", "reward_std", "kl", "completions/mean_length"))

@@ -28,6 +28,7 @@ from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
 from prefalign.train.dpo import shuffled_groups
 from prefalign.train.metrics import MetricSums
+from prefalign.train.run import print_summary
 
 
 @dataclass
@@ -160,10 +161,8 @@ def train_rm(cfg: RMConfig) -> Any:
     from prefalign.data.load import load_pairs
     from prefalign.data.templates import resolve_chat_template
     from prefalign.data.tokenize import tokenize_pairs
-    from prefalign.model.load import load_tokenizer, save_model
-    from prefalign.model.weights import load_weights_into
-    from prefalign.train.loop import train_loop
-    from prefalign.train.run import make_accelerator, save_final, start_run
+    from prefalign.model.load import load_tokenizer
+    from prefalign.train.run import make_accelerator, start_run, train_and_save
 
     check_rm_config(cfg)
     accelerator = make_accelerator(cfg)
@@ -183,17 +182,7 @@ def train_rm(cfg: RMConfig) -> Any:
     start_run(cfg, accelerator, cfg, "rm")
     stage = RewardStage(cfg, train, eval_, tokenizer.pad_token_id)
 
-    def save(directory: Path) -> None:
-        save_model(model, tokenizer, directory, merge_adapter=False)
-
-    result = train_loop(stage, model, cfg, accelerator, save, lambda d: load_weights_into(model, d))
-    if result.interrupted:
-        raise KeyboardInterrupt
-    if accelerator.is_main_process:
-        save_final(cfg.output_dir, lambda d: save_model(model, tokenizer, d, merge_adapter=cfg.merge_adapter))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
+    return train_and_save(stage, model, tokenizer, cfg, accelerator)
 
 
 CONFIG = RMConfig
@@ -201,8 +190,5 @@ CONFIG = RMConfig
 
 def run_command(cfg: RMConfig) -> None:
     """`prefalign rm`."""
-    result = train_rm(cfg)
-    metrics = {**result.last_metrics, **result.eval_metrics}
-    shown = ("loss", "accuracy", "margin", "eval_accuracy", "eval_margin")
-    summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
-    print(f"rm: {result.state.global_step} steps, {summary}; reward model saved to {cfg.output_dir}")
+    print_summary("rm", train_rm(cfg), cfg.output_dir, ("loss", "accuracy", "margin", "eval_accuracy", "eval_margin"),
+                  what="reward model")

@@ -71,6 +71,12 @@ def make_accelerator(args: TrainArgs) -> Any:
     # Without cpu=True, Accelerate ignores a torchrun process group on a machine with no accelerator.
     cpu_only = not (torch.cuda.is_available() or torch.backends.mps.is_available()
                     or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    # Accelerate keeps its settings in a process-wide singleton; a second run in the same process (the Python API,
+    # `prefalign pipeline`) with another mixed precision would be refused. Reset those settings but keep the process
+    # group (PartialState), which must outlive the run under torchrun.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=args.output_dir, cpu=cpu_only)
     set_seed(args.seed)
     return accelerator
@@ -103,3 +109,45 @@ def save_final(output_dir: str | Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(target)
         os.replace(item, target)
     tmp.rmdir()
+
+
+def train_and_save(stage: Any, model: Any, tokenizer: Any, cfg: Any, accelerator: Any, *, final_model: Any = None,
+                   save: Callable[[Path], None] | None = None, load: Callable[[Path], None] | None = None) -> Any:
+    """The common tail of every training command: the loop with Hugging Face-format checkpoints, then the final
+    model (`final_model`, default `model`) and tokenizer saved atomically into output_dir by the main process."""
+    from prefalign.model.load import save_model
+    from prefalign.model.weights import load_weights_into
+    from prefalign.train.loop import train_loop
+
+    final_model = model if final_model is None else final_model
+    save = save or (lambda d: save_model(final_model, tokenizer, d, merge_adapter=False))
+    load = load or (lambda d: load_weights_into(final_model, d))
+    result = train_loop(stage, model, cfg, accelerator, save, load)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    if accelerator.is_main_process:
+        save_final(cfg.output_dir, lambda d: save_model(final_model, tokenizer, d, merge_adapter=cfg.merge_adapter))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def print_summary(name: str, result: Any, output_dir: str, shown: tuple[str, ...], what: str = "model") -> None:
+    """One closing line (from rank 0 only under torchrun): steps, the chosen metrics, where the result is."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    metrics = {**result.last_metrics, **result.eval_metrics}
+    values = ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
+    print(f"{name}: {result.state.global_step} steps, {values}; {what} saved to {output_dir}")
+
+
+def disable_dropout(model: Any) -> None:
+    """Zero every dropout (TRL's default for preference and RL training): nn.Dropout modules, LoRA's included, and
+    attention-dropout rates stored as floats, so that policy and reference agree exactly before the first update."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

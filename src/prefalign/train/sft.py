@@ -24,7 +24,6 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from prefalign.data.sft import TokenizedSample
 from prefalign.errors import PrefalignError
 from prefalign.train.dpo import shuffled_groups
 from prefalign.train.metrics import MetricSums
+from prefalign.train.run import print_summary
 
 Row = list[TokenizedSample]  # segments sharing one sequence
 
@@ -211,10 +211,8 @@ def check_lm_config(cfg: Any) -> None:
 
 def run_lm_training(cfg: Any, name: str, build_stage: Callable[[Any, Any], CausalLMStage]) -> Any:
     """tokenizer → stage (data) → model → loop → final model; `build_stage(tokenizer, accelerator)`."""
-    from prefalign.model.load import load_policy, load_tokenizer, save_model
-    from prefalign.model.weights import load_weights_into
-    from prefalign.train.loop import train_loop
-    from prefalign.train.run import make_accelerator, save_final, start_run
+    from prefalign.model.load import load_policy, load_tokenizer
+    from prefalign.train.run import make_accelerator, start_run, train_and_save
 
     check_lm_config(cfg)
     accelerator = make_accelerator(cfg)
@@ -225,17 +223,7 @@ def run_lm_training(cfg: Any, name: str, build_stage: Callable[[Any, Any], Causa
         add_neftune(model, cfg.neftune_noise_alpha)
     start_run(cfg, accelerator, cfg, name)
 
-    def save(directory: Path) -> None:
-        save_model(model, tokenizer, directory, merge_adapter=False)
-
-    result = train_loop(stage, model, cfg, accelerator, save, lambda d: load_weights_into(model, d))
-    if result.interrupted:
-        raise KeyboardInterrupt
-    if accelerator.is_main_process:
-        save_final(cfg.output_dir, lambda d: save_model(model, tokenizer, d, merge_adapter=cfg.merge_adapter))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
+    return train_and_save(stage, model, tokenizer, cfg, accelerator)
 
 
 def train_sft(cfg: SFTConfig) -> Any:
@@ -261,11 +249,7 @@ def train_sft(cfg: SFTConfig) -> Any:
     return run_lm_training(cfg, "sft", build)
 
 
-def summary_line(name: str, result: Any, output_dir: str) -> str:
-    shown = ("loss", "mean_token_accuracy")
-    metrics = {**result.last_metrics, **result.eval_metrics}
-    text = ", ".join(f"{k}={metrics[k]:.4g}" for k in (*shown, *(f"eval_{k}" for k in shown)) if k in metrics)
-    return f"{name}: {result.state.global_step} steps, {text}; model saved to {output_dir}"
+SHOWN = ("loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy")
 
 
 CONFIG = SFTConfig
@@ -273,4 +257,4 @@ CONFIG = SFTConfig
 
 def run_command(cfg: SFTConfig) -> None:
     """`prefalign sft`."""
-    print(summary_line("sft", train_sft(cfg), cfg.output_dir))
+    print_summary("sft", train_sft(cfg), cfg.output_dir, SHOWN)
