@@ -237,3 +237,25 @@ def test_bf16_autocast_and_tensorboard(tiny_model_dir, pairs_file, tmp_path):
     records = read_metrics(out / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in records)
     assert list(out.rglob("events.out.tfevents.*"))
+
+
+def test_fast_path_is_default_and_equals_padded(tiny_model_dir, tmp_path):
+    """Packed shared-prompt batches (the default), packed without sharing, and padded rows give the same curve;
+    multi-turn prompts of mixed lengths make padding and prompt sharing matter."""
+    rows = []
+    for i in range(12):
+        history = [("user", "hello " * (1 + i % 4)), ("assistant", "hi there"), ("user", f"what is {i} + {i % 3}")]
+        rows.append({"prompt": conv(*history), "chosen": conv(("assistant", f"{i + i % 3}")),
+                     "rejected": conv(("assistant", f"{i + i % 3 + 1} " + "no " * (i % 3)))})
+    data = write_jsonl(tmp_path / "multi.jsonl", rows)
+    curves = {}
+    for name, extra in {"shared": [], "packed": ["--share_prompt", "false"],
+                        "padded": ["--padding_free", "false"]}.items():
+        assert _run(tiny_model_dir, data, tmp_path / name, "--max_steps", 3, *extra) == 0
+        curves[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+    for name in ("shared", "packed"):
+        for a, b in zip(curves["padded"], curves[name]):
+            for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (name, a["step"], key)
+    # The shared layout processes fewer tokens per pair: tokens/s counts unique tokens, the prompt once.
+    assert _run(tiny_model_dir, data, tmp_path / "budget", "--max_steps", 2, "--max_tokens_per_batch", 160) == 0

@@ -17,10 +17,12 @@ import torch
 
 from prefalign.config import DPOConfig
 from prefalign.data.collate import collate_padded
+from prefalign.data.packing import collate_packed, pack_pairs
 from prefalign.data.types import TokenizedPair
 from prefalign.losses.aggregate import preference_inputs
 from prefalign.losses.preference import compute_preference_loss, needs_reference, resolve_losses
 from prefalign.model.logprobs import CompletionLogps, completion_logps
+from prefalign.model.packed import supports_packing  # importing it registers the "packed" layout
 from prefalign.train.metrics import MetricSums
 from prefalign.train.run import disable_dropout, print_summary
 
@@ -32,6 +34,17 @@ def shuffled_groups(n: int, batch_size: int, seed: int, epoch: int) -> list[list
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def use_packing(cfg: DPOConfig, models: list[Any]) -> tuple[bool, str | None]:
+    """Whether the padding-free (and, with share_prompt, shared-prompt) layout runs; else a one-line notice."""
+    if not cfg.padding_free:
+        return False, None  # asked for padded rows (share_prompt only exists in the packed layout)
+    for model in models:
+        ok, reason = supports_packing(model)
+        if not ok:
+            return False, f"padding-free batches are not supported here ({reason}); using padded batches"
+    return True, None
+
+
 class DPOStage:
     """Preference optimisation step for the loop (see train.loop.Stage)."""
 
@@ -39,8 +52,10 @@ class DPOStage:
     progress_keys = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "acc"}
 
     def __init__(self, cfg: DPOConfig, train: list[TokenizedPair], eval_: list[TokenizedPair] | None,
-                 pad_token_id: int, reference: Any = None, ref_cache: dict[str, Any] | None = None) -> None:
+                 pad_token_id: int, reference: Any = None, ref_cache: dict[str, Any] | None = None,
+                 packed: bool = False) -> None:
         self.cfg = cfg
+        self.packed = packed  # padding-free layout (shared prompt with cfg.share_prompt); else padded rows
         self.data = {"train": train, "eval": eval_ or []}
         self.pad_token_id = pad_token_id
         self.reference = reference
@@ -49,7 +64,14 @@ class DPOStage:
 
     # ---------------------------------------------------------------- data
     def train_groups(self, epoch: int) -> list[list[int]]:
-        return shuffled_groups(len(self.data["train"]), self.cfg.per_device_train_batch_size, self.cfg.seed, epoch)
+        groups = shuffled_groups(len(self.data["train"]), self.cfg.per_device_train_batch_size, self.cfg.seed, epoch)
+        if not (self.packed and self.cfg.max_tokens_per_batch):
+            return groups  # same pairs per micro-batch whatever the layout: the fast path changes no update
+        # Token-budget packing: the shuffled order is kept, a pair is never split across micro-batches.
+        order = [i for g in groups for i in g]
+        pairs = [self.data["train"][i] for i in order]
+        packs = pack_pairs(pairs, max_tokens_per_batch=self.cfg.max_tokens_per_batch, share_prompt=self.cfg.share_prompt)
+        return [[order[j] for j in pack] for pack in packs]
 
     def eval_groups(self) -> list[list[int]]:
         n, size = len(self.data["eval"]), self.cfg.per_device_eval_batch_size
@@ -60,8 +82,11 @@ class DPOStage:
 
     def make_batch(self, group: Sequence[int], split: str) -> dict[str, Any]:
         pairs = [self.data[split][i] for i in group]
-        batch = collate_padded(pairs, self.pad_token_id)
-        batch["num_tokens"] = sum(p.num_tokens for p in pairs)
+        if self.packed:
+            batch = collate_packed(pairs, self.pad_token_id, share_prompt=self.cfg.share_prompt)
+        else:
+            batch = collate_padded(pairs, self.pad_token_id)
+        batch["num_tokens"] = sum(p.num_tokens for p in pairs)  # unique tokens: the prompt counted once
         batch["indices"] = list(group)
         batch["split"] = split
         return batch
@@ -162,8 +187,11 @@ def train_dpo(cfg: DPOConfig) -> Any:
     if cfg.precompute_ref_log_probs and reference is not None:
         ref_cache = _precompute(cfg, reference, train, eval_, tokenizer)
         reference = None  # every step reads the cache: no reference forward, and a frozen copy can be freed
+    packed, notice = use_packing(cfg, [model] + ([reference.model] if reference is not None else []))
+    if notice:
+        accelerator.print(notice)
     start_run(cfg, accelerator, cfg, "dpo")
-    stage = DPOStage(cfg, train, eval_, tokenizer.pad_token_id, reference, ref_cache)
+    stage = DPOStage(cfg, train, eval_, tokenizer.pad_token_id, reference, ref_cache, packed=packed)
 
     return train_and_save(stage, model, tokenizer, cfg, accelerator)
 
