@@ -9,11 +9,11 @@ from pathlib import Path
 from prefalign.model.init import ModelShape, init_model
 from prefalign.tokenizer import train_bpe_tokenizer
 
-WORDS = (
-    "the a an what is how why who when where which answer question user assistant system hello world "
-    "good bad yes no please thank you sure here it capital of france paris number two three four five "
-    "plus minus equals sum one zero cat dog sky blue red green i am can will do not help me with this"
-).split()
+WORDS = " ".join([
+    "the a an what is how why who when where which answer question user assistant system hello world",
+    "good bad yes no please thank you sure here it capital of france paris number two three four five",
+    "plus minus equals sum one zero cat dog sky blue red green i am can will do not help me with this",
+]).split()
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:
