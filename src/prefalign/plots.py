@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,31 @@ def plot_stage_accuracy(stages: dict[str, float], out_png: str | Path) -> Path:
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+# ---------------------------------------------------------------------------------------------- `prefalign plot`
+
+
+@dataclass
+class PlotConfig:
+    """Configuration of `prefalign plot`."""
+
+    run_dir: str | None = None
+    """Run directory holding metrics.jsonl (the output_dir of any training command); the PNGs are written there."""
+
+
+CONFIG = PlotConfig
+POSITIONAL = "run_dir"  # `prefalign plot RUN_DIR`
+
+
+def run_command(cfg: PlotConfig) -> None:
+    """`prefalign plot RUN_DIR`."""
+    if not cfg.run_dir:
+        raise PrefalignError("give the run directory: prefalign plot RUN_DIR", "--run_dir")
+    if not Path(cfg.run_dir).is_dir():
+        raise PrefalignError("no such run directory", f"--run_dir {cfg.run_dir}")
+    written = plot_run(cfg.run_dir)
+    if not written:
+        raise PrefalignError(f"none of {', '.join(PLOTTED)} was logged in metrics.jsonl", cfg.run_dir)
+    for path in written:
+        print(f"plot: wrote {path}")
