@@ -109,7 +109,7 @@ class _Head:
     softcap: float | None  # Gemma-2 style tanh soft-capping of the final logits
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside DDP / DeepSpeed / peft wrappers (LoRA layers stay injected)."""
     from accelerate.utils import extract_model_from_parallel
     from peft import PeftModel
@@ -120,7 +120,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner
 
 
-def _is_prompt_learning(model: nn.Module) -> bool:
+def is_prompt_learning(model: nn.Module) -> bool:
+    """Whether `model` is a peft prompt-learning model (virtual tokens: positions differ from the input's)."""
     from accelerate.utils import extract_model_from_parallel
     from peft import PeftModel
 
@@ -130,9 +131,9 @@ def _is_prompt_learning(model: nn.Module) -> bool:
 
 def resolve_head(model: nn.Module) -> _Head | None:
     """The decoder and LM head of `model`, or None when only the full forward is known to be right."""
-    if _is_prompt_learning(model):
+    if is_prompt_learning(model):
         return None  # virtual tokens shift positions; let peft's own forward handle them
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "model_type", None) in FULL_FORWARD_MODEL_TYPES:
         return None

@@ -41,11 +41,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from prefalign.model.logprobs import (
     CompletionLogps,
-    _is_prompt_learning,
-    _unwrap,
+    is_prompt_learning,
     left_align,
     register_layout,
     score_positions,
+    unwrap_model,
 )
 
 PREFIX = "prefalign_packed:"
@@ -106,7 +106,7 @@ def _make_dispatcher(base: str) -> Callable[..., Any]:
 
 
 def _config(model: nn.Module) -> Any:
-    return _unwrap(model).config
+    return unwrap_model(model).config
 
 
 def install_packed_attention(model: nn.Module) -> None:
@@ -131,9 +131,9 @@ def uninstall_packed_attention(model: nn.Module) -> None:
 
 def supports_packing(model: nn.Module) -> tuple[bool, str]:
     """Whether the packed layout is exact for `model`; the reason says why not (for a one-line notice)."""
-    if _is_prompt_learning(model):
+    if is_prompt_learning(model):
         return False, "prompt-learning adapters insert virtual tokens in front of every row"
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     if config is None:
         return False, f"{type(inner).__name__} has no transformers config"
