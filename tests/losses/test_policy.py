@@ -9,17 +9,15 @@ import torch
 
 from prefalign.errors import PrefalignError
 from prefalign.losses.policy import (
-    compute_gae,
     group_advantages,
     grpo_loss,
     high_entropy_mask,
     kl_divergence,
     kl_penalized_rewards,
     masked_whiten,
-    ppo_loss,
-    ppo_rewards,
     rloo_advantages,
 )
+from prefalign.losses.ppo import compute_gae, ppo_loss, ppo_rewards
 
 LOG2 = math.log(2.0)
 

@@ -9,8 +9,8 @@ import torch
 
 from helpers import conv, write_jsonl
 from prefalign.cli import main
-from prefalign.train.grpo import RolloutSlice, padded_layout, plan_rollouts, take_rows
 from prefalign.train.metrics import read_metrics
+from prefalign.train.rollout import RolloutSlice, padded_layout, plan_rollouts, take_rows
 
 
 def test_plan_is_a_seeded_shuffle_with_the_last_rollout_filled_cyclically():

@@ -50,12 +50,17 @@ class Reference:
         self.chunk_size = chunk_size
 
     @contextmanager
-    def _weights(self) -> Iterator[None]:
+    def weights(self) -> Iterator[None]:
+        """Select this reference's weights in `self.model` for the duration of a pass (restored afterwards).
+
+        Callers that need their own options for the pass (the RL trainers take log-probs at a sampling
+        temperature) run `self.model` inside this context, under no_grad and eval mode as `logps` does.
+        """
         yield
 
     def logps(self, batch: dict[str, Any]) -> CompletionLogps:
         """Reference CompletionLogps of `batch` (no grad, eval mode)."""
-        with torch.no_grad(), _eval_mode(self.model), self._weights():
+        with torch.no_grad(), _eval_mode(self.model), self.weights():
             return completion_logps(self.model, batch, chunk_size=self.chunk_size)
 
 
@@ -70,7 +75,7 @@ class DisabledAdapterReference(Reference):
     """The policy's base weights: its LoRA adapter switched off for the pass."""
 
     @contextmanager
-    def _weights(self) -> Iterator[None]:
+    def weights(self) -> Iterator[None]:
         with self.model.disable_adapter():
             yield
 
@@ -83,7 +88,7 @@ class AdapterReference(Reference):
         self.adapter_name = adapter_name
 
     @contextmanager
-    def _weights(self) -> Iterator[None]:
+    def weights(self) -> Iterator[None]:
         previous = self.model.active_adapter
         requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
         self.model.set_adapter(self.adapter_name, inference_mode=True)

@@ -29,10 +29,12 @@ from torch import Tensor, nn
 
 from prefalign.config import DataArgs, ModelArgs, TrainArgs
 from prefalign.errors import PrefalignError
-from prefalign.losses.policy import KL_ESTIMATORS, compute_gae, ppo_loss, ppo_rewards
+from prefalign.losses.policy import KL_ESTIMATORS
+from prefalign.losses.ppo import compute_gae, ppo_loss, ppo_rewards
 from prefalign.model.logprobs import completion_logps, left_align
 from prefalign.rollout.generate import mask_truncated_completions
-from prefalign.train.grpo import (
+from prefalign.train.metrics import MetricSums
+from prefalign.train.rollout import (
     GenerationArgs,
     RewardArgs,
     RolloutSampler,
@@ -43,12 +45,14 @@ from prefalign.train.grpo import (
     eval_groups,
     eval_rewards,
     inference,
+    load_reward_functions,
+    load_rl_data,
     reference_weights,
     rollout_logps,
     rollout_seed,
     score,
+    take_rows,
 )
-from prefalign.train.metrics import MetricSums
 from prefalign.train.run import disable_dropout, print_summary
 
 
@@ -247,8 +251,6 @@ class PPOStage:
         tc = int(batch["completion_mask"].sum(1).max())
         logps = torch.zeros(n, tc, device=batch["input_ids"].device)
         values = torch.zeros_like(logps)
-        from prefalign.train.grpo import take_rows
-
         with inference(self.wrapper):
             for start in range(0, n, chunk):
                 part = take_rows(batch, range(start, min(start + chunk, n)))
@@ -305,7 +307,6 @@ def train_ppo(cfg: PPOConfig) -> Any:
     from prefalign.model.load import load_policy, load_tokenizer, save_model
     from prefalign.model.reference import build_reference
     from prefalign.model.weights import load_weights_into
-    from prefalign.train.grpo import load_reward_functions, load_rl_data
     from prefalign.train.run import make_accelerator, start_run, train_and_save
 
     check_ppo_config(cfg)

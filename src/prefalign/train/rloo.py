@@ -1,6 +1,6 @@
 """RLOO (`prefalign rloo`): GRPO's rollouts, loop and clipped loss with a leave-one-out baseline.
 
-Two differences from GRPO, both in the advantages (everything else is `train.grpo`):
+Two differences from GRPO, both in the advantages (everything else is `train.grpo` and `train.rollout`):
 - the KL to the reference is a penalty on the reward, not a loss term: r_i - beta x sum_t (logp_t - ref_t),
   with the sampling policy's log-probs (k1, the RLOO paper's and TRL's estimator);
 - the baseline of completion i is the mean reward of the other completions of its prompt, with no division by a
