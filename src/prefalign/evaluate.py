@@ -1,0 +1,228 @@
+"""`prefalign eval`: how a policy compares with its reference.
+
+* On preference pairs (`--dataset_name`): DPO's implicit-reward metrics, computed by DPO's own evaluation path
+  (`DPOStage.eval_step`: completion log-probs -> `preference_inputs` -> the loss), so the numbers mean exactly
+  what `eval_rewards/*` mean in a DPO run: reward = beta x (policy - reference) sequence log-prob,
+  `eval_rewards/accuracies` the fraction of pairs whose chosen reward is strictly above the rejected one.
+* Win rate (`--judge module:function` or `--reward_model_name_or_path`): policy and reference each answer the
+  pairs' prompts (greedy unless --temperature > 0); each answer gets a score and the policy wins a prompt when its
+  score is higher (a tie counts one half). The judge has the reward-function signature
+  `fn(prompts: list, completions: list[str], **columns) -> list[float | bool]` (prompts are strings or message
+  lists; other dataset columns arrive as keyword lists); True/False count as 1/0.
+* `--num_samples N`: the first N prompts with both answers side by side.
+
+Without --ref_model_name_or_path the reference is the model the policy was trained from, as recorded in its
+prefalign_config.json (a LoRA adapter's reference is its base with the adapter disabled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefalign.config import DataArgs, DPOConfig, ModelArgs
+from prefalign.errors import PrefalignError
+
+SHOWN = ("eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen", "eval_rewards/rejected",
+         "eval_loss", "win_rate")
+
+
+@dataclass
+class EvalConfig(DataArgs, ModelArgs):
+    """Configuration of `prefalign eval`."""
+
+    beta: float = 0.1
+    """Beta of the implicit reward beta x (log pi - log pi_ref); use the value the policy was trained with."""
+    reward_model_name_or_path: str | None = None
+    """Score the generations of policy and reference with this sequence-classification reward model (win rate)."""
+    judge: str | None = None
+    """Score the generations with module:function or file.py:function, called as
+    fn(prompts=..., completions=..., **columns) -> list of numbers or bools (win rate)."""
+    num_samples: int = 0
+    """Print this many prompts with the policy's and the reference's answers side by side."""
+    max_new_tokens: int = 64
+    """Most tokens generated per answer (win rate, samples)."""
+    temperature: float = 0.0
+    """Sampling temperature of the generations; 0 decodes greedily."""
+    max_eval_pairs: int | None = None
+    """Use only the first this many pairs."""
+    per_device_eval_batch_size: int = 16
+    """Pairs (or prompts) per evaluation batch."""
+    seed: int = 42
+    """Seed of sampled generations."""
+    output_json: str | None = None
+    """Also write the results to this JSON file."""
+
+
+def recorded_reference(model_path: str) -> str | None:
+    """The reference a run of ours used: its ref_model_name_or_path, else the model it started from."""
+    cfg_file = Path(model_path) / "prefalign_config.json"
+    if not cfg_file.is_file():
+        return None
+    recorded = json.loads(cfg_file.read_text(encoding="utf-8"))
+    return recorded.get("ref_model_name_or_path") or recorded.get("model_name_or_path")
+
+
+def pair_metrics(policy: Any, reference: Any, tokenizer: Any, pairs: list[Any], cfg: DPOConfig) -> dict[str, float]:
+    """Implicit-reward metrics (`eval_` + DPO's metric names) of `policy` against `reference` on `pairs`.
+
+    `reference` is a model (frozen and used as is) or None for a peft policy (its base, adapter disabled).
+    """
+    from peft import PeftModel
+
+    from prefalign.data.tokenize import tokenize_pairs
+    from prefalign.model.reference import DisabledAdapterReference, FrozenModelReference
+    from prefalign.train.dpo import DPOStage
+
+    tokenized, _ = tokenize_pairs(pairs, tokenizer, cfg)
+    if reference is None and not isinstance(policy, PeftModel):
+        raise PrefalignError("a full model needs a reference model", "--ref_model_name_or_path")
+    ref = DisabledAdapterReference(policy) if reference is None else FrozenModelReference(reference)
+    stage = DPOStage(cfg, [], tokenized, tokenizer.pad_token_id, ref)
+    device = next(policy.parameters()).device
+    sums: dict[str, list[float]] = {}
+    was_training = policy.training
+    policy.eval()
+    try:
+        with torch.no_grad():
+            for group in stage.eval_groups():
+                batch = stage.make_batch(group, "eval")
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                for name, (total, weight) in stage.eval_step(policy, batch).items():
+                    acc = sums.setdefault(name, [0.0, 0.0])
+                    acc[0] += total
+                    acc[1] += weight
+    finally:
+        policy.train(was_training)
+    return {f"eval_{k}": (s / w if w else math.nan) for k, (s, w) in sums.items()}
+
+
+def _scores(judge: Any, prompts: list[Any], answers: list[str], columns: dict[str, list]) -> list[float]:
+    """One score per answer. Judges get the answers as strings; the reward-model scorer gets conversational
+    answers as one-message lists, which it renders with the chat template after the prompt."""
+    from prefalign.rollout.rewards import RewardModelScorer
+
+    completions: list[Any] = list(answers)
+    if isinstance(judge, RewardModelScorer):
+        completions = [a if isinstance(p, str) else [{"role": "assistant", "content": a}]
+                       for p, a in zip(prompts, answers)]
+    scores = judge(prompts=prompts, completions=completions, **columns)
+    return [math.nan if s is None else float(s) for s in scores]
+
+
+def win_rate(policy_scores: list[float], reference_scores: list[float]) -> float:
+    """Fraction of prompts where the policy's score beats the reference's; ties count one half."""
+    pairs = [(a, b) for a, b in zip(policy_scores, reference_scores) if not (math.isnan(a) or math.isnan(b))]
+    if not pairs:
+        return math.nan
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[Any], cfg: EvalConfig) -> list[str]:
+    """Greedy (batched, left-padded) or sampled answers to `prompts`."""
+    from prefalign.chat import generate_reply
+    from prefalign.demo.measure import greedy_answers
+
+    if cfg.temperature == 0:
+        return greedy_answers(model, tokenizer, prompts, batch_size=cfg.per_device_eval_batch_size,
+                              max_new_tokens=cfg.max_new_tokens)
+    torch.manual_seed(cfg.seed)
+    return [generate_reply(model, tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature) for p in prompts]
+
+
+def _check(cfg: EvalConfig) -> None:
+    for flag in ("model_name_or_path", "dataset_name"):
+        if not getattr(cfg, flag):
+            raise PrefalignError("is required", f"--{flag}")
+    if cfg.beta <= 0:
+        raise PrefalignError(f"must be positive, got {cfg.beta}", "--beta")
+    if cfg.judge and cfg.reward_model_name_or_path:
+        raise PrefalignError("choose one of --judge and --reward_model_name_or_path", "--judge")
+    if cfg.num_samples < 0 or cfg.per_device_eval_batch_size < 1:
+        flag = "--num_samples" if cfg.num_samples < 0 else "--per_device_eval_batch_size"
+        raise PrefalignError("must not be negative" if cfg.num_samples < 0 else "must be at least 1", flag)
+
+
+def _load(cfg: EvalConfig) -> tuple[Any, Any, Any]:
+    """(policy, reference model or None for an adapter policy, tokenizer)."""
+    from peft import PeftModel
+
+    from prefalign.chat_command import load_model_for_inference
+
+    policy, tokenizer = load_model_for_inference(cfg.model_name_or_path, tokenizer_path=cfg.tokenizer_name_or_path)
+    ref_path = cfg.ref_model_name_or_path
+    if ref_path is None and not isinstance(policy, PeftModel):
+        ref_path = recorded_reference(cfg.model_name_or_path)
+        if ref_path is None:
+            raise PrefalignError("no reference recorded for this model; pass --ref_model_name_or_path",
+                                 "--ref_model_name_or_path")
+    reference = load_model_for_inference(ref_path)[0] if ref_path else None
+    return policy, reference, tokenizer
+
+
+def _dpo_config(cfg: EvalConfig) -> DPOConfig:
+    shared = {k: getattr(cfg, k) for k in {**DataArgs.__dataclass_fields__, **ModelArgs.__dataclass_fields__}}
+    return DPOConfig(**shared, beta=cfg.beta, per_device_eval_batch_size=cfg.per_device_eval_batch_size)
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run every requested evaluation; returns {"metrics": {...}, "samples": [...], "num_pairs": n}."""
+    from prefalign.data.load import load_rows, normalize_rows
+    from prefalign.data.templates import resolve_chat_template
+    from prefalign.rollout.rewards import RewardModelScorer, load_reward_function
+
+    _check(cfg)
+    policy, reference, tokenizer = _load(cfg)
+    resolve_chat_template(tokenizer, cfg.chat_template)
+    pairs = normalize_rows(load_rows(cfg.dataset_name, cfg.dataset_config, cfg.dataset_split), cfg, cfg.dataset_name)
+    pairs = pairs[: cfg.max_eval_pairs] if cfg.max_eval_pairs else pairs
+    metrics = pair_metrics(policy, reference, tokenizer, pairs, _dpo_config(cfg))
+    result: dict[str, Any] = {"num_pairs": len(pairs), "metrics": metrics, "samples": []}
+    judge = (load_reward_function(cfg.judge) if cfg.judge else
+             RewardModelScorer(cfg.reward_model_name_or_path, batch_size=cfg.per_device_eval_batch_size)
+             if cfg.reward_model_name_or_path else None)
+    if judge is None and not cfg.num_samples:
+        return result
+    n = len(pairs) if judge is not None else min(cfg.num_samples, len(pairs))
+    prompts = [p.prompt for p in pairs[:n]]
+    ours = generate_answers(policy, tokenizer, prompts, cfg)
+    if reference is None:
+        with policy.disable_adapter():
+            theirs = generate_answers(policy, tokenizer, prompts, cfg)
+    else:
+        theirs = generate_answers(reference, tokenizer, prompts, cfg)
+    if judge is not None:
+        columns = {k: [p.extra.get(k) for p in pairs[:n]] for k in (pairs[0].extra or {})}
+        metrics["win_rate"] = win_rate(_scores(judge, prompts, ours, columns), _scores(judge, prompts, theirs, columns))
+    result["samples"] = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "policy": a, "reference": b}
+                         for p, a, b in list(zip(prompts, ours, theirs))[: cfg.num_samples]]
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The metrics as a two-column table, then the samples side by side."""
+    lines = [f"{'metric':<28} value", f"{'-' * 28} -----"]
+    lines += [f"{k:<28} {v:.4f}" for k, v in result["metrics"].items() if k in SHOWN]
+    lines.append(f"{'pairs':<28} {result['num_pairs']}")
+    for s in result["samples"]:
+        lines += ["", f"prompt:    {s['prompt']}", f"policy:    {s['policy']}", f"reference: {s['reference']}"]
+    return "\n".join(lines)
+
+
+CONFIG = EvalConfig
+
+
+def run_command(cfg: EvalConfig) -> None:
+    """`prefalign eval`."""
+    result = evaluate(cfg)
+    print(format_result(result))
+    if cfg.output_json:
+        Path(cfg.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output_json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"eval: results written to {cfg.output_json}")
