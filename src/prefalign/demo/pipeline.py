@@ -1,0 +1,215 @@
+"""`prefalign demo`: the whole alignment pipeline on the built-in addition task, with evaluation and a report.
+
+train-tokenizer -> init-model -> SFT on answers of mixed quality -> DPO on (right, wrong) pairs with the SFT model
+as reference -> reward model -> PPO with it, and GRPO with the task's judge as reward, both from the SFT model ->
+held-out evaluation of every stage -> report.json, report.md and PNG plots in --output_dir.
+
+Every stage is a real trainer called in-process with its typed config (`demo/stages.py`). A rerun skips every stage
+whose final model exists, and every evaluation whose result file (`<stage>/demo_eval.json`) exists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefalign.demo import stages as st
+from prefalign.demo import task
+from prefalign.errors import PrefalignError
+
+RL_STAGES = ("dpo", "grpo", "ppo")
+REQUIRED_GAIN = {"dpo": 0.30, "grpo": 0.20, "ppo": 0.20}
+NUM_SAMPLES = 6
+
+
+@dataclass
+class DemoConfig:
+    """Configuration of `prefalign demo`."""
+
+    output_dir: str = "runs/demo"
+    """Where data, models, metrics, plots and the report go; a rerun skips the stages already finished there."""
+    seed: int = 0
+    """Seed of the data, the initialisation and every trainer."""
+    quick: bool = False
+    """A much smaller version (under a minute) that checks the machinery, not the accuracy targets."""
+    stages: list[str] = field(default_factory=lambda: list(RL_STAGES))
+    """Stages to run after SFT: any of dpo, grpo, ppo (ppo also trains the reward model)."""
+    disable_tqdm: bool = False
+    """Hide the progress bars."""
+
+
+class Demo:
+    """Paths and stage runners of one demo directory."""
+
+    def __init__(self, cfg: DemoConfig) -> None:
+        unknown = set(cfg.stages) - set(RL_STAGES)
+        if unknown:
+            raise PrefalignError(f"unknown stage {sorted(unknown)[0]!r}; choose from {', '.join(RL_STAGES)}", "--stages")
+        self.cfg = cfg
+        self.sizes = st.QUICK if cfg.quick else st.FULL
+        self.out = Path(cfg.output_dir)
+        self.data = self.out / "data"
+        self.times: dict[str, float] = {}
+        self.heldout = task.make_prompts(self.sizes.eval_prompts, cfg.seed + 99, "heldout")
+
+    def path(self, name: str) -> Path:
+        return self.out / name
+
+    # ------------------------------------------------------------------ data
+    def write_data(self) -> None:
+        """The task's files (cheap and deterministic, so always rewritten)."""
+        s, seed = self.sizes, self.cfg.seed
+        task.write_pretrain_corpus(self.data / "corpus.jsonl", s.corpus, seed)
+        task.write_sft(self.data / "sft.jsonl", s.sft_rows, seed)
+        task.write_dpo_pairs(self.data / "pairs.jsonl", s.dpo_pairs, seed + 7)
+        rm_rows = st.rm_pair_rows(s.rm_pairs, seed + 17)
+        (self.data / "rm_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rm_rows), encoding="utf-8")
+        task.write_prompts(self.data / "prompts.jsonl", task.make_prompts(s.rl_prompts, seed + 11, "train"))
+        from prefalign.demo.measure import heldout_pair_rows
+
+        rows = heldout_pair_rows(self.heldout, seed + 13)
+        (self.data / "heldout_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    # ------------------------------------------------------------------ stages
+    def _timed(self, name: str, run: Any) -> None:
+        """Run a stage unless its model exists; its wall time is kept beside the model for reruns."""
+        target = self.path(name)
+        timing = target / "demo_time.json"
+        if st.is_done(target) and timing.is_file():
+            print(f"[demo] {name}: done already ({target}), skipped")
+            self.times[name] = json.loads(timing.read_text())["wall_time_s"]
+            return
+        print(f"[demo] {name} ...", flush=True)
+        start = time.perf_counter()
+        run()
+        self.times[name] = time.perf_counter() - start
+        timing.write_text(json.dumps({"wall_time_s": self.times[name]}) + "\n")
+
+    def train(self) -> None:
+        s, seed, quiet, d = self.sizes, self.cfg.seed, self.cfg.disable_tqdm, self.data
+        p = self.path
+        self._timed("tokenizer", lambda: st.train_tokenizer(d / "corpus.jsonl", p("tokenizer"), s))
+        self._timed("init", lambda: st.init_model(p("tokenizer"), p("init"), seed))
+        self._timed("sft", lambda: st.sft(p("init"), d / "sft.jsonl", p("sft"), s, seed, quiet))
+        stages = self.cfg.stages
+        if "dpo" in stages:
+            self._timed("dpo", lambda: st.dpo(p("sft"), d / "pairs.jsonl", d / "heldout_pairs.jsonl", p("dpo"), s,
+                                              seed, quiet))
+        if "grpo" in stages:
+            self._timed("grpo", lambda: st.grpo(p("sft"), d / "prompts.jsonl", p("grpo"), s, seed, quiet))
+        if "ppo" in stages:
+            self._timed("rm", lambda: st.reward_model(p("sft"), d / "rm_pairs.jsonl", d / "heldout_pairs.jsonl",
+                                                      p("rm"), s, seed, quiet))
+            self._timed("ppo", lambda: st.ppo(p("sft"), p("rm"), d / "prompts.jsonl", p("ppo"), s, seed, quiet))
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, name: str, reference: Any, tokenizer: Any) -> dict[str, Any]:
+        """Held-out accuracy (and, for aligned stages, KL and pair reward accuracy) of one stage, cached."""
+        cached = self.path(name) / "demo_eval.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        from transformers import AutoModelForCausalLM
+
+        from prefalign.config import DPOConfig
+        from prefalign.data.load import load_rows, normalize_rows
+        from prefalign.demo import measure
+        from prefalign.evaluate import pair_metrics
+
+        model = AutoModelForCausalLM.from_pretrained(self.path(name)).eval()
+        start = time.perf_counter()
+        completions = measure.greedy_completions(model, tokenizer, self.heldout, desc=f"eval {name}")
+        answers = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        result: dict[str, Any] = {"accuracy": measure.judged_accuracy(self.heldout, answers),
+                                  "answers": answers[:NUM_SAMPLES]}
+        if name != "sft":
+            result["kl"] = measure.mean_token_kl(model, reference, tokenizer, self.heldout, completions)
+            cfg = DPOConfig(beta=0.1, max_length=64, per_device_eval_batch_size=64)
+            pairs = normalize_rows(load_rows(str(self.data / "heldout_pairs.jsonl")), cfg, "heldout_pairs")
+            metrics = pair_metrics(model, reference, tokenizer, pairs, cfg)
+            result["reward_accuracy"] = metrics["eval_rewards/accuracies"]
+            result["reward_margin"] = metrics["eval_rewards/margins"]
+        result["eval_time_s"] = time.perf_counter() - start
+        cached.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+
+def _plots(demo: Demo, stages: dict[str, Any]) -> list[str]:
+    from prefalign.plots import plot_run, plot_stage_accuracy
+
+    written = [plot_stage_accuracy({k: v["accuracy"] for k, v in stages.items()}, demo.out / "accuracy.png")]
+    for name in ("sft", "dpo", "rm", "grpo", "ppo"):
+        if (demo.path(name) / "metrics.jsonl").is_file():
+            written += plot_run(demo.path(name))
+    return [p.relative_to(demo.out).as_posix() for p in written]
+
+
+def build_report(demo: Demo, results: dict[str, dict[str, Any]], this_run: float) -> dict[str, Any]:
+    stages = {}
+    for name, r in results.items():
+        stages[name] = {k: r[k] for k in ("accuracy", "kl", "reward_accuracy", "reward_margin") if k in r}
+        stages[name]["wall_time_s"] = demo.times.get(name, 0.0) + (demo.times.get("rm", 0.0) if name == "ppo" else 0)
+        stages[name]["eval_time_s"] = r.get("eval_time_s")
+    samples = [{"prompt": p, "reference": task.reference_answer(p), **{n: r["answers"][i] for n, r in results.items()}}
+               for i, p in enumerate(demo.heldout[:NUM_SAMPLES])]
+    return {
+        "stages": stages, "baseline": "sft",
+        "required_gain": {k: v for k, v in REQUIRED_GAIN.items() if k in stages},
+        "samples": samples, "plots": _plots(demo, stages),
+        # the whole demo's cost: every stage's training and evaluation, also when this run skipped some of them
+        "total_wall_time_s": sum(demo.times.values()) + sum(r.get("eval_time_s", 0.0) for r in results.values()),
+        "this_run_wall_time_s": this_run,
+        "setup_wall_time_s": {k: demo.times[k] for k in ("tokenizer", "init", "rm") if k in demo.times},
+        "settings": {"seed": demo.cfg.seed, "quick": demo.cfg.quick, "heldout_prompts": len(demo.heldout),
+                     "sizes": asdict(demo.sizes),
+                     "kl": "mean exact per-token KL(policy || SFT) over the policy's greedy held-out completions",
+                     "reward_accuracy": "eval_rewards/accuracies (beta 0.1) of the stage vs SFT on held-out pairs"},
+    }
+
+
+def summary(report: dict[str, Any], md_path: Path) -> str:
+    """The closing lines: accuracy table, checks and where the report is."""
+    from prefalign.demo.report import gains
+
+    lines = ["", f"{'stage':<6} {'accuracy':>8} {'gain':>7} {'KL':>7} {'reward acc':>10} {'time (s)':>8}"]
+    base = report["stages"]["sft"]["accuracy"]
+    for name, s in report["stages"].items():
+        kl, ra = s.get("kl"), s.get("reward_accuracy")
+        lines.append(f"{name:<6} {s['accuracy']:>8.3f} {s['accuracy'] - base:>+7.3f} "
+                     f"{'-' if kl is None else f'{kl:.3f}':>7} {'-' if ra is None else f'{ra:.3f}':>10} "
+                     f"{s['wall_time_s']:>8.1f}")
+    for name, c in gains(report).items():
+        lines.append(f"{'PASS' if c['passed'] else 'FAIL'}: {name} gains {c['gain']:+.3f} (needs {c['required']:+.2f})")
+    lines.append(f"total {report['total_wall_time_s']:.0f} s of training and evaluation (this run "
+                 f"{report['this_run_wall_time_s']:.0f} s); report: {md_path}")
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Train (skipping finished stages), evaluate every stage on held-out prompts, write the report; returns it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefalign.demo.report import write_report
+
+    start = time.perf_counter()
+    demo = Demo(cfg)
+    demo.write_data()
+    demo.train()
+    tokenizer = AutoTokenizer.from_pretrained(demo.path("sft"))
+    reference = AutoModelForCausalLM.from_pretrained(demo.path("sft")).eval()
+    results = {name: demo.evaluate(name, reference, tokenizer)
+               for name in ("sft", *[s for s in RL_STAGES if s in cfg.stages])}
+    report = build_report(demo, results, time.perf_counter() - start)
+    _, md_path = write_report(demo.out, report)
+    print(summary(report, md_path))
+    return report
+
+
+CONFIG = DemoConfig
+
+
+def run_command(cfg: DemoConfig) -> None:
+    """`prefalign demo`."""
+    run_demo(cfg)
