@@ -108,9 +108,10 @@ def dpo(sft_dir: Path, pairs: Path, heldout_pairs: Path, out: Path, sizes: Sizes
 
     # Plain DPO collapses this tiny model (it stops copying the operands): the RPO term (NLL of the chosen answer)
     # keeps the answer format while the preference term moves probability from the wrong sum to the right one.
+    # rpo_alpha 1.0 at lr 2e-4 gave +0.36 / +0.28 over SFT (seeds 0 / 1); 2.0 at lr 3e-4 gave +0.47 / +0.43.
     return train_dpo(DPOConfig(
         model_name_or_path=str(sft_dir), dataset_name=str(pairs), eval_dataset_name=str(heldout_pairs),
-        beta=0.1, rpo_alpha=1.0, learning_rate=2e-4, warmup_steps=10, lr_scheduler_type="constant_with_warmup",
+        beta=0.1, rpo_alpha=2.0, learning_rate=3e-4, warmup_steps=10, lr_scheduler_type="constant_with_warmup",
         adam_beta2=0.98, per_device_train_batch_size=sizes.dpo_batch, per_device_eval_batch_size=64,
         max_steps=sizes.dpo_steps, eval_steps=sizes.eval_steps, max_length=64, **_common(out, seed, quiet)))
 
