@@ -66,9 +66,9 @@ def test_row_detail_marks_scored_tokens(data, tok):
     # the kept prompt is its last 8 tokens; the scored part is exactly the answer, <|im_end|> and "\n"
     assert " of france<|im_end|>\n<|im_start|>assistant\n[[paris<|im_end|>\n]]\n" in detail
     assert "\n[[red<|im_end|>\n]]\n" in detail
-    assert "prompt:   364: of 384: france 2:<|im_end|> 201:\\n 1:<|im_start|> 297:as 308:sistant 201:\\n\n" in detail
-    assert "chosen:   [[82:p 326:aris 2:<|im_end|> 201:\\n]]" in detail
-    assert "rejected: [[372:red 2:<|im_end|> 201:\\n]]" in detail
+    assert "prompt:   362: of 382: france 2:<|im_end|> 201:\\n 1:<|im_start|> 296:as 307:sistant 201:\\n\n" in detail
+    assert "chosen:   [[82:p 325:aris 2:<|im_end|> 201:\\n]]" in detail
+    assert "rejected: [[370:red 2:<|im_end|> 201:\\n]]" in detail
 
 
 def test_raw_row_in_color(data, tok):

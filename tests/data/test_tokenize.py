@@ -96,7 +96,7 @@ def test_raw_text_e_equals_f_and_gets_eos(tiny_tokenizer):
     (tf,), _ = tokenize_pairs([f], tiny_tokenizer, f_args)
     assert te == tf
     # no BOS is added to raw text (this tokenizer has none; TRL adds none for decoder-only models either)
-    assert pieces(tiny_tokenizer, te.prompt_ids) == ["Q", "u", "est", "ion", ":", " wh", "at", " ", "is", " two",
+    assert pieces(tiny_tokenizer, te.prompt_ids) == ["Q", "u", "est", "ion", ":", " what", " ", "is", " two",
                                                      " pl", "us", " two", "\n", "\n", "A", "n", "s", "w", "er", ":", " "]
     assert pieces(tiny_tokenizer, te.chosen_ids) == ["f", "our", "<|im_end|>"]  # EOS appended
     assert pieces(tiny_tokenizer, te.rejected_ids) == ["he", "llo", "<|im_end|>"]  # already there: not doubled
