@@ -9,7 +9,7 @@ import pytest
 
 from helpers import conv, write_jsonl
 from prefalign.config import DataArgs
-from prefalign.data.load import _load_hub, load_pairs, load_rows, split_pairs
+from prefalign.data.load import _load_hub, load_pairs, load_rows, split_holdout
 from prefalign.data.types import Pair
 from prefalign.errors import PrefalignError
 
@@ -176,9 +176,9 @@ def test_eval_split_ratio_is_seeded_and_deterministic(tmp_path):
     assert load_pairs(args) == (train, evals)  # same seed, same split
     assert sorted(p.source for p in train + evals) == sorted(f"{path}:{i}" for i in range(1, 11))
     pairs = [Pair("p", "a", str(i)) for i in range(10)]
-    assert split_pairs(pairs, 0.3, seed=1) != split_pairs(pairs, 0.3, seed=2)
+    assert split_holdout(pairs, 0.3, seed=1) != split_holdout(pairs, 0.3, seed=2)
     with pytest.raises(PrefalignError) as e:
-        split_pairs(pairs, 1.5, seed=0)
+        split_holdout(pairs, 1.5, seed=0)
     assert e.value.where == "--eval_split_ratio"
 
 

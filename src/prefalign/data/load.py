@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefalign.config import DataArgs
 from prefalign.data.formats import normalize_pair
 from prefalign.data.types import Pair
 from prefalign.errors import PrefalignError
+
+T = TypeVar("T")
 
 logger = logging.getLogger("prefalign.data")
 
@@ -151,49 +153,56 @@ def _one_line(e: BaseException) -> str:
     return text[:500]
 
 
-def normalize_rows(rows: list[Row], args: DataArgs, what: str) -> list[Pair]:
-    """Pairs from raw rows; with --skip_invalid_rows bad rows are counted and reported in one line."""
+def normalize_rows(rows: list[Row], args: DataArgs, what: str,
+                   normalize: Callable[[dict[str, Any], str, Any], T] = normalize_pair) -> list[T]:  # type: ignore[assignment]
+    """Validated examples from raw rows (pairs by default; SFT rows and prompts pass their own `normalize`); with
+    --skip_invalid_rows bad rows are counted and reported in one line, otherwise the first one stops the run."""
     if not rows:
         raise PrefalignError("no rows", where=what)
-    pairs: list[Pair] = []
+    out: list[T] = []
     errors: list[PrefalignError] = []
     for row, source in rows:
         try:
-            pairs.append(normalize_pair(row, source, args))
+            out.append(normalize(row, source, args))
         except PrefalignError as e:
             if not args.skip_invalid_rows:
                 raise
             errors.append(e)
     if errors:
         logger.warning("%s: skipped %d invalid rows of %d (first: %s)", what, len(errors), len(rows), errors[0])
-    if not pairs:
+    if not out:
         raise PrefalignError(f"all {len(rows)} rows are invalid; first: {errors[0]}", where=what)
-    return pairs
+    return out
 
 
-def split_pairs(pairs: list[Pair], ratio: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Hold out round(ratio * n) pairs (at least 1) chosen by `seed`; both parts keep file order."""
+def split_holdout(items: list[T], ratio: float, seed: int) -> tuple[list[T], list[T]]:
+    """Hold out round(ratio * n) items (at least 1) chosen by `seed`; both parts keep file order."""
     if not 0.0 < ratio < 1.0:
         raise PrefalignError(f"must be between 0 and 1, got {ratio}", where="--eval_split_ratio")
-    n_eval = max(1, round(ratio * len(pairs)))
-    if n_eval >= len(pairs):
+    n_eval = max(1, round(ratio * len(items)))
+    if n_eval >= len(items):
         raise PrefalignError(
-            f"holding out {n_eval} of {len(pairs)} pairs leaves none to train on", where="--eval_split_ratio")
-    held = set(random.Random(seed).sample(range(len(pairs)), n_eval))
-    train = [p for i, p in enumerate(pairs) if i not in held]
-    return train, [p for i, p in enumerate(pairs) if i in held]
+            f"holding out {n_eval} of {len(items)} rows leaves none to train on", where="--eval_split_ratio")
+    held = set(random.Random(seed).sample(range(len(items)), n_eval))
+    train = [x for i, x in enumerate(items) if i not in held]
+    return train, [x for i, x in enumerate(items) if i in held]
 
 
-def load_pairs(args: DataArgs) -> tuple[list[Pair], list[Pair] | None]:
-    """(train, eval) pairs. Eval comes from --eval_dataset_name, else --eval_split_ratio of the training rows
+def load_examples(args: DataArgs, normalize: Callable[[dict[str, Any], str, Any], T]) -> tuple[list[T], list[T] | None]:
+    """(train, eval) examples. Eval comes from --eval_dataset_name, else --eval_split_ratio of the training rows
     (seeded by the run's --seed when `args` carries one), else None."""
     if not args.dataset_name:
         raise PrefalignError("no training data given", where="--dataset_name")
-    train = normalize_rows(load_rows(args.dataset_name, args.dataset_config, args.dataset_split), args,
-                           args.dataset_name)
+    rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+    train = normalize_rows(rows, args, args.dataset_name, normalize)
     if args.eval_dataset_name:
         rows = load_rows(args.eval_dataset_name, args.eval_dataset_config, args.eval_dataset_split)
-        return train, normalize_rows(rows, args, args.eval_dataset_name)
+        return train, normalize_rows(rows, args, args.eval_dataset_name, normalize)
     if args.eval_split_ratio:
-        return split_pairs(train, args.eval_split_ratio, int(getattr(args, "seed", 42)))
+        return split_holdout(train, args.eval_split_ratio, int(getattr(args, "seed", 42)))
     return train, None
+
+
+def load_pairs(args: DataArgs) -> tuple[list[Pair], list[Pair] | None]:
+    """(train, eval) preference pairs (see load_examples)."""
+    return load_examples(args, normalize_pair)

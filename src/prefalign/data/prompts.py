@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefalign.config import DataArgs
-from prefalign.data.load import Row, load_rows
-from prefalign.data.sft import check_messages, split_holdout
+from prefalign.data.load import load_examples
+from prefalign.data.sft import check_messages
 from prefalign.data.templates import render, require_chat_template
 from prefalign.errors import PrefalignError
 
@@ -70,38 +70,9 @@ def normalize_prompt_row(row: dict[str, Any], source: str, args: DataArgs) -> Pr
     raise PrefalignError(f"column '{column}' must be a string or a list of messages, got {_kind(value)}", source)
 
 
-def normalize_prompt_rows(rows: list[Row], args: DataArgs, what: str) -> list[PromptExample]:
-    """Examples from raw rows; with --skip_invalid_rows bad rows are counted and reported in one line."""
-    if not rows:
-        raise PrefalignError("no rows", what)
-    out: list[PromptExample] = []
-    errors: list[PrefalignError] = []
-    for row, source in rows:
-        try:
-            out.append(normalize_prompt_row(row, source, args))
-        except PrefalignError as e:
-            if not args.skip_invalid_rows:
-                raise
-            errors.append(e)
-    if errors:
-        logger.warning("%s: skipped %d invalid rows of %d (first: %s)", what, len(errors), len(rows), errors[0])
-    if not out:
-        raise PrefalignError(f"all {len(rows)} rows are invalid; first: {errors[0]}", what)
-    return out
-
-
 def load_prompts(args: DataArgs) -> tuple[list[PromptExample], list[PromptExample] | None]:
     """(train, eval) prompts: eval from --eval_dataset_name, else --eval_split_ratio of train, else None."""
-    if not args.dataset_name:
-        raise PrefalignError("no training data given", "--dataset_name")
-    rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
-    train = normalize_prompt_rows(rows, args, args.dataset_name)
-    if args.eval_dataset_name:
-        rows = load_rows(args.eval_dataset_name, args.eval_dataset_config, args.eval_dataset_split)
-        return train, normalize_prompt_rows(rows, args, args.eval_dataset_name)
-    if args.eval_split_ratio:
-        return split_holdout(train, args.eval_split_ratio, int(getattr(args, "seed", 42)))
-    return train, None
+    return load_examples(args, normalize_prompt_row)
 
 
 def prompt_text(example: PromptExample, tokenizer: Any) -> str:

@@ -20,7 +20,6 @@ does, so the model learns to stop.
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from prefalign.config import DataArgs
-from prefalign.data.load import Row, load_rows
+from prefalign.data.load import load_examples, load_rows
 from prefalign.data.templates import render, require_chat_template
 from prefalign.errors import PrefalignError
 
@@ -155,50 +154,9 @@ def _with_system(messages: list[Message], args: Any) -> list[Message]:
     return messages
 
 
-def normalize_sft_rows(rows: list[Row], args: Any, what: str) -> list[SFTExample]:
-    """Examples from raw rows; with --skip_invalid_rows bad rows are counted and reported in one line."""
-    if not rows:
-        raise PrefalignError("no rows", what)
-    out: list[SFTExample] = []
-    errors: list[PrefalignError] = []
-    for row, source in rows:
-        try:
-            out.append(normalize_sft_row(row, source, args))
-        except PrefalignError as e:
-            if not args.skip_invalid_rows:
-                raise
-            errors.append(e)
-    if errors:
-        logger.warning("%s: skipped %d invalid rows of %d (first: %s)", what, len(errors), len(rows), errors[0])
-    if not out:
-        raise PrefalignError(f"all {len(rows)} rows are invalid; first: {errors[0]}", what)
-    return out
-
-
-def split_holdout(items: list, ratio: float, seed: int) -> tuple[list, list]:
-    """Hold out round(ratio * n) items (at least 1) chosen by `seed`; both parts keep their order."""
-    if not 0.0 < ratio < 1.0:
-        raise PrefalignError(f"must be between 0 and 1, got {ratio}", "--eval_split_ratio")
-    n_eval = max(1, round(ratio * len(items)))
-    if n_eval >= len(items):
-        raise PrefalignError(f"holding out {n_eval} of {len(items)} rows leaves none to train on",
-                             "--eval_split_ratio")
-    held = set(random.Random(seed).sample(range(len(items)), n_eval))
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
 def load_sft_examples(args: DataArgs) -> tuple[list[SFTExample], list[SFTExample] | None]:
     """(train, eval) examples; eval from --eval_dataset_name, else --eval_split_ratio, else None."""
-    if not args.dataset_name:
-        raise PrefalignError("no training data given", "--dataset_name")
-    rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
-    train = normalize_sft_rows(rows, args, args.dataset_name)
-    if args.eval_dataset_name:
-        rows = load_rows(args.eval_dataset_name, args.eval_dataset_config, args.eval_dataset_split)
-        return train, normalize_sft_rows(rows, args, args.eval_dataset_name)
-    if args.eval_split_ratio:
-        return split_holdout(train, args.eval_split_ratio, int(getattr(args, "seed", 42)))
-    return train, None
+    return load_examples(args, normalize_sft_row)
 
 
 # ---------------------------------------------------------------- SFTExample -> token ids + loss mask

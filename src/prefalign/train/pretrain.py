@@ -89,7 +89,7 @@ def _blocks(name: str, cfg: PretrainConfig, tokenizer: Any, config: str | None, 
 
 def train_pretrain(cfg: PretrainConfig) -> Any:
     """Run pretraining end to end: documents → blocks → loop → final model in cfg.output_dir."""
-    from prefalign.data.sft import split_holdout
+    from prefalign.data.load import split_holdout
 
     if cfg.max_length is None:
         raise PrefalignError("pretraining needs a block size", "--max_length")
