@@ -203,3 +203,18 @@ def tokenize_pairs(pairs: list[Pair], tokenizer: Any, args: DataArgs) -> tuple[l
         where = "--max_length" if "no_completion" in stats.dropped else None
         raise PrefalignError(f"all {len(pairs)} pairs dropped: {why}", where=where)
     return out, stats
+
+
+def load_tokenized_pairs(args: DataArgs, tokenizer: Any, report: Any = print
+                         ) -> tuple[list[TokenizedPair], list[TokenizedPair] | None]:
+    """(train, eval) token ids of the preference data in `args`, each split's one-line summary sent to `report`."""
+    from prefalign.data.load import load_pairs
+
+    train_rows, eval_rows = load_pairs(args)
+    train, stats = tokenize_pairs(train_rows, tokenizer, args)
+    report(f"train: {stats.summary()}")
+    if not eval_rows:
+        return train, None
+    eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, args)
+    report(f"eval: {eval_stats.summary()}")
+    return train, eval_

@@ -160,9 +160,8 @@ def check_dpo_config(cfg: DPOConfig) -> None:
 
 def train_dpo(cfg: DPOConfig) -> Any:
     """Run DPO end to end: data → model → reference → loop → final model in cfg.output_dir."""
-    from prefalign.data.load import load_pairs
     from prefalign.data.templates import resolve_chat_template
-    from prefalign.data.tokenize import tokenize_pairs
+    from prefalign.data.tokenize import load_tokenized_pairs
     from prefalign.model.load import load_policy, load_tokenizer
     from prefalign.model.reference import build_reference
     from prefalign.train.run import make_accelerator, start_run, train_and_save
@@ -171,13 +170,7 @@ def train_dpo(cfg: DPOConfig) -> Any:
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer(cfg)
     resolve_chat_template(tokenizer, cfg.chat_template)
-    train_rows, eval_rows = load_pairs(cfg)
-    train, stats = tokenize_pairs(train_rows, tokenizer, cfg)
-    accelerator.print(f"train: {stats.summary()}")
-    eval_ = None
-    if eval_rows:
-        eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, cfg)
-        accelerator.print(f"eval: {eval_stats.summary()}")
+    train, eval_ = load_tokenized_pairs(cfg, tokenizer, accelerator.print)
     model = load_policy(cfg, gradient_checkpointing=cfg.gradient_checkpointing).to(accelerator.device)
     if cfg.disable_dropout:
         disable_dropout(model)

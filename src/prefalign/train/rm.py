@@ -158,9 +158,8 @@ def check_rm_config(cfg: RMConfig) -> None:
 
 def train_rm(cfg: RMConfig) -> Any:
     """Run reward modelling end to end: pairs → prompt+chosen / prompt+rejected ids → loop → saved model."""
-    from prefalign.data.load import load_pairs
     from prefalign.data.templates import resolve_chat_template
-    from prefalign.data.tokenize import tokenize_pairs
+    from prefalign.data.tokenize import load_tokenized_pairs
     from prefalign.model.load import load_tokenizer
     from prefalign.train.run import make_accelerator, start_run, train_and_save
 
@@ -168,13 +167,7 @@ def train_rm(cfg: RMConfig) -> Any:
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer(cfg)
     resolve_chat_template(tokenizer, cfg.chat_template)
-    train_rows, eval_rows = load_pairs(cfg)
-    train, stats = tokenize_pairs(train_rows, tokenizer, cfg)
-    accelerator.print(f"train: {stats.summary()}")
-    eval_ = None
-    if eval_rows:
-        eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, cfg)
-        accelerator.print(f"eval: {eval_stats.summary()}")
+    train, eval_ = load_tokenized_pairs(cfg, tokenizer, accelerator.print)
     model, new_head = load_reward_model(cfg, tokenizer.pad_token_id)
     model = model.to(accelerator.device)
     if new_head:
