@@ -23,15 +23,9 @@ from prefalign.losses.aggregate import preference_inputs
 from prefalign.losses.preference import compute_preference_loss, needs_reference, resolve_losses
 from prefalign.model.logprobs import CompletionLogps, completion_logps
 from prefalign.model.packed import supports_packing  # importing it registers the "packed" layout
+from prefalign.train.loop import sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums
 from prefalign.train.run import disable_dropout, print_summary
-
-
-def shuffled_groups(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Micro-batches of indices for one epoch; the order depends only on (seed, epoch), so resume can skip ahead."""
-    generator = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 def use_packing(cfg: DPOConfig, models: list[Any]) -> tuple[bool, str | None]:
@@ -74,8 +68,7 @@ class DPOStage:
         return [[order[j] for j in pack] for pack in packs]
 
     def eval_groups(self) -> list[list[int]]:
-        n, size = len(self.data["eval"]), self.cfg.per_device_eval_batch_size
-        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        return sequential_groups(len(self.data["eval"]), self.cfg.per_device_eval_batch_size)
 
     def batch_weight(self, group: Sequence[int], split: str) -> float:
         return float(len(group))
@@ -108,21 +101,18 @@ class DPOStage:
         out = compute_preference_loss(inputs, self.cfg)
         b = batch["num_pairs"]
         tokens = policy.mask.sum(-1).float()  # (2B,)
-
-        def s(t: torch.Tensor) -> float:
-            return float(t.detach().float().sum())
-
-        metrics: MetricSums = {
-            "loss": (s(out.losses), b),
-            "rewards/chosen": (s(out.chosen_rewards), b),
-            "rewards/rejected": (s(out.rejected_rewards), b),
-            "rewards/margins": (s(out.chosen_rewards - out.rejected_rewards), b),
-            "rewards/accuracies": (s((out.chosen_rewards > out.rejected_rewards).float()), b),
-            "logps/chosen": (s(inputs.chosen_logps), b),
-            "logps/rejected": (s(inputs.rejected_logps), b),
-            "logits/chosen": (s(policy.logits_mean_sum[:b]), s(tokens[:b])),
-            "logits/rejected": (s(policy.logits_mean_sum[b:]), s(tokens[b:])),
-        }
+        chosen_r, rejected_r = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+        sums = torch.stack([  # one host transfer for every metric of the micro-batch, not one sync each
+            out.losses.detach().sum(), chosen_r.sum(), rejected_r.sum(), (chosen_r - rejected_r).sum(),
+            (chosen_r > rejected_r).float().sum(), inputs.chosen_logps.detach().sum(),
+            inputs.rejected_logps.detach().sum(), policy.logits_mean_sum[:b].sum(), tokens[:b].sum(),
+            policy.logits_mean_sum[b:].sum(), tokens[b:].sum(),
+        ]).float().tolist()
+        names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected")
+        metrics: MetricSums = {name: (value, b) for name, value in zip(names, sums)}
+        metrics["logits/chosen"] = (sums[7], sums[8])  # mean over completion tokens, as TRL
+        metrics["logits/rejected"] = (sums[9], sums[10])
         return out.losses.sum(), metrics
 
     def step(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
@@ -140,21 +130,12 @@ def default_cache_dir() -> Path:
 
 def check_dpo_config(cfg: DPOConfig) -> None:
     """Everything that can be checked without loading a model or data."""
-    from prefalign.errors import PrefalignError
-    from prefalign.train.run import check_train_args
+    from prefalign.data.tokenize import check_args
+    from prefalign.train.run import check_train_args, require
 
-    for flag in ("model_name_or_path", "dataset_name"):
-        if not getattr(cfg, flag):
-            raise PrefalignError("is required", f"--{flag}")
-    if cfg.truncation_mode not in ("keep_end", "keep_start"):
-        raise PrefalignError(f"must be keep_end or keep_start, got {cfg.truncation_mode!r}", "--truncation_mode")
-    if cfg.beta <= 0:
-        raise PrefalignError(f"must be positive, got {cfg.beta}", "--beta")
-    resolve_losses(cfg)  # unknown names, weight count, option ranges
-    if cfg.model_name_or_path and not Path(cfg.model_name_or_path).exists() and cfg.model_name_or_path.startswith(
-        (".", "/", "~")
-    ):
-        raise PrefalignError("no such directory", f"--model_name_or_path {cfg.model_name_or_path}")
+    require(cfg, "model_name_or_path", "dataset_name")
+    check_args(cfg)  # truncation settings
+    resolve_losses(cfg)  # unknown names, weight count, option ranges, beta
     check_train_args(cfg)
 
 

@@ -43,12 +43,24 @@ class Stage(Protocol):
     example_unit: str  # "pairs", "samples", ...: used for the examples/s metric name
     progress_keys: dict[str, str]  # metric name -> short label shown on the progress bar
 
-    def train_groups(self, epoch: int) -> Sequence[Sequence[int]]: ...
+    def train_groups(self, epoch: int) -> Sequence[Sequence[int]]: ...  # a function of the epoch alone
     def eval_groups(self) -> Sequence[Sequence[int]]: ...
     def batch_weight(self, group: Sequence[int], split: str) -> float: ...
     def make_batch(self, group: Sequence[int], split: str) -> Batch: ...
     def step(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, MetricSums]: ...
     def eval_step(self, model: torch.nn.Module, batch: Batch) -> MetricSums: ...
+
+
+def shuffled_groups(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Micro-batches of indices for one epoch; the order depends only on (seed, epoch), so resume can skip ahead."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def sequential_groups(n: int, batch_size: int) -> list[list[int]]:
+    """Micro-batches of indices in file order (evaluation)."""
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
 
 @dataclass
@@ -133,7 +145,9 @@ def train_loop(
     world = accelerator.num_processes
     accum = args.gradient_accumulation_steps
     optimizer = build_optimizer(model, args)
-    total = total_steps_for(args, len(stage.train_groups(0)), world)
+    groups = stage.train_groups(0)  # a stage's groups depend only on the epoch: computed once per epoch below
+    groups_epoch = 0
+    total = total_steps_for(args, len(groups), world)
     scheduler = build_scheduler(optimizer, args, total)
     state = TrainState(total_steps=total)
     resume_step = None
@@ -162,7 +176,8 @@ def train_loop(
     interrupted = False
     try:
         while state.global_step < total:
-            groups = stage.train_groups(state.epoch)
+            if groups_epoch != state.epoch:
+                groups, groups_epoch = stage.train_groups(state.epoch), state.epoch
             step_groups = list(groups[state.micro_index : state.micro_index + accum * world])
             if not step_groups:
                 state.epoch, state.micro_index = state.epoch + 1, 0

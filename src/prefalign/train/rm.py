@@ -26,7 +26,7 @@ from prefalign.config import DataArgs, ModelArgs, TrainArgs
 from prefalign.data.collate import collate_padded
 from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
-from prefalign.train.dpo import shuffled_groups
+from prefalign.train.loop import sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums
 from prefalign.train.run import print_summary
 
@@ -61,8 +61,7 @@ class RewardStage:
         return shuffled_groups(len(self.data["train"]), self.cfg.per_device_train_batch_size, self.cfg.seed, epoch)
 
     def eval_groups(self) -> list[list[int]]:
-        n, size = len(self.data["eval"]), self.cfg.per_device_eval_batch_size
-        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        return sequential_groups(len(self.data["eval"]), self.cfg.per_device_eval_batch_size)
 
     def batch_weight(self, group: Sequence[int], split: str) -> float:
         return float(len(group))
@@ -142,11 +141,9 @@ def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module
 
 
 def check_rm_config(cfg: RMConfig) -> None:
-    from prefalign.train.run import check_train_args
+    from prefalign.train.run import check_train_args, require
 
-    for flag in ("model_name_or_path", "dataset_name"):
-        if not getattr(cfg, flag):
-            raise PrefalignError("is required", f"--{flag}")
+    require(cfg, "model_name_or_path", "dataset_name")
     if cfg.load_in_4bit or cfg.peft_adapter_path:
         flag = "--load_in_4bit" if cfg.load_in_4bit else "--peft_adapter_path"
         raise PrefalignError("is not supported for reward models yet; use --use_peft", flag)

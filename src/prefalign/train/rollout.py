@@ -26,6 +26,7 @@ from prefalign.errors import PrefalignError
 from prefalign.model.logprobs import completion_logps
 from prefalign.rollout.generate import generate_completions
 from prefalign.rollout.rewards import combine_rewards, compute_rewards, reward_function_name
+from prefalign.train.loop import sequential_groups
 from prefalign.train.metrics import MetricSums
 
 # ----------------------------------------------------------------------------------------------- configuration
@@ -62,11 +63,9 @@ class RewardArgs:
 
 def check_rl_config(cfg: Any, needs_rewards: bool = True) -> None:
     """What GRPO, RLOO and PPO can check before loading anything."""
-    from prefalign.train.run import check_train_args
+    from prefalign.train.run import check_train_args, require
 
-    for flag in ("model_name_or_path", "dataset_name"):
-        if not getattr(cfg, flag):
-            raise PrefalignError("is required", f"--{flag}")
+    require(cfg, "model_name_or_path", "dataset_name")
     if not cfg.max_completion_length or cfg.max_completion_length < 1:
         raise PrefalignError("must be a positive number of tokens", "--max_completion_length")
     if cfg.temperature <= 0:
@@ -133,7 +132,6 @@ class RolloutSchedule:
         self.num_prompts, self.prompts_per_rollout, self.seed = num_prompts, prompts_per_rollout, seed
         self.micro_batches, self.build = micro_batches, build
         self._plan: tuple[int, list[list[int]]] | None = None
-        self._groups: tuple[int, list[RolloutSlice]] | None = None
         self._current: tuple[tuple[int, int], dict[str, Any]] | None = None
 
     def plan(self, epoch: int) -> list[list[int]]:
@@ -142,11 +140,8 @@ class RolloutSchedule:
         return self._plan[1]
 
     def groups(self, epoch: int) -> list[RolloutSlice]:
-        if self._groups is None or self._groups[0] != epoch:
-            groups = [RolloutSlice(epoch, r, rows) for r in range(len(self.plan(epoch)))
-                      for rows in self.micro_batches(epoch, r)]
-            self._groups = (epoch, groups)
-        return self._groups[1]
+        """Every micro-batch of the epoch in loop order (the loop asks once per epoch)."""
+        return [RolloutSlice(epoch, r, rows) for r in range(len(self.plan(epoch))) for rows in self.micro_batches(epoch, r)]
 
     def get(self, ref: RolloutSlice) -> dict[str, Any]:
         """The rollout `ref` belongs to, sampled and scored on first use."""
@@ -301,8 +296,7 @@ def score(reward_fns: list, weights: list[float] | None, s: Sampled) -> tuple[Te
 
 
 def eval_groups(sampler: RolloutSampler | None, size: int) -> list[list[int]]:
-    n = len(sampler.examples) if sampler else 0
-    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    return sequential_groups(len(sampler.examples) if sampler else 0, size)
 
 
 def eval_rewards(sampler: Any, model: torch.nn.Module, indices: list[int], reward_fns: list, cfg: Any,

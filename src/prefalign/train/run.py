@@ -18,6 +18,13 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 FINAL_MARKERS = ("config.json", "adapter_config.json", "model.safetensors", "adapter_model.safetensors")
 
 
+def require(cfg: Any, *flags: str) -> None:
+    """Flags a command cannot run without, named in a one-line error."""
+    for flag in flags:
+        if not getattr(cfg, flag):
+            raise PrefalignError("is required", f"--{flag}")
+
+
 def check_train_args(args: TrainArgs) -> None:
     """Reject bad values before any model is loaded."""
     if not args.output_dir:

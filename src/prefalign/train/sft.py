@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from prefalign.config import DataArgs, ModelArgs, TrainArgs
 from prefalign.data.sft import TokenizedSample
 from prefalign.errors import PrefalignError
-from prefalign.train.dpo import shuffled_groups
+from prefalign.train.loop import shuffled_groups
 from prefalign.train.metrics import MetricSums
 from prefalign.train.run import print_summary
 
@@ -197,11 +197,9 @@ def add_neftune(model: torch.nn.Module, alpha: float) -> Any:
 
 def check_lm_config(cfg: Any) -> None:
     """Everything that can be checked before loading a model or data."""
-    from prefalign.train.run import check_train_args
+    from prefalign.train.run import check_train_args, require
 
-    for flag in ("model_name_or_path", "dataset_name"):
-        if not getattr(cfg, flag):
-            raise PrefalignError("is required", f"--{flag}")
+    require(cfg, "model_name_or_path", "dataset_name")
     if cfg.max_length is not None and cfg.max_length < 2:
         raise PrefalignError(f"must be at least 2, got {cfg.max_length}", "--max_length")
     if getattr(cfg, "neftune_noise_alpha", None) is not None and cfg.neftune_noise_alpha < 0:
