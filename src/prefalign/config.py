@@ -190,7 +190,8 @@ class DPOArgs:
     share_prompt: bool = True
     """Run each pair's prompt once for both completions (falls back where unsupported)."""
     max_tokens_per_batch: int | None = None
-    """Token budget of a packed micro-batch (default: per_device_train_batch_size x max_length)."""
+    """Pack micro-batches by this token budget instead of --per_device_train_batch_size pairs (a pair is never split).
+    Default: none, so a micro-batch holds the same pairs as the padded path and the update is the same."""
 
 
 @dataclass

@@ -19,13 +19,11 @@ CONFIG = InspectConfig
 
 def run_command(cfg: InspectConfig) -> None:
     from prefalign.data.inspect import inspect_dataset
-    from prefalign.data.templates import resolve_chat_template
     from prefalign.model.load import load_tokenizer
+    from prefalign.train.run import require
 
     if not cfg.model_name_or_path and not cfg.tokenizer_name_or_path:
         raise PrefalignError("is required (the tokenizer to render with)", "--model_name_or_path")
-    if not cfg.dataset_name:
-        raise PrefalignError("is required", "--dataset_name")
+    require(cfg, "dataset_name")
     tokenizer = load_tokenizer(cfg)
-    resolve_chat_template(tokenizer, cfg.chat_template)
     print(inspect_dataset(cfg, tokenizer, row=cfg.row))
