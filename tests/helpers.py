@@ -46,3 +46,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def conv(*turns: tuple[str, str]) -> list[dict]:
     return [{"role": r, "content": c} for r, c in turns]
+
+
+def run_cli(command: str, model_dir, data, out, *extra) -> int:
+    """`prefalign COMMAND` in-process on a tiny model: quiet, every step logged, no trackers; `extra` flags win."""
+    from prefalign.cli import main
+
+    return main([command, "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
+                 "--logging_steps", "1", "--disable_tqdm", "--report_to", "none", *map(str, extra)])

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import conv, write_jsonl
-from prefalign.cli import main
+from helpers import conv, run_cli, write_jsonl
 from prefalign.train.metrics import read_metrics
 
 TRL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -40,9 +39,7 @@ def pairs_file(tmp_path) -> Path:
 
 
 def _run(model_dir, data, out, *extra) -> int:
-    return main(["dpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
-                 "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1",
-                 "--disable_tqdm", "--report_to", "none", *map(str, extra)])
+    return run_cli("dpo", model_dir, data, out, "--per_device_train_batch_size", 4, "--learning_rate", 1e-3, *extra)
 
 
 def test_dpo_run_writes_metrics_model_and_checkpoints(tiny_model_dir, pairs_file, tmp_path):

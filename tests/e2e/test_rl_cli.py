@@ -8,8 +8,7 @@ import shutil
 import pytest
 from transformers import AutoModelForCausalLM
 
-from helpers import conv, write_jsonl
-from prefalign.cli import main
+from helpers import conv, run_cli, write_jsonl
 from prefalign.train.metrics import read_metrics
 
 GRPO_KEYS = {"loss", "reward", "reward_std", "rewards/length/mean", "rewards/length/std", "frac_reward_zero_std",
@@ -26,9 +25,7 @@ def prompts(tmp_path):
 
 
 def _run(command, model_dir, data, out, *extra) -> int:
-    return main([command, "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir",
-                 str(out), "--max_completion_length", "6", "--logging_steps", "1", "--disable_tqdm",
-                 "--report_to", "none", "--learning_rate", "1e-2", *map(str, extra)])
+    return run_cli(command, model_dir, data, out, "--max_completion_length", 6, "--learning_rate", 1e-2, *extra)
 
 
 @pytest.mark.slow

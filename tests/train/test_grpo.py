@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import conv, write_jsonl
-from prefalign.cli import main
+from helpers import conv, run_cli, write_jsonl
 from prefalign.train.metrics import read_metrics
 from prefalign.train.rollout import RolloutSlice, padded_layout, plan_rollouts, take_rows
 
@@ -48,9 +47,7 @@ def prompts(tmp_path):
 
 
 def _grpo(model_dir, data, out, *extra) -> int:
-    return main(["grpo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
-                 "--num_generations", "4", "--max_completion_length", "6", "--logging_steps", "1", "--disable_tqdm",
-                 "--report_to", "none", *map(str, extra)])
+    return run_cli("grpo", model_dir, data, out, "--num_generations", 4, "--max_completion_length", 6, *extra)
 
 
 @pytest.mark.slow

@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from helpers import conv, write_jsonl
-from prefalign.cli import main
+from helpers import conv, run_cli, write_jsonl
 from prefalign.train.metrics import read_metrics
 from prefalign.train.ppo import PolicyAndValue
 
@@ -57,9 +56,7 @@ def prompts(tmp_path):
 
 
 def _ppo(model_dir, data, out, *extra) -> int:
-    return main(["ppo", "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
-                 "--max_completion_length", "6", "--logging_steps", "1", "--disable_tqdm", "--report_to", "none",
-                 "--learning_rate", "1e-3", *map(str, extra)])
+    return run_cli("ppo", model_dir, data, out, "--max_completion_length", 6, "--learning_rate", 1e-3, *extra)
 
 
 @pytest.mark.slow
