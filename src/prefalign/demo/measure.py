@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from prefalign.data.templates import render
 from prefalign.demo import task
+from prefalign.rollout.generate import left_pad
 
 
 def chat_prompt_ids(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
@@ -27,19 +29,9 @@ def chat_prompt_ids(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
     out = []
     for p in prompts:
         messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render(tokenizer, messages, add_generation_prompt=True)
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
-
-
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -51,7 +43,7 @@ def greedy_completions(model: Any, tokenizer: Any, prompts: Sequence[Any], *, ba
     ids_all = chat_prompt_ids(tokenizer, prompts)
     out: list[list[int]] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
-        ids, mask = _left_pad(ids_all[start:start + batch_size], pad)
+        ids, mask = left_pad(ids_all[start:start + batch_size], pad)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=eos, pad_token_id=pad)  # (B, T + new)
         for row in gen[:, ids.shape[1]:].tolist():
@@ -79,7 +71,7 @@ def mean_token_kl(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence
     total, count = 0.0, 0
     for start in range(0, len(prompts), batch_size):
         rows = [p + c for p, c in zip(prompt_ids[start:start + batch_size], completions[start:start + batch_size])]
-        ids, mask = _left_pad(rows, tokenizer.pad_token_id)  # (B, T)
+        ids, mask = left_pad(rows, tokenizer.pad_token_id)  # (B, T)
         # position t-1 predicts token t; completion tokens are the last len(c) tokens of each row
         scored = torch.zeros_like(mask, dtype=torch.bool)  # (B, T): positions whose next token is a completion token
         for i, c in enumerate(completions[start:start + batch_size]):
