@@ -155,16 +155,26 @@ def save_model(
     model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, merge_adapter: bool
 ) -> None:
     """Full model: safetensors weights + tokenizer. Peft: the policy adapter (never the reference adapter)
-    + tokenizer, and with `merge_adapter` also full merged weights in out_dir/merged."""
+    + tokenizer, and with `merge_adapter` also full merged weights in out_dir/merged.
+
+    Under FSDP every process calls this (the shards are gathered) and rank 0 writes."""
+    from prefalign.model.weights import full_state_dict, is_main_process
+
+    state = full_state_dict(model)  # None unless sharded
+    if not is_main_process():
+        return
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not isinstance(model, PeftModel):
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state)
         tokenizer.save_pretrained(out)
         return
-    model.save_pretrained(out, selected_adapters=[POLICY_ADAPTER])
+    model.save_pretrained(out, selected_adapters=[POLICY_ADAPTER], state_dict=state)
     tokenizer.save_pretrained(out)
     if merge_adapter:
+        if state is not None:
+            raise PrefalignError("cannot merge a sharded (FSDP) model; merge the saved adapter afterwards",
+                                 "--merge_adapter")
         if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
             raise PrefalignError(
                 "cannot merge into a 4-bit base; merge the saved adapter into the full-precision model instead",

@@ -45,3 +45,26 @@ def load_weights_into(model: torch.nn.Module, directory: str | Path, adapter_nam
         raise PrefalignError(f"weights do not fit the model ({(really_missing or unexpected)[0]})", str(directory))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched group, or the only process."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full weights of a sharded (FSDP) `module` on CPU; None when nothing is sharded, so callers keep their
+    usual save path. Every process must call this together: gathering a shard is a collective."""
+    from torch.distributed.tensor import DTensor
+
+    state = module.state_dict(keep_vars=True)
+    if not any(isinstance(v, DTensor) for v in state.values()):
+        return None
+    # Every process walks the same keys in the same order, so the collectives pair up. A tensor under two names
+    # (tied embeddings) is gathered once, so the saved file keeps them tied, as save_pretrained expects.
+    gathered: dict[int, torch.Tensor] = {}
+    for value in state.values():
+        if id(value) not in gathered:
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            gathered[id(value)] = full.detach().cpu()
+    return {k: gathered[id(v)] for k, v in state.items()}

@@ -78,20 +78,26 @@ def save_checkpoint(
     output_dir: str | Path,
     state: TrainState,
     save_model: Callable[[Path], None],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     extra: dict[str, Any] | None = None,
     save_total_limit: int | None = None,
+    main: bool = True,
 ) -> Path:
-    """Write checkpoint-STEP atomically and prune old ones beyond `save_total_limit`."""
+    """Write checkpoint-STEP atomically and prune old ones beyond `save_total_limit`.
+
+    Every process calls this (`save_model` may gather sharded weights, a collective); only `main` writes."""
     root = Path(output_dir)
     final = root / f"checkpoint-{state.global_step}"
     tmp = root / f".tmp-checkpoint-{state.global_step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     save_model(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if not main:
+        return final
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng_state.pt")
     payload = {**asdict(state), **(extra or {})}
@@ -109,10 +115,13 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[TrainState, dict[str, Any]]:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> tuple[TrainState, dict[str, Any]]:
     """Restore optimizer, scheduler and RNG; return the train state and the raw state dict (model is loaded by caller)."""
+    from prefalign.train.distributed import load_optimizer_state
+
     raw = json.loads((path / STATE_FILE).read_text())
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
     fields = TrainState.__dataclass_fields__

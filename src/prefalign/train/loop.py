@@ -9,6 +9,8 @@ SFT), known before any forward, so batch B x accumulation A gives the same updat
 
 Data parallelism: every process sees the same index groups and takes every `num_processes`-th micro-batch of
 each optimizer step; gradients are averaged with one all-reduce per optimizer step (no sync per micro-batch).
+Under FSDP (`train/distributed.py`) the model is sharded here, after any resumed weights are loaded, and FSDP
+averages the gradients itself in backward.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefalign.config import TrainArgs
+from prefalign.train import distributed
 from prefalign.train.checkpoint import (
     TrainState,
     list_checkpoints,
@@ -126,9 +129,10 @@ def evaluate(stage: Stage, model: torch.nn.Module, accelerator: Any) -> dict[str
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for group in list(groups)[accelerator.process_index :: accelerator.num_processes]:
+        for group, counts in distributed.pad_groups(groups, accelerator.process_index, accelerator.num_processes):
             with accelerator.autocast():
-                acc.add(stage.eval_step(model, _to_device(stage.make_batch(group, "eval"), accelerator.device)))
+                metrics = stage.eval_step(model, _to_device(stage.make_batch(group, "eval"), accelerator.device))
+            acc.add(metrics if counts else distributed.no_weight(metrics))
     model.train(was_training)
     return {f"eval_{k}": v for k, v in acc.reduce(accelerator).items()}
 
@@ -144,6 +148,12 @@ def train_loop(
     """Run the optimisation; `save_model(dir)`/`load_model(dir)` write and restore weights in HF format."""
     world = accelerator.num_processes
     accum = args.gradient_accumulation_steps
+    ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    if ckpt is not None:
+        load_model(ckpt)  # into the whole model, before it is sharded
+    plan = distributed.shard_plan(accelerator)
+    if plan is not None:
+        distributed.shard(model, plan, accelerator.device)
     optimizer = build_optimizer(model, args)
     groups = stage.train_groups(0)  # a stage's groups depend only on the epoch: computed once per epoch below
     groups_epoch = 0
@@ -152,20 +162,18 @@ def train_loop(
     state = TrainState(total_steps=total)
     resume_step = None
     seen_tokens = 0.0  # cumulative tokens trained on (TRL's num_tokens); kept in checkpoints to survive resume
-    if args.resume_from_checkpoint:
-        ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-        load_model(ckpt)
-        state, raw_state = load_checkpoint(ckpt, optimizer, scheduler)
+    if ckpt is not None:
+        state, raw_state = load_checkpoint(ckpt, model, optimizer, scheduler)
         seen_tokens = float(raw_state.get("num_tokens", 0.0))
         state.total_steps = total
         resume_step = state.global_step
         accelerator.print(f"Resuming from {ckpt} at step {state.global_step}")
     log = MetricsLog(args.output_dir, accelerator, resume_step=resume_step)
 
-    def checkpoint() -> None:
-        if accelerator.is_main_process:
-            save_checkpoint(args.output_dir, state, save_model, optimizer, scheduler,
-                            extra={"num_tokens": seen_tokens}, save_total_limit=args.save_total_limit)
+    def checkpoint() -> None:  # every process takes part: sharded weights and optimizer state are gathered
+        save_checkpoint(args.output_dir, state, save_model, distributed.optimizer_state(model, optimizer), scheduler,
+                        extra={"num_tokens": seen_tokens}, save_total_limit=args.save_total_limit,
+                        main=accelerator.is_main_process)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total, initial=state.global_step, desc="train", dynamic_ncols=True,
@@ -220,21 +228,22 @@ def _optimizer_step(stage: Stage, model: torch.nn.Module, optimizer: torch.optim
     total_weight = sum(stage.batch_weight(g, "train") for g in step_groups)
     acc = MetricAccumulator()
     examples = tokens = 0.0
-    for group in step_groups[accelerator.process_index :: accelerator.num_processes]:
+    for group, counts in distributed.pad_groups(step_groups, accelerator.process_index, accelerator.num_processes):
         batch = _to_device(stage.make_batch(group, "train"), accelerator.device)
         with accelerator.autocast():
             loss_sum, metrics = stage.step(model, batch)
         # Scale so that, after averaging over processes, the gradient is that of sum(losses) / total_weight.
-        accelerator.backward(loss_sum * (accelerator.num_processes / total_weight))
-        acc.add(metrics)
-        examples += len(group)
-        tokens += float(batch.get("num_tokens", 0))
-    _all_reduce_grads(model, accelerator)
+        accelerator.backward(loss_sum * (accelerator.num_processes / total_weight if counts else 0.0))
+        acc.add(metrics if counts else distributed.no_weight(metrics))  # every process reduces the same names
+        if counts:
+            examples += len(group)
+            tokens += float(batch.get("num_tokens", 0))
+    if not distributed.is_sharded(model):  # FSDP has already averaged the gradients in backward
+        _all_reduce_grads(model, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.max_grad_norm and args.max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    # an infinite max_norm measures the norm without clipping; with sharded parameters the norm is a DTensor
+    max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
+    grad_norm = distributed.grad_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

@@ -140,6 +140,10 @@ class PolicyAndValue(nn.Module):
             nn.init.zeros_(self.value_head.bias)
             self.value_head.to(next(policy.parameters()).device)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules whose forward is called directly; under FSDP each is sharded as its own root."""
+        return [m for m in (self.policy, self.value_model, self.value_head) if m is not None]
+
     def evaluate(self, batch: dict[str, Any], temperature: float, with_entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
         """Token log-probs (b, Tc), entropies (b, Tc) and values (b, Tc) of a padded-layout batch."""
         captured: list[Tensor] = []
@@ -282,13 +286,20 @@ class PPOStage:
 
 
 def _save_value(wrapper: PolicyAndValue, directory: Path) -> None:
+    """Every process calls this (sharded weights are gathered); the main process writes."""
     from safetensors.torch import save_file
 
+    from prefalign.model.weights import full_state_dict, is_main_process
+
+    module = wrapper.value_model if wrapper.value_model is not None else wrapper.value_head
+    state = full_state_dict(module)  # None unless sharded
+    if not is_main_process():
+        return
     if wrapper.value_model is not None:
-        wrapper.value_model.save_pretrained(directory / "value_model")
+        wrapper.value_model.save_pretrained(directory / "value_model", state_dict=state)
     else:
-        save_file({k: v.contiguous() for k, v in wrapper.value_head.state_dict().items()},
-                  str(directory / "value_head.safetensors"))
+        state = state if state is not None else wrapper.value_head.state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "value_head.safetensors"))
 
 
 def _load_value(wrapper: PolicyAndValue, directory: Path) -> None:

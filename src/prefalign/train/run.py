@@ -73,6 +73,9 @@ def make_accelerator(args: TrainArgs) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from prefalign.train.distributed import check_launch
+
+    check_launch()
     mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
     log_with = [r for r in args.report_to if r != "none"] or None
     # Without cpu=True, Accelerate ignores a torchrun process group on a machine with no accelerator.
@@ -103,13 +106,19 @@ def start_run(args: TrainArgs, accelerator: Any, config: Any, run_name: str) -> 
 
 
 def save_final(output_dir: str | Path, write: Callable[[Path], None]) -> None:
-    """Write the final model into a temporary directory, then move its files into output_dir."""
+    """Write the final model into a temporary directory, then move its files into output_dir. Every process calls
+    this (`write` may gather sharded weights); the main process writes."""
+    from prefalign.model.weights import is_main_process
+
     out = Path(output_dir)
     tmp = out / f".tmp-final-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if is_main_process():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     write(tmp)
+    if not is_main_process():
+        return
     for item in tmp.iterdir():
         target = out / item.name
         if target.is_dir() and not target.is_symlink():
@@ -124,16 +133,19 @@ def train_and_save(stage: Any, model: Any, tokenizer: Any, cfg: Any, accelerator
     model (`final_model`, default `model`) and tokenizer saved atomically into output_dir by the main process."""
     from prefalign.model.load import save_model
     from prefalign.model.weights import load_weights_into
+    from prefalign.train.distributed import shard_plan
     from prefalign.train.loop import train_loop
 
+    if getattr(cfg, "merge_adapter", False) and hasattr(final_model or model, "peft_config") and shard_plan(accelerator):
+        raise PrefalignError("cannot merge a sharded (FSDP) model; merge the saved adapter afterwards",
+                             "--merge_adapter")
     final_model = model if final_model is None else final_model
     save = save or (lambda d: save_model(final_model, tokenizer, d, merge_adapter=False))
     load = load or (lambda d: load_weights_into(final_model, d))
     result = train_loop(stage, model, cfg, accelerator, save, load)
     if result.interrupted:
         raise KeyboardInterrupt
-    if accelerator.is_main_process:
-        save_final(cfg.output_dir, lambda d: save_model(final_model, tokenizer, d, merge_adapter=cfg.merge_adapter))
+    save_final(cfg.output_dir, lambda d: save_model(final_model, tokenizer, d, merge_adapter=cfg.merge_adapter))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

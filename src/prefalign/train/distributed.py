@@ -1,0 +1,169 @@
+"""Sharded data parallelism (FSDP) for the one training loop, configured the way Accelerate users already do it.
+
+`accelerate launch --config_file configs/accelerate/fsdp.yaml` exports `ACCELERATE_USE_FSDP` and the `FSDP_*`
+settings; Accelerate turns them into a `FullyShardedDataParallelPlugin`. We read that plugin (or build it from the
+same environment where Accelerate ignores FSDP: it only enables it on GPU-like backends, and we also run it on CPU
+with gloo, which is how the tests prove it) and shard the model ourselves with PyTorch's `fully_shard` (FSDP2):
+each decoder layer is one unit, the rest of the model the root unit. The loop never calls `accelerator.prepare` on
+the model because it must keep calling the model's own forward with its hooks (the log-prob path), which FSDP2
+allows: sharded modules keep their class and attributes.
+
+What sharding changes for the loop, all kept here:
+* gradients are reduce-scattered (averaged) by FSDP in backward, so the loop's own all-reduce is skipped;
+* every process must run the same number of forwards (they contain collectives), so micro-batches are padded
+  (`pad_groups`);
+* weights and optimizer state are sharded: saving gathers full tensors on every process
+  (`model.weights.full_state_dict`, `optimizer_state`) and the main process writes them in the usual Hugging Face / torch formats, so a checkpoint
+  or final model does not depend on how many processes wrote it.
+
+ZeRO-2 and ZeRO-3 map onto FSDP's SHARD_GRAD_OP (`reshard_after_forward: false`) and FULL_SHARD (`true`).
+DeepSpeed itself is refused with a one-line error (`check_launch`) rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from prefalign.errors import PrefalignError
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How to shard: which module classes become units, and FSDP2's per-unit options."""
+
+    reshard_after_forward: bool
+    """True: FULL_SHARD / ZeRO-3 (parameters re-gathered for backward); False: SHARD_GRAD_OP / ZeRO-2."""
+    wrap_classes: tuple[str, ...]
+    """Class names of the modules that become their own unit (empty: the model's `_no_split_modules`)."""
+    cpu_offload: bool = False
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def check_launch() -> None:
+    """Refuse launch configurations the loop does not implement, before any model is loaded."""
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        raise PrefalignError(
+            "DeepSpeed is not supported; for ZeRO-3 use configs/accelerate/fsdp.yaml, for ZeRO-2 "
+            "configs/accelerate/fsdp_shard_grad_op.yaml (FSDP shards the same way)", "accelerate config")
+
+
+def shard_plan(accelerator: Any) -> ShardPlan | None:
+    """The FSDP plan of this launch, or None when the model is replicated (one process or DDP)."""
+    from accelerate.utils import DistributedType
+
+    plugin = None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+    elif _env_true("ACCELERATE_USE_FSDP"):
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` exported
+    if plugin is None or accelerator.num_processes == 1:
+        return None
+    return plan_from_plugin(plugin)
+
+
+def plan_from_plugin(plugin: Any) -> ShardPlan:
+    """Accelerate's FullyShardedDataParallelPlugin (FSDP2 or FSDP1 settings) as our plan."""
+    if plugin.fsdp_version == 2:
+        reshard = bool(plugin.reshard_after_forward)
+    else:  # an FSDP1 config: its sharding strategy names the same two choices
+        strategy = getattr(plugin.sharding_strategy, "name", str(plugin.sharding_strategy))
+        if strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
+            raise PrefalignError(f"sharding strategy {strategy} is not supported; use FULL_SHARD or SHARD_GRAD_OP",
+                                 "fsdp_sharding_strategy")
+        reshard = strategy == "FULL_SHARD"
+    offload = type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy" or getattr(plugin.cpu_offload,
+                                                                                  "offload_params", False) is True
+    return ShardPlan(reshard, tuple(plugin.transformer_cls_names_to_wrap or ()), offload)
+
+
+def _no_split_modules(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return names
+
+
+def shard(model: nn.Module, plan: ShardPlan, device: torch.device) -> nn.Module:
+    """Shard `model` in place over all processes: one FSDP2 unit per decoder layer, the rest in the root unit.
+
+    A model whose parts are called directly rather than through its own forward (PPO's policy + value) lists
+    them in `fsdp_units()`; each becomes a root of its own, since a unit's weights are gathered by its forward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    classes = set(plan.wrap_classes) or _no_split_modules(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise PrefalignError(f"no module of class {', '.join(sorted(classes)) or '(none given)'} to shard",
+                             "fsdp_transformer_layer_cls_to_wrap")
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    offload = CPUOffloadPolicy() if plan.cpu_offload else OffloadPolicy()
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=plan.reshard_after_forward, offload_policy=offload)
+    # The root unit (embeddings, final norm, LM head) stays gathered from forward to backward, FSDP2's own default
+    # for a root: the log-prob path runs the LM head on the captured hidden states after the forward returns.
+    units = model.fsdp_units() if hasattr(model, "fsdp_units") else [model]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state to save (a collective when sharded: full tensors keyed by parameter name)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def pad_groups(groups: Sequence[Sequence[int]], process_index: int,
+               num_processes: int) -> list[tuple[Sequence[int], bool]]:
+    """This process's share of `groups` as (group, counts) pairs. Every process runs the same number of
+    micro-batches: sharded forwards hold collectives, and the replicated path's gradient all-reduce needs a gradient
+    on every process. A process short of one re-runs the first group with `counts=False` (zero loss weight,
+    metrics dropped)."""
+    mine = [(g, True) for g in list(groups)[process_index::num_processes]]
+    if groups:
+        want = -(-len(groups) // num_processes)
+        mine += [(groups[0], False)] * (want - len(mine))
+    return mine
+
+
+def no_weight(metrics: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """A padding micro-batch's metrics: the same names (processes reduce one tensor of them), no contribution."""
+    return {name: (0.0, 0.0) for name in metrics}
+
+
+def grad_norm(norm: torch.Tensor) -> float:
+    """clip_grad_norm_ returns a DTensor when parameters are sharded; the total is its full value."""
+    from torch.distributed.tensor import DTensor
+
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
