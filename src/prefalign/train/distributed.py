@@ -119,6 +119,15 @@ def shard(model: nn.Module, plan: ShardPlan, device: torch.device) -> nn.Module:
     return model
 
 
+def shard_reference(reference: Any, plan: ShardPlan, device: torch.device) -> None:
+    """Shard a stage's separate frozen reference model like the policy (a reference that is the policy with its
+    adapter off or switched is sharded already). Its forwards run once per micro-batch on every process, so the
+    collectives pair up as the policy's do."""
+    model = getattr(reference, "model", None)
+    if isinstance(model, nn.Module) and not is_sharded(model):
+        shard(model, plan, device)
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

@@ -53,6 +53,8 @@ class Stage(Protocol):
     def step(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, MetricSums]: ...
     def eval_step(self, model: torch.nn.Module, batch: Batch) -> MetricSums: ...
 
+    # Optional: `reference`, a model.reference.Reference; under FSDP its separate frozen model is sharded too.
+
 
 def shuffled_groups(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Micro-batches of indices for one epoch; the order depends only on (seed, epoch), so resume can skip ahead."""
@@ -154,6 +156,7 @@ def train_loop(
     plan = distributed.shard_plan(accelerator)
     if plan is not None:
         distributed.shard(model, plan, accelerator.device)
+        distributed.shard_reference(getattr(stage, "reference", None), plan, accelerator.device)
     optimizer = build_optimizer(model, args)
     groups = stage.train_groups(0)  # a stage's groups depend only on the epoch: computed once per epoch below
     groups_epoch = 0
