@@ -53,8 +53,9 @@ def is_main_process() -> bool:
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full weights of a sharded (FSDP) `module` on CPU; None when nothing is sharded, so callers keep their
-    usual save path. Every process must call this together: gathering a shard is a collective."""
+    """The full weights of a sharded (FSDP) `module` on CPU in the main process (empty tensors elsewhere); None when
+    nothing is sharded, so callers keep their usual save path. Every process must call this together: gathering a
+    shard is a collective."""
     from torch.distributed.tensor import DTensor
 
     state = module.state_dict(keep_vars=True)
@@ -62,9 +63,11 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         return None
     # Every process walks the same keys in the same order, so the collectives pair up. A tensor under two names
     # (tied embeddings) is gathered once, so the saved file keeps them tied, as save_pretrained expects.
+    main = is_main_process()
     gathered: dict[int, torch.Tensor] = {}
     for value in state.values():
         if id(value) not in gathered:
             full = value.full_tensor() if isinstance(value, DTensor) else value
-            gathered[id(value)] = full.detach().cpu()
+            # only the main process writes: the others hold one gathered tensor at a time
+            gathered[id(value)] = full.detach().cpu() if main else full.new_empty(0)
     return {k: gathered[id(v)] for k, v in state.items()}
