@@ -5,6 +5,7 @@ like any other."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,20 +63,26 @@ def pairs(tmp_path_factory) -> Path:
     ("configs/accelerate/fsdp.yaml", ["--use_peft", "--lora_r", "4"], "adapter_model.safetensors"),
 ])
 def test_sharded_dpo_matches_one_process(tiny_model_dir, pairs, tmp_path, config, extra, weights):
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", rows[:3])  # 3 pairs in groups of 2: one process pads
     env = launch_env(config)
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     common = ["dpo", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(pairs), "--max_steps", "4",
               "--logging_steps", "1", "--disable_tqdm", "--learning_rate", "1e-3", "--per_device_train_batch_size", "2",
-              "--save_steps", "2", "--max_grad_norm", "0.5", *extra]
+              "--save_steps", "2", "--max_grad_norm", "0.5", "--eval_dataset_name", str(heldout),
+              "--per_device_eval_batch_size", "2", *extra]
     two = _run([*_torchrun(), *common, "--output_dir", str(tmp_path / "two")], env)
     assert "dpo: 4 steps" in two.stdout
     _run([sys.executable, "-m", "prefalign.cli", *common, "--gradient_accumulation_steps", "2", "--output_dir",
           str(tmp_path / "one")], {})
     a, b = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):  # step 3 is the epoch's last: one real micro-batch, the other process pads
-        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    assert [r["step"] for r in b if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):  # the epoch's last step has one micro-batch for 2 processes: the other one pads
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm", "eval_loss", "eval_rewards/margins"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    assert "eval_loss" in b[-1]
     # whole weights, not shards: the sharded run's final model equals the single-process one
     w1, w2 = load_file(tmp_path / "one" / weights), load_file(tmp_path / "two" / weights)
     assert w1.keys() == w2.keys()
