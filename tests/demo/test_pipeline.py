@@ -49,8 +49,13 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     # held-out prompts never occur in any training file, in either operand order
     held = _pairs_in(out / "data" / "heldout_pairs.jsonl")
     assert len(held) > 30 and {tuple(sorted(task.operands(p))) for p in heldout} <= held
-    for name in ("corpus.jsonl", "sft.jsonl", "pairs.jsonl", "prompts.jsonl"):
+    for name in ("corpus.jsonl", "sft.jsonl", "pairs.jsonl", "prompts.jsonl", "rm_pairs.jsonl"):
         assert not held & _pairs_in(out / "data" / name), name
+
+    # the reward model's data: the SFT model's own answers, judged right (chosen) or wrong (rejected)
+    rm_rows = [json.loads(line) for line in (out / "data" / "rm_pairs.jsonl").read_text().splitlines()]
+    assert rm_rows and all(task.judge(r["prompt"], r["chosen"]) and not task.judge(r["prompt"], r["rejected"])
+                           for r in rm_rows)
 
     for plot in ("accuracy.png", "sft/loss.png", "dpo/loss.png", "dpo/rewards_margins.png",
                  "dpo/rewards_accuracies.png", "rm/loss.png", "grpo/loss.png", "ppo/loss.png"):
@@ -63,7 +68,7 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     mtime = (out / "dpo" / "model.safetensors").stat().st_mtime_ns
     assert main(["demo", "--output_dir", str(out), "--quick", "--disable_tqdm"]) == 0
     second = capsys.readouterr().out
-    for name in ("tokenizer", "init", "sft", "dpo", "grpo", "rm", "ppo"):
+    for name in ("tokenizer", "init", "sft", "dpo", "grpo", "rm_data", "rm", "ppo"):
         assert f"[demo] {name}: done already" in second, name
     assert (out / "dpo" / "model.safetensors").stat().st_mtime_ns == mtime
     again = json.loads((out / "report.json").read_text())

@@ -65,8 +65,6 @@ class Demo:
         task.write_pretrain_corpus(self.data / "corpus.jsonl", s.corpus, seed)
         task.write_sft(self.data / "sft.jsonl", s.sft_rows, seed)
         task.write_dpo_pairs(self.data / "pairs.jsonl", s.dpo_pairs, seed + 7)
-        rm_rows = st.rm_pair_rows(s.rm_pairs, seed + 17)
-        (self.data / "rm_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rm_rows), encoding="utf-8")
         task.write_prompts(self.data / "prompts.jsonl", task.make_prompts(s.rl_prompts, seed + 11, "train"))
         from prefalign.demo.measure import heldout_pair_rows
 
@@ -74,10 +72,10 @@ class Demo:
         (self.data / "heldout_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
     # ------------------------------------------------------------------ stages
-    def _timed(self, name: str, run: Any) -> None:
-        """Run a stage unless its model exists; its wall time is kept beside the model for reruns."""
-        target = self.path(name)
-        timing = target / "demo_time.json"
+    def _timed(self, name: str, run: Any, target: Path | None = None) -> None:
+        """Run a stage unless its model (or data file `target`) exists; its wall time is kept beside it for reruns."""
+        target = target or self.path(name)
+        timing = target.with_suffix(".time.json") if target.suffix == ".jsonl" else target / "demo_time.json"
         if st.is_done(target) and timing.is_file():
             print(f"[demo] {name}: done already ({target}), skipped")
             self.times[name] = json.loads(timing.read_text())["wall_time_s"]
@@ -101,6 +99,8 @@ class Demo:
         if "grpo" in stages:
             self._timed("grpo", lambda: st.grpo(p("sft"), d / "prompts.jsonl", p("grpo"), s, seed, quiet))
         if "ppo" in stages:
+            self._timed("rm_data", lambda: st.write_rm_pairs(p("sft"), d / "rm_pairs.jsonl", s, seed),
+                        d / "rm_pairs.jsonl")
             self._timed("rm", lambda: st.reward_model(p("sft"), d / "rm_pairs.jsonl", d / "heldout_pairs.jsonl",
                                                       p("rm"), s, seed, quiet))
             self._timed("ppo", lambda: st.ppo(p("sft"), p("rm"), d / "prompts.jsonl", p("ppo"), s, seed, quiet))
@@ -150,7 +150,9 @@ def build_report(demo: Demo, results: dict[str, dict[str, Any]], this_run: float
     stages = {}
     for name, r in results.items():
         stages[name] = {k: r[k] for k in ("accuracy", "kl", "reward_accuracy", "reward_margin") if k in r}
-        stages[name]["wall_time_s"] = demo.times.get(name, 0.0) + (demo.times.get("rm", 0.0) if name == "ppo" else 0)
+        # PPO's cost includes what only it needs: the reward model's on-policy data and its training
+        extra = demo.times.get("rm_data", 0.0) + demo.times.get("rm", 0.0) if name == "ppo" else 0.0
+        stages[name]["wall_time_s"] = demo.times.get(name, 0.0) + extra
         stages[name]["eval_time_s"] = r.get("eval_time_s")
     samples = [{"prompt": p, "reference": task.reference_answer(p), **{n: r["answers"][i] for n, r in results.items()}}
                for i, p in enumerate(demo.heldout[:NUM_SAMPLES])]
@@ -161,7 +163,8 @@ def build_report(demo: Demo, results: dict[str, dict[str, Any]], this_run: float
         # the whole demo's cost: every stage's training and evaluation, also when this run skipped some of them
         "total_wall_time_s": sum(demo.times.values()) + sum(r.get("eval_time_s", 0.0) for r in results.values()),
         "this_run_wall_time_s": this_run,
-        "setup_wall_time_s": {k: demo.times[k] for k in ("tokenizer", "init", "rm") if k in demo.times},
+        "setup_wall_time_s": {k: demo.times[k] for k in ("tokenizer", "init", "rm_data", "rm")
+                              if k in demo.times},
         "settings": {"seed": demo.cfg.seed, "quick": demo.cfg.quick, "heldout_prompts": len(demo.heldout),
                      "sizes": asdict(demo.sizes),
                      "kl": "mean exact per-token KL(policy || SFT) over the policy's greedy held-out completions",

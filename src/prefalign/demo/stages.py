@@ -6,6 +6,7 @@ the test suite. The values of `FULL` were tuned on the trainers themselves (see 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,46 +29,88 @@ class Sizes:
     dpo_pairs: int = 4800
     dpo_steps: int = 150
     dpo_batch: int = 32
-    rm_steps: int = 1200
+    # The reward model learns from the SFT model's own answers (write_rm_pairs): the earlier fixed (right, systematic
+    # wrong) pairs gave a reward model that PPO exploited (PPO -0.003 over SFT on seed 0). Seed 0, PPO 480 steps at
+    # kl_coef 0.6: 4000 prompts x 8 answers (11707 pairs) -> held-out pair accuracy 0.855, PPO +0.19; x 16 (15466
+    # pairs) -> 0.875, PPO +0.23. 2400 steps, not 1200: the reward model's accuracy jumps late, near the end of the
+    # cosine decay (1200 steps: 0.75-0.84, 2400: 0.85-0.93); lr 3e-4 learned too slowly (0.76 at 1200 steps), and
+    # 2e-3 for 2400 steps once never took off (0.69, PPO +0.01).
+    rm_steps: int = 2400
+    rm_prompts: int = 4000  # training prompts (not the PPO prompts) the SFT model answers at temperature 1
+    rm_samples: int = 16
     grpo_steps: int = 60
     grpo_prompts_per_step: int = 16
-    ppo_steps: int = 120
+    # 480, not 120: with the task's judge itself as reward, PPO gained +0.09 in 120 steps and +0.35 in 480 (seed 0)
+    ppo_steps: int = 480
     ppo_batch: int = 64
     rl_prompts: int = 2000
-    rm_pairs: int = 4800
     eval_prompts: int = 400
     eval_steps: int | None = 50  # DPO/RM evaluation on held-out pairs every this many steps (plot markers)
 
 
 FULL = Sizes()
 QUICK = replace(FULL, corpus=1000, sft_rows=600, sft_steps=40, dpo_pairs=160, dpo_steps=5, rm_steps=5,
-                rm_pairs=160, grpo_steps=2, grpo_prompts_per_step=4, ppo_steps=2, ppo_batch=8, rl_prompts=64, eval_prompts=40,
-                eval_steps=None)
+                rm_prompts=40, rm_samples=4, grpo_steps=2, grpo_prompts_per_step=4, ppo_steps=2, ppo_batch=8,
+                rl_prompts=64, eval_prompts=40, eval_steps=None)
 
 
-def rm_pair_rows(n: int, seed: int) -> list[dict]:
-    """Pairs for the reward model: the right sum chosen; rejected, half the time the task's own wrong answer, else
-    the sum with its tens digit off by one either way. The task's wrong answers on carry prompts are all *below*
-    the right sum, and a reward model trained on them alone learns "a larger sum is better", which PPO exploits
-    (measured: held-out accuracy fell from 0.40 to 0.17 with answers inflated by 10 and more). A third share with
-    the ones digit off by one made the reward model worse (held-out pair accuracy 0.57 instead of 0.78)."""
-    import random
+def on_policy_pair_rows(prompts: Sequence[str], samples: Sequence[Sequence[str]]) -> list[dict]:
+    """Reward-model pairs from the SFT model's own samples, judged by the task (the InstructGPT recipe).
 
+    For each prompt, every distinct wrong sample (first-seen order) is rejected against a chosen answer: the
+    distinct right samples in turn (cycled), or the reference answer when no sample was right. Prompts whose
+    samples are all right give no pair; empty samples (an immediate EOS, rare) are dropped, since a pair file may
+    not hold an empty answer. The reward model thus learns to rank exactly the answers PPO samples.
+    """
     from prefalign.demo import task
 
-    rng = random.Random(seed)
     rows = []
-    for p in task.make_prompts(n, seed, "train"):
-        a, b = task.operands(p)
-        rejected = task.wrong_answer(p, rng) if rng.random() < 0.5 else f"{a} + {b} = {a + b + rng.choice([-10, 10])}"
-        rows.append({"prompt": [{"role": "user", "content": p}],
-                     "chosen": [{"role": "assistant", "content": task.reference_answer(p)}],
-                     "rejected": [{"role": "assistant", "content": rejected}]})
+    for prompt, completions in zip(prompts, samples, strict=True):
+        distinct = list(dict.fromkeys(c for c in completions if c.strip()))  # the data loader rejects empty turns
+        right = [c for c in distinct if task.judge(prompt, c)] or [task.reference_answer(prompt)]
+        wrong = [c for c in distinct if not task.judge(prompt, c)]
+        for i, rejected in enumerate(wrong):
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": right[i % len(right)]}],
+                         "rejected": [{"role": "assistant", "content": rejected}]})
     return rows
 
 
+def sample_answers(model_dir: Path, prompts: Sequence[str], num_samples: int, seed: int,
+                   max_new_tokens: int = 16, batch_size: int = 512) -> list[list[str]]:
+    """`num_samples` completions (text) per prompt from a saved model at temperature 1, reproducible by `seed`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefalign.demo.measure import chat_prompt_ids
+    from prefalign.rollout.generate import generate_completions
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rollout = generate_completions(model, tokenizer, chat_prompt_ids(tokenizer, prompts), num_generations=num_samples,
+                                   max_completion_length=max_new_tokens, temperature=1.0, seed=seed,
+                                   batch_size=batch_size)
+    return [rollout.texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def write_rm_pairs(sft_dir: Path, path: Path, sizes: Sizes, seed: int) -> None:
+    """The reward model's data: `rm_samples` answers of the SFT model to each of `rm_prompts` fresh training prompts
+    (temperature 1), judged, as (right, wrong) pairs in JSON Lines; written under a temporary name, then moved."""
+    import json
+
+    from prefalign.demo import task
+
+    prompts = task.make_prompts(sizes.rm_prompts, seed + 23, "train")
+    rows = on_policy_pair_rows(prompts, sample_answers(sft_dir, prompts, sizes.rm_samples, seed + 29))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
 def is_done(model_dir: Path) -> bool:
-    """A stage is finished when its final model (or tokenizer) was saved; trainers move the files in atomically."""
+    """A stage is finished when its final model (or tokenizer, or data file) was saved; trainers move the files in
+    atomically, and so does `write_rm_pairs`."""
+    if model_dir.suffix == ".jsonl":
+        return model_dir.is_file()
     if model_dir.name == "tokenizer":
         return (model_dir / "tokenizer.json").is_file()
     return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
@@ -123,6 +166,7 @@ def reward_model(sft_dir: Path, pairs: Path, heldout_pairs: Path, out: Path, siz
                  quiet: bool) -> Any:
     from prefalign.train.rm import RMConfig, train_rm
 
+    # lr 1e-3 with cosine decay; see Sizes.rm_steps for what was measured
     return train_rm(RMConfig(
         model_name_or_path=str(sft_dir), dataset_name=str(pairs), eval_dataset_name=str(heldout_pairs),
         learning_rate=1e-3, warmup_steps=10, lr_scheduler_type="cosine", adam_beta2=0.98, eval_steps=sizes.eval_steps and 200,
@@ -145,9 +189,12 @@ def grpo(sft_dir: Path, prompts: Path, out: Path, sizes: Sizes, seed: int, quiet
 def ppo(sft_dir: Path, rm_dir: Path, prompts: Path, out: Path, sizes: Sizes, seed: int, quiet: bool) -> Any:
     from prefalign.train.ppo import PPOConfig, train_ppo
 
+    # kl_coef 0.6: the reward model's scores spread about 3x wider than the judge's 0/1, and at 0.3 PPO pushed the
+    # KL to 2-3 nats into the reward model's blind spots (answers off by +1): seed 0 +0.12 at 0.3, +0.19 at 0.6,
+    # +0.18 at 1.0; seed 1 +0.31, +0.21, +0.23 (one reward model per seed, trained on 8 answers per prompt).
     return train_ppo(PPOConfig(
         model_name_or_path=str(sft_dir), dataset_name=str(prompts), reward_model_name_or_path=str(rm_dir),
         per_device_train_batch_size=sizes.ppo_batch, num_mini_batches=1, num_ppo_epochs=4,
-        max_completion_length=16, temperature=1.0, kl_coef=0.3, missing_eos_penalty=1.0, learning_rate=3e-4,
+        max_completion_length=16, temperature=1.0, kl_coef=0.6, missing_eos_penalty=1.0, learning_rate=3e-4,
         warmup_steps=5, lr_scheduler_type="constant_with_warmup", adam_beta2=0.98, max_steps=sizes.ppo_steps,
         **_common(out, seed, quiet)))
