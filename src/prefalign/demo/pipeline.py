@@ -1,8 +1,9 @@
 """`prefalign demo`: the whole alignment pipeline on the built-in addition task, with evaluation and a report.
 
 train-tokenizer -> init-model -> SFT on answers of mixed quality -> DPO on (right, wrong) pairs with the SFT model
-as reference -> reward model -> PPO with it, and GRPO with the task's judge as reward, both from the SFT model ->
-held-out evaluation of every stage -> report.json, report.md and PNG plots in --output_dir.
+as reference -> (right, wrong) pairs of the SFT model's own judged answers -> reward model -> PPO with it, and GRPO
+with the task's judge as reward, both from the SFT model -> held-out evaluation of every stage -> report.json,
+report.md and PNG plots in --output_dir.
 
 Every stage is a real trainer called in-process with its typed config (`demo/stages.py`). A rerun skips every stage
 whose final model exists, and every evaluation whose result file (`<stage>/demo_eval.json`) exists.
@@ -36,7 +37,7 @@ class DemoConfig:
     quick: bool = False
     """A much smaller version (under a minute) that checks the machinery, not the accuracy targets."""
     stages: list[str] = field(default_factory=lambda: list(RL_STAGES))
-    """Stages to run after SFT: any of dpo, grpo, ppo (ppo also trains the reward model)."""
+    """Stages to run after SFT: any of dpo, grpo, ppo (ppo also samples the reward model's data and trains it)."""
     disable_tqdm: bool = False
     """Hide the progress bars."""
 
