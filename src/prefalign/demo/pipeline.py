@@ -121,7 +121,8 @@ class Demo:
 
         model = AutoModelForCausalLM.from_pretrained(self.path(name)).eval()
         start = time.perf_counter()
-        completions = measure.greedy_completions(model, tokenizer, self.heldout, desc=f"eval {name}")
+        completions = measure.greedy_completions(model, tokenizer, self.heldout,
+                                                 desc=None if self.cfg.disable_tqdm else f"eval {name}")
         answers = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
         result: dict[str, Any] = {"accuracy": measure.judged_accuracy(self.heldout, answers),
                                   "answers": answers[:NUM_SAMPLES]}
