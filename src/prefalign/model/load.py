@@ -171,10 +171,7 @@ def save_model(
         return
     model.save_pretrained(out, selected_adapters=[POLICY_ADAPTER], state_dict=state)
     tokenizer.save_pretrained(out)
-    if merge_adapter:
-        if state is not None:
-            raise PrefalignError("cannot merge a sharded (FSDP) model; merge the saved adapter afterwards",
-                                 "--merge_adapter")
+    if merge_adapter:  # never sharded here: train_and_save refuses --merge_adapter under FSDP before training
         if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
             raise PrefalignError(
                 "cannot merge into a 4-bit base; merge the saved adapter into the full-precision model instead",

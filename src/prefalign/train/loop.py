@@ -30,7 +30,6 @@ from prefalign.config import TrainArgs
 from prefalign.train import distributed
 from prefalign.train.checkpoint import (
     TrainState,
-    list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
@@ -146,18 +145,20 @@ def train_loop(
     accelerator: Any,
     save_model: Callable[[Path], None],
     load_model: Callable[[Path], None],
+    plan: distributed.ShardPlan | None = None,
 ) -> LoopResult:
-    """Run the optimisation; `save_model(dir)`/`load_model(dir)` write and restore weights in HF format."""
+    """Run the optimisation; `save_model(dir)`/`load_model(dir)` write and restore weights in HF format; with a
+    `plan` (FSDP), the model is sharded here."""
     world = accelerator.num_processes
     accum = args.gradient_accumulation_steps
     ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
     if ckpt is not None:
         load_model(ckpt)  # into the whole model, before it is sharded
-    plan = distributed.shard_plan(accelerator)
     if plan is not None:
         distributed.shard(model, plan, accelerator.device)
         distributed.shard_reference(getattr(stage, "reference", None), plan, accelerator.device)
     optimizer = build_optimizer(model, args)
+    params = [p for p in model.parameters() if p.requires_grad]
     groups = stage.train_groups(0)  # a stage's groups depend only on the epoch: computed once per epoch below
     groups_epoch = 0
     total = total_steps_for(args, len(groups), world)
@@ -194,7 +195,8 @@ def train_loop(
                 state.epoch, state.micro_index = state.epoch + 1, 0
                 continue
             start = time.perf_counter()
-            metrics = _optimizer_step(stage, model, optimizer, scheduler, args, accelerator, step_groups)
+            metrics = _optimizer_step(stage, model, params, optimizer, scheduler, args, accelerator, step_groups,
+                                      sharded=plan is not None)
             state.global_step += 1
             state.micro_index += len(step_groups)
             if state.micro_index >= len(groups):
@@ -225,8 +227,9 @@ def train_loop(
     return LoopResult(state, last, eval_metrics, interrupted)
 
 
-def _optimizer_step(stage: Stage, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    args: TrainArgs, accelerator: Any, step_groups: list[Sequence[int]]) -> dict[str, Any]:
+def _optimizer_step(stage: Stage, model: torch.nn.Module, params: list[torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer, scheduler: Any, args: TrainArgs, accelerator: Any,
+                    step_groups: list[Sequence[int]], sharded: bool) -> dict[str, Any]:
     """Accumulate the micro-batches of one optimizer step (this process's share), clip, step."""
     total_weight = sum(stage.batch_weight(g, "train") for g in step_groups)
     acc = MetricAccumulator()
@@ -241,9 +244,8 @@ def _optimizer_step(stage: Stage, model: torch.nn.Module, optimizer: torch.optim
         if counts:
             examples += len(group)
             tokens += float(batch.get("num_tokens", 0))
-    if not distributed.is_sharded(model):  # FSDP has already averaged the gradients in backward
+    if not sharded:  # FSDP has already averaged the gradients in backward
         _all_reduce_grads(model, accelerator)
-    params = [p for p in model.parameters() if p.requires_grad]
     # an infinite max_norm measures the norm without clipping; with sharded parameters the norm is a DTensor
     max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
     grad_norm = distributed.grad_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -252,11 +254,10 @@ def _optimizer_step(stage: Stage, model: torch.nn.Module, optimizer: torch.optim
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     reduced = acc.reduce(accelerator)
-    counts = torch.tensor([examples, tokens], dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        counts = accelerator.reduce(counts, reduction="sum")
-    return {**reduced, "grad_norm": float(grad_norm), "learning_rate": lr, "_examples": counts[0].item(),
-            "_tokens": counts[1].item()}
+    if accelerator.num_processes > 1:  # one process already has its counts on the host
+        counts = torch.tensor([examples, tokens], dtype=torch.float64, device=accelerator.device)
+        examples, tokens = accelerator.reduce(counts, reduction="sum").tolist()
+    return {**reduced, "grad_norm": grad_norm, "learning_rate": lr, "_examples": examples, "_tokens": tokens}
 
 
 def _finish_metrics(metrics: dict[str, Any], stage: Stage, state: TrainState, groups_in_epoch: int,
@@ -267,8 +268,3 @@ def _finish_metrics(metrics: dict[str, Any], stage: Stage, state: TrainState, gr
     if metrics["_tokens"]:
         out["tokens/s"] = metrics["_tokens"] / elapsed
     return out
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None

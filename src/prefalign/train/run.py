@@ -136,13 +136,14 @@ def train_and_save(stage: Any, model: Any, tokenizer: Any, cfg: Any, accelerator
     from prefalign.train.distributed import shard_plan
     from prefalign.train.loop import train_loop
 
-    if getattr(cfg, "merge_adapter", False) and hasattr(final_model or model, "peft_config") and shard_plan(accelerator):
+    plan = shard_plan(accelerator)
+    if plan is not None and getattr(cfg, "merge_adapter", False) and hasattr(final_model or model, "peft_config"):
         raise PrefalignError("cannot merge a sharded (FSDP) model; merge the saved adapter afterwards",
                              "--merge_adapter")
     final_model = model if final_model is None else final_model
     save = save or (lambda d: save_model(final_model, tokenizer, d, merge_adapter=False))
     load = load or (lambda d: load_weights_into(final_model, d))
-    result = train_loop(stage, model, cfg, accelerator, save, load)
+    result = train_loop(stage, model, cfg, accelerator, save, load, plan)
     if result.interrupted:
         raise KeyboardInterrupt
     save_final(cfg.output_dir, lambda d: save_model(final_model, tokenizer, d, merge_adapter=cfg.merge_adapter))
