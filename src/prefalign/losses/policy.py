@@ -49,12 +49,6 @@ def kl_divergence(logps: Tensor, ref_logps: Tensor, estimator: str = "k3") -> Te
     return KL_ESTIMATORS[estimator](logps, ref_logps)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the next-token distribution. (B, T, V) -> (B, T)."""
-    logps = torch.log_softmax(logits.float(), dim=-1)
-    return -(logps.exp() * logps).sum(-1)
-
-
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of `values` where `mask` is 1 (0 when the mask is empty)."""
     mask = mask.to(values.dtype)
@@ -182,7 +176,7 @@ def _seq_mean_then_mean(per_token: Tensor, mask: Tensor, **_: object) -> Tensor:
 
 
 def _token_mean(per_token: Tensor, mask: Tensor, **_: object) -> Tensor:
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return masked_mean(per_token, mask)
 
 
 def _fixed_length(per_token: Tensor, mask: Tensor, *, max_completion_length: int | None, **_: object) -> Tensor:

@@ -60,7 +60,7 @@ def ppo_rewards(
     rows = torch.arange(rewards.size(0), device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
     if whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
     rewards = rewards * mask
     nsr = non_score_reward.sum(1).mean()
     metrics = {

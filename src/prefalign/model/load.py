@@ -25,7 +25,7 @@ POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
 DTYPES: dict[str, Any] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 # Exceptions transformers/peft/huggingface_hub raise for a path or id that does not resolve to a model.
-_LOAD_ERRORS = (OSError, ValueError, KeyError, EnvironmentError)
+_LOAD_ERRORS = (OSError, ValueError, KeyError)
 
 
 def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:

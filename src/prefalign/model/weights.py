@@ -37,9 +37,7 @@ def load_weights_into(model: torch.nn.Module, directory: str | Path, adapter_nam
         return
     state = _read_safetensors(directory, "model.safetensors", "model.safetensors.index.json")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])  # a list, or a dict keyed by the tied names
     really_missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if really_missing or unexpected:
         raise PrefalignError(f"weights do not fit the model ({(really_missing or unexpected)[0]})", str(directory))
