@@ -29,13 +29,13 @@ from typing import Any
 from prefalign.config import DataArgs
 from prefalign.data.load import load_examples, load_rows
 from prefalign.data.templates import render, require_chat_template
+from prefalign.data.tokenize import common_prefix, encode_texts, with_eos
 from prefalign.errors import PrefalignError
 
 logger = logging.getLogger("prefalign.data")
 
 Message = dict[str, Any]
 ROLES = ("system", "user", "assistant", "tool")
-_ENCODE_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -162,18 +162,6 @@ def load_sft_examples(args: DataArgs) -> tuple[list[SFTExample], list[SFTExample
 # ---------------------------------------------------------------- SFTExample -> token ids + loss mask
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for i in range(0, len(texts), _ENCODE_BATCH):  # batched: the fast tokenizer works in parallel in Rust
-        out.extend(tokenizer(texts[i:i + _ENCODE_BATCH], add_special_tokens=False)["input_ids"])
-    return [list(ids) for ids in out]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
-
-
 def _conversation_texts(ex: SFTExample, tokenizer: Any, completion_only: bool) -> list[str]:
     """[full, prefix_1, upto_1, prefix_2, upto_2, ...] for every trained assistant turn."""
     msgs = ex.messages or []
@@ -191,8 +179,8 @@ def _conversation_mask(ids: list[list[int]]) -> tuple[list[bool], bool]:
     mask = [False] * len(full)
     mismatch = False
     for prefix, upto in zip(ids[1::2], ids[2::2]):
-        start = _common_prefix(prefix, full)
-        end = _common_prefix(upto, full)
+        start = common_prefix(prefix, full)
+        end = common_prefix(upto, full)
         mismatch |= start < len(prefix) or end < len(upto)
         for t in range(start, end):
             mask[t] = True
@@ -215,7 +203,7 @@ def tokenize_sft(examples: list[SFTExample], tokenizer: Any, args: Any) -> tuple
         piece = _conversation_texts(ex, tokenizer, completion_only) if ex.is_conversational else [ex.prompt, ex.text]
         spans.append((len(texts), len(texts) + len(piece)))
         texts += piece
-    encoded = _encode(tokenizer, texts)
+    encoded = encode_texts(tokenizer, texts)
     eos = tokenizer.eos_token_id
     stats = SFTTokenizeStats(total=len(examples))
     out: list[TokenizedSample] = []
@@ -227,8 +215,7 @@ def tokenize_sft(examples: list[SFTExample], tokenizer: Any, args: Any) -> tuple
             stats.prefix_mismatch += mismatch
         else:
             prompt, text = ids_list
-            if eos is not None and (not text or text[-1] != eos):
-                text = text + [eos]
+            text = with_eos(text, eos)
             ids = prompt + text
             mask = [not completion_only] * len(prompt) + [True] * len(text)
         if max_length is not None and len(ids) > max_length:

@@ -92,7 +92,8 @@ class Truncated:
     drop_reason: str | None
 
 
-def _encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added (chat templates and EOS are the callers' business)."""
     out: list[list[int]] = []
     for i in range(0, len(texts), _ENCODE_BATCH):  # batched: the fast tokenizer works in parallel in Rust
         out.extend(tokenizer(texts[i:i + _ENCODE_BATCH], add_special_tokens=False)["input_ids"])
@@ -112,7 +113,7 @@ def encode_pairs(pairs: list[Pair], tokenizer: Any) -> list[Encoded]:
                       render(tokenizer, p.prompt + p.rejected, False, p.source)]
         else:
             texts += [p.prompt, p.chosen, p.rejected]
-    ids = _encode_texts(tokenizer, texts)
+    ids = encode_texts(tokenizer, texts)
     eos = tokenizer.eos_token_id
     out = []
     for i, p in enumerate(pairs):
@@ -120,11 +121,18 @@ def encode_pairs(pairs: list[Pair], tokenizer: Any) -> list[Encoded]:
         if p.is_conversational:
             out.append(_split_completions(prompt, a, b))
         else:
-            out.append(Encoded(prompt, _with_eos(a, eos), _with_eos(b, eos)))
+            out.append(Encoded(prompt, with_eos(a, eos), with_eos(b, eos)))
     return out
 
 
-def _with_eos(ids: list[int], eos: int | None) -> list[int]:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def with_eos(ids: list[int], eos: int | None) -> list[int]:
+    """`ids` ending in EOS (appended unless already there)."""
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
@@ -135,7 +143,7 @@ def _split_completions(prompt: list[int], full_chosen: list[int], full_rejected:
     if full_chosen[:k] == prompt and full_rejected[:k] == prompt:
         return Encoded(prompt, full_chosen[k:], full_rejected[k:])
     for full in (full_chosen, full_rejected):
-        k = min(k, next((i for i, (x, y) in enumerate(zip(prompt, full)) if x != y), min(k, len(full))))
+        k = min(k, common_prefix(prompt, full))
     return Encoded(full_chosen[:k], full_chosen[k:], full_rejected[k:], prefix_mismatch=True)
 
 

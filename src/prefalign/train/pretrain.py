@@ -74,10 +74,9 @@ def encode_documents(texts: list[str], tokenizer: Any) -> list[list[int]]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PrefalignError("the tokenizer has no EOS token to separate documents", "--tokenizer_name_or_path")
-    out: list[list[int]] = []
-    for i in range(0, len(texts), 1024):
-        out.extend(list(ids) + [eos] for ids in tokenizer(texts[i:i + 1024], add_special_tokens=False)["input_ids"])
-    return out
+    from prefalign.data.tokenize import encode_texts
+
+    return [ids + [eos] for ids in encode_texts(tokenizer, texts)]
 
 
 def _blocks(name: str, cfg: PretrainConfig, tokenizer: Any, config: str | None, split: str) -> list[Row]:
