@@ -41,11 +41,9 @@ def train_tokenizer(cfg: TrainTokenizerConfig) -> int:
     """Train and save the tokenizer; returns its vocabulary size."""
     from prefalign.data.sft import load_texts
     from prefalign.tokenizer import train_bpe_tokenizer
+    from prefalign.train.run import require
 
-    if not cfg.dataset_name:
-        raise PrefalignError("is required", "--dataset_name")
-    if not cfg.output_dir:
-        raise PrefalignError("is required", "--output_dir")
+    require(cfg, "dataset_name", "output_dir")
     if cfg.vocab_size < MIN_VOCAB:
         raise PrefalignError(f"must be at least {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
                              f"got {cfg.vocab_size}", "--vocab_size")

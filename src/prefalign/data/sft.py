@@ -250,7 +250,7 @@ def load_texts(name: str, config: str | None = None, split: str = "train", text_
     `load_rows` reads. With `conversations`, rows without that column contribute the contents of their
     messages / prompt / completion / chosen / rejected columns (for training a tokenizer)."""
     path = Path(name).expanduser()
-    txt = _txt_files(path) if path.suffix == ".txt" or (path.is_dir() and _txt_files(path)) else []
+    txt = _txt_files(path) if path.suffix == ".txt" or path.is_dir() else []  # a directory without any: []
     if path.suffix == ".txt" and not path.is_file():
         raise PrefalignError("no such file", name)
     if txt:
