@@ -60,7 +60,7 @@ class Reference:
 
     def logps(self, batch: dict[str, Any]) -> CompletionLogps:
         """Reference CompletionLogps of `batch` (no grad, eval mode)."""
-        with torch.no_grad(), _eval_mode(self.model), self.weights():
+        with torch.no_grad(), eval_mode(self.model), self.weights():
             return completion_logps(self.model, batch, chunk_size=self.chunk_size)
 
 
@@ -102,7 +102,7 @@ class AdapterReference(Reference):
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode for the pass; restore each module's own flag afterwards (they need not all agree)."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,14 +240,10 @@ def take_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict[str, Any]:
 @contextmanager
 def inference(model: torch.nn.Module) -> Iterator[None]:
     """No grad and eval mode for a pass; every module's own train flag is restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    from prefalign.model.reference import eval_mode
+
+    with torch.no_grad(), eval_mode(model):
+        yield
 
 
 def rollout_logps(model: torch.nn.Module, batch: dict[str, Any], chunk: int, temperature: float,
@@ -259,17 +255,12 @@ def rollout_logps(model: torch.nn.Module, batch: dict[str, Any], chunk: int, tem
     tc = int(batch["completion_mask"].sum(1).max())
     n = batch["input_ids"].size(0)
     out = torch.zeros(n, tc, device=batch["input_ids"].device)
-    with inference(model), (weights() if weights else _nothing()):
+    with inference(model), (weights() if weights else nullcontext()):
         for start in range(0, n, chunk):
             rows = list(range(start, min(start + chunk, n)))
             part = completion_logps(model, take_rows(batch, rows), temperature=temperature).token_logps
             out[start : start + len(rows), : part.size(1)] = part
     return out
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def reference_weights(reference: Any) -> tuple[torch.nn.Module, Any]:
