@@ -305,9 +305,10 @@ def _save_value(wrapper: PolicyAndValue, directory: Path) -> None:
 def _load_value(wrapper: PolicyAndValue, directory: Path) -> None:
     from safetensors.torch import load_file
 
-    if wrapper.value_model is not None:
-        state = load_file(directory / "value_model" / "model.safetensors")
-        wrapper.value_model.load_state_dict(state, strict=False)
+    from prefalign.model.weights import load_weights_into
+
+    if wrapper.value_model is not None:  # also reads the sharded files save_pretrained writes for large models
+        load_weights_into(wrapper.value_model, directory / "value_model")
     else:
         wrapper.value_head.load_state_dict(load_file(directory / "value_head.safetensors"))
 

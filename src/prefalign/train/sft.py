@@ -20,6 +20,7 @@ evaluation and the saved model are untouched.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -114,7 +115,12 @@ def collate_rows(rows: Sequence[Row], pad_token_id: int, segmented: bool) -> dic
 
 def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:  # per model class, not per micro-batch
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
@@ -132,8 +138,9 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor
     wanted = tgt[keep]  # (N,)
     loss_sum = F.cross_entropy(scored, wanted, reduction="sum")
     n = float(wanted.numel())
-    correct = float((scored.detach().argmax(-1) == wanted).sum())
-    return loss_sum, {"loss": (float(loss_sum.detach()), n), "mean_token_accuracy": (correct, n)}
+    correct = (scored.detach().argmax(-1) == wanted).sum()
+    loss_value, correct = torch.stack([loss_sum.detach(), correct.to(loss_sum.dtype)]).tolist()  # one host sync
+    return loss_sum, {"loss": (loss_value, n), "mean_token_accuracy": (correct, n)}
 
 
 class CausalLMStage:
