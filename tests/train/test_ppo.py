@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -75,6 +77,15 @@ def test_ppo_with_a_reward_model_and_mini_batches(tiny_model_dir, reward_model_d
     assert (out / "checkpoint-2" / "value_model" / "config.json").is_file()
     AutoModelForCausalLM.from_pretrained(out)
     assert not (out / "value_model").exists()  # the final output is the policy alone
+    # resuming loads the checkpoint's value model (every key checked) and finishes the run; checkpoint-2 lies inside
+    # a rollout, which the resumed run samples again from the updated policy, so its numbers are not compared
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    assert _ppo(tiny_model_dir, prompts, resumed, "--reward_model_name_or_path", reward_model_dir,
+                "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--num_mini_batches", 2,
+                "--num_ppo_epochs", 2, "--max_steps", 4, "--missing_eos_penalty", 1.0, "--save_steps", 2,
+                "--resume_from_checkpoint", "latest") == 0
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [3, 4]
 
 
 @pytest.mark.slow
