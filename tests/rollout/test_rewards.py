@@ -114,15 +114,21 @@ def reward_model_dir(tmp_path_factory, tiny_tokenizer):
 
 
 def test_reward_model_scorer_matches_unpadded_forward(reward_model_dir, tiny_tokenizer):
-    """Batched, right-padded scores equal each text scored alone (logit 0 at its last token)."""
+    """Batched, right-padded scores equal each pair scored alone (logit 0 at its last token), on the ids the reward
+    model was trained on: `prefalign rm` tokenizes a text prompt and completion apart and ends the completion in
+    EOS (data.tokenize.encode_pairs), so scoring `prompt + completion` as one string would read another token."""
+    from prefalign.data.tokenize import encode_pairs
+    from prefalign.data.types import Pair
+
     scorer = RewardModelScorer(reward_model_dir, tiny_tokenizer, batch_size=3)
     prompts = ["what is two plus two", "hello", "the sky is"]
     completions = [" four", " world and the cat and the dog", " blue"]
     scores = scorer(prompts=prompts, completions=completions)
     model = scorer.model
-    for p, c, s in zip(prompts, completions, scores):
-        ids = tiny_tokenizer(p + c, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        assert s == pytest.approx(model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+    for p, c, s, ids in zip(prompts, completions, scores, scorer.token_ids(prompts, completions)):
+        trained = encode_pairs([Pair(prompt=p, chosen=c, rejected=c)], tiny_tokenizer)[0]
+        assert ids == trained.prompt_ids + trained.chosen_ids and ids[-1] == tiny_tokenizer.eos_token_id
+        assert s == pytest.approx(model(input_ids=torch.tensor([ids])).logits[0, 0].item(), abs=1e-5)
     assert len(set(scores)) == 3
 
 

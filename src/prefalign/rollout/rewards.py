@@ -267,16 +267,34 @@ class RewardModelScorer:
                 out.append(self.tokenizer.apply_chat_template(list(p) + list(c), tokenize=False))
         return out
 
+    def token_ids(self, prompts: list, completions: list) -> list[list[int]]:
+        """Ids exactly as `prefalign rm` trained on them (data.tokenize.encode_pairs): a conversation rendered whole;
+        a text prompt and its completion tokenized apart, the completion ending in EOS."""
+        from prefalign.data.tokenize import encode_texts, with_eos
+
+        texts = self.texts(prompts, completions)
+        pieces = [[p, completion_text(c)] if isinstance(p, str) else [t]
+                  for p, c, t in zip(prompts, completions, texts)]
+        flat = encode_texts(self.tokenizer, [x for piece in pieces for x in piece])  # one batched call
+        out, i, eos = [], 0, self.tokenizer.eos_token_id
+        for piece in pieces:
+            out.append(flat[i] + with_eos(flat[i + 1], eos) if len(piece) == 2 else flat[i])
+            i += len(piece)
+        return [ids[: self.max_length] for ids in out] if self.max_length is not None else out
+
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float]:
-        texts = self.texts(prompts, completions)
+        ids = self.token_ids(prompts, completions)
         device = next(self.model.parameters()).device
         scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size], return_tensors="pt", padding=True, padding_side="right",
-                truncation=self.max_length is not None, max_length=self.max_length, add_special_tokens=False,
-            ).to(device)
-            logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # (b, 1)
+        for start in range(0, len(ids), self.batch_size):
+            rows = ids[start : start + self.batch_size]
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)  # (b, T)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)  # right padding: the head reads the last real token
+            for k, r in enumerate(rows):
+                input_ids[k, : len(r)] = torch.tensor(r, dtype=torch.long)
+                mask[k, : len(r)] = 1
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (b, 1)
             scores.extend(logits[:, 0].float().tolist())
         return scores
