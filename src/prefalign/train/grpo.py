@@ -32,7 +32,7 @@ from prefalign.errors import PrefalignError
 from prefalign.losses.policy import GRPO_NORMALIZERS, SCALE_REWARDS, group_advantages, grpo_loss
 from prefalign.model.logprobs import completion_logps
 from prefalign.rollout.generate import mask_truncated_completions
-from prefalign.train.metrics import MetricSums
+from prefalign.train.metrics import MetricSums, to_host
 from prefalign.train.rollout import (
     GenerationArgs,
     RewardArgs,
@@ -210,11 +210,13 @@ class GRPOStage:
             importance_sampling_level=cfg.importance_sampling_level, top_entropy_quantile=cfg.top_entropy_quantile,
             max_completion_length=cfg.max_completion_length,
         )
-        tokens = float(mask.sum())
-        weight = tokens if self.per_token else float(mask.size(0))
-        loss_sum = loss * weight  # undo the micro-batch normalisation: the loop divides by the step's weight
-        metrics: MetricSums = {"loss": (float(loss_sum.detach()), weight)}
-        metrics.update({k: (float(v) * tokens, tokens) for k, v in m.items()})
+        tokens_t = mask.sum().to(loss.dtype)
+        # undo the micro-batch normalisation: the loop divides by the step's weight
+        loss_sum = loss * (tokens_t if self.per_token else float(mask.size(0)))
+        host = to_host({"tokens": tokens_t, "loss": loss_sum, **m})
+        tokens = host.pop("tokens")
+        metrics: MetricSums = {"loss": (host.pop("loss"), tokens if self.per_token else float(mask.size(0)))}
+        metrics.update({k: (v * tokens, tokens) for k, v in host.items()})
         metrics.update({k: (v, 1.0) for k, v in batch["rollout_metrics"].items()})
         return loss_sum, metrics
 

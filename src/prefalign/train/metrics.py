@@ -15,6 +15,14 @@ import torch
 MetricSums = dict[str, tuple[float, float]]
 
 
+def to_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors as Python floats with one device-to-host transfer (a float() each would sync each)."""
+    if not values:
+        return {}
+    host = torch.stack([v.detach().double().reshape(()) for v in values.values()]).tolist()
+    return dict(zip(values, host))
+
+
 class MetricAccumulator:
     """Sums metric (sum, count) pairs over micro-batches, then reduces across processes."""
 

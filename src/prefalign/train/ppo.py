@@ -33,7 +33,7 @@ from prefalign.losses.policy import KL_ESTIMATORS
 from prefalign.losses.ppo import compute_gae, ppo_loss, ppo_rewards
 from prefalign.model.logprobs import completion_logps, left_align
 from prefalign.rollout.generate import mask_truncated_completions
-from prefalign.train.metrics import MetricSums
+from prefalign.train.metrics import MetricSums, to_host
 from prefalign.train.rollout import (
     GenerationArgs,
     RewardArgs,
@@ -270,10 +270,12 @@ class PPOStage:
         loss, m = ppo_loss(logps, batch["old_logps"], batch["advantages"], values, batch["old_values"],
                            batch["returns"], mask, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
                            vf_coef=cfg.vf_coef, entropies=entropy)
-        tokens = float(mask.sum())
-        loss_sum = loss * tokens  # token sums; the loop divides by the mini-batch's real tokens
-        metrics: MetricSums = {"loss": (float(loss_sum.detach()), tokens)}
-        metrics.update({k: (float(v) * tokens, tokens) for k, v in m.items()})
+        tokens_t = mask.sum().to(loss.dtype)
+        loss_sum = loss * tokens_t  # token sums; the loop divides by the mini-batch's real tokens
+        host = to_host({"tokens": tokens_t, "loss": loss_sum, **m})
+        tokens = host.pop("tokens")
+        metrics: MetricSums = {"loss": (host.pop("loss"), tokens)}
+        metrics.update({k: (v * tokens, tokens) for k, v in host.items()})
         metrics.update({k: (v, 1.0) for k, v in batch["rollout_metrics"].items()})
         return loss_sum, metrics
 

@@ -27,7 +27,7 @@ from prefalign.data.collate import collate_padded
 from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
 from prefalign.train.loop import sequential_groups, shuffled_groups
-from prefalign.train.metrics import MetricSums
+from prefalign.train.metrics import MetricSums, to_host
 from prefalign.train.run import print_summary
 
 
@@ -82,12 +82,9 @@ class RewardStage:
         if self.cfg.center_rewards_coefficient:
             losses = losses + self.cfg.center_rewards_coefficient * (chosen + rejected) ** 2
         d = rewards.detach()
-        metrics: MetricSums = {
-            "loss": (float(losses.detach().sum()), b),
-            "accuracy": (float((d[:b] > d[b:]).float().sum()), b),
-            "margin": (float((d[:b] - d[b:]).sum()), b),
-            "mean_reward": (float(d.sum()), 2 * b),
-        }
+        host = to_host({"loss": losses.sum(), "accuracy": (d[:b] > d[b:]).float().sum(),
+                        "margin": (d[:b] - d[b:]).sum(), "mean_reward": d.sum()})
+        metrics: MetricSums = {k: (v, 2 * b if k == "mean_reward" else b) for k, v in host.items()}
         return losses.sum(), metrics
 
     def step(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, MetricSums]:
