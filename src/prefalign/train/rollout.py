@@ -211,9 +211,10 @@ def padded_layout(prompts: list[list[int]], completion_ids: Tensor, completion_m
     input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
     completion = torch.zeros((len(prompts), width), dtype=torch.long)
+    completion_ids = completion_ids.cpu()  # one transfer, not one per row
     for row, (p, n) in enumerate(zip(prompts, lengths)):
         input_ids[row, : len(p)] = torch.tensor(p)
-        input_ids[row, len(p) : len(p) + n] = completion_ids[row, :n].cpu()
+        input_ids[row, len(p) : len(p) + n] = completion_ids[row, :n]
         attention[row, : len(p) + n] = 1
         completion[row, len(p) : len(p) + n] = 1
     return {"layout": "padded", "input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
@@ -224,16 +225,21 @@ def take_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict[str, Any]:
     index = torch.tensor(list(rows), dtype=torch.long)
     width = int(batch["attention_mask"][index].sum(1).max())
     tc = int(batch["completion_mask"][index].sum(1).max())
+    on_device: dict[torch.device, Tensor] = {}  # the index copied once per device, not once per tensor
     out: dict[str, Any] = {}
     for key, value in batch.items():
         if not isinstance(value, Tensor):
             out[key] = value
-        elif key in ("input_ids", "attention_mask", "completion_mask"):
-            out[key] = value[index.to(value.device), :width]
+            continue
+        if value.device not in on_device:
+            on_device[value.device] = index.to(value.device)
+        idx = on_device[value.device]
+        if key in ("input_ids", "attention_mask", "completion_mask"):
+            out[key] = value[idx, :width]
         elif value.dim() == 2:
-            out[key] = value[index.to(value.device), :tc]
+            out[key] = value[idx, :tc]
         else:
-            out[key] = value[index.to(value.device)]
+            out[key] = value[idx]
     return out
 
 
