@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from prefalign.config import DPOArgs, ModelArgs
+from prefalign.config import ModelArgs
 from prefalign.data.collate import collate_padded
 from prefalign.data.types import TokenizedPair
 from prefalign.model.load import POLICY_ADAPTER, REFERENCE_ADAPTER, load_policy, save_model
@@ -58,13 +58,13 @@ def _perturb(model, match: str = "", scale: float = 0.3) -> None:
 def test_reference_free_loads_nothing(tiny_model_dir) -> None:
     policy = load_policy(ModelArgs(model_name_or_path=str(tiny_model_dir)))
     args = ModelArgs(model_name_or_path=str(tiny_model_dir), ref_model_name_or_path="/does/not/exist")
-    assert build_reference(policy, args, DPOArgs(loss_type=["simpo"]), loss_needs_reference=False) is None
+    assert build_reference(policy, args, loss_needs_reference=False) is None
 
 
 def test_default_is_frozen_copy_of_initial_policy(tiny_model_dir) -> None:
     args = ModelArgs(model_name_or_path=str(tiny_model_dir))
     policy = load_policy(args).train()
-    ref = build_reference(policy, args, DPOArgs(), loss_needs_reference=True)
+    ref = build_reference(policy, args, loss_needs_reference=True)
     assert isinstance(ref, FrozenModelReference)
     policy_ptrs = {p.data_ptr() for p in policy.parameters()}
     assert not any(p.data_ptr() in policy_ptrs for p in ref.model.parameters())
@@ -80,7 +80,7 @@ def test_default_is_frozen_copy_of_initial_policy(tiny_model_dir) -> None:
 def test_explicit_reference_model(tiny_model_dir, tiny_llama_dir) -> None:
     args = ModelArgs(model_name_or_path=str(tiny_model_dir), ref_model_name_or_path=str(tiny_llama_dir))
     policy = load_policy(args)
-    ref = build_reference(policy, args, DPOArgs(), loss_needs_reference=True)
+    ref = build_reference(policy, args, loss_needs_reference=True)
     assert type(ref.model).__name__ == "LlamaForCausalLM"
     expected = _expected(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
     torch.testing.assert_close(ref.logps(_batch()).token_logps, expected)
@@ -93,7 +93,7 @@ def test_fresh_lora_uses_disabled_adapter_without_a_copy(tiny_model_dir) -> None
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.5
     before = [(p.data_ptr(), p.shape) for p in policy.parameters()]
-    ref = build_reference(policy, args, DPOArgs(), loss_needs_reference=True)
+    ref = build_reference(policy, args, loss_needs_reference=True)
     assert isinstance(ref, DisabledAdapterReference) and ref.model is policy
     assert [(p.data_ptr(), p.shape) for p in policy.parameters()] == before  # no new parameters anywhere
 
@@ -117,7 +117,7 @@ def test_continued_adapter_uses_frozen_twin(tiny_model_dir, tiny_tokenizer, tmp_
     policy = load_policy(args).train()
     policy.base_model.model.model.layers[1].eval()  # a mixed mode that must survive the pass unchanged
     modes = [m.training for m in policy.modules()]
-    ref = build_reference(policy, args, DPOArgs(), loss_needs_reference=True)
+    ref = build_reference(policy, args, loss_needs_reference=True)
     assert isinstance(ref, AdapterReference) and ref.adapter_name == REFERENCE_ADAPTER
 
     _perturb(policy, f"lora_B.{POLICY_ADAPTER}.")  # train the policy adapter only
@@ -149,7 +149,7 @@ class ForwardCounter:
 
 def test_precompute_caches_on_disk_and_reuses(tiny_model_dir, tmp_path) -> None:
     args = ModelArgs(model_name_or_path=str(tiny_model_dir))
-    ref = build_reference(load_policy(args), args, DPOArgs(precompute_ref_log_probs=True), True)
+    ref = build_reference(load_policy(args), args, True)
     counter = ForwardCounter(ref.model)
     key = fingerprint(reference_sources(args), PAIRS, {"max_length": 1024})
     collate = lambda pairs: collate_padded(pairs, pad_token_id=0)  # noqa: E731
@@ -180,7 +180,7 @@ def test_precompute_caches_on_disk_and_reuses(tiny_model_dir, tmp_path) -> None:
 
 def test_stale_cache_file_is_recomputed(tiny_model_dir, tmp_path) -> None:
     args = ModelArgs(model_name_or_path=str(tiny_model_dir))
-    ref = build_reference(load_policy(args), args, DPOArgs(), True)
+    ref = build_reference(load_policy(args), args, True)
     counter = ForwardCounter(ref.model)
     collate = lambda pairs: collate_padded(pairs, pad_token_id=0)  # noqa: E731
     precompute_reference(ref, PAIRS[:2], collate, 4, tmp_path, "samekey")
@@ -220,7 +220,7 @@ def test_reference_pass_leaves_policy_training_intact(tiny_model_dir, use_peft) 
     """A DPO step interleaves the reference pass with the policy's forward/backward; gradients still flow."""
     args = ModelArgs(model_name_or_path=str(tiny_model_dir), use_peft=use_peft)
     policy = load_policy(args, gradient_checkpointing=True).train()
-    ref = build_reference(policy, args, DPOArgs(), True)
+    ref = build_reference(policy, args, True)
     ref_out = ref.logps(_batch())
     loss = (completion_logps(policy, _batch()).token_logps - ref_out.token_logps).sum()
     loss.backward()

@@ -36,7 +36,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from prefalign.config import DPOArgs, ModelArgs
+from prefalign.config import ModelArgs
 from prefalign.data.types import TokenizedPair
 from prefalign.model.load import REFERENCE_ADAPTER, load_pretrained
 from prefalign.model.logprobs import CompletionLogps, completion_logps
@@ -45,9 +45,8 @@ from prefalign.model.logprobs import CompletionLogps, completion_logps
 class Reference:
     """Computes reference log-probs of a batch; subclasses say which weights the pass uses."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.chunk_size = chunk_size
 
     @contextmanager
     def weights(self) -> Iterator[None]:
@@ -61,14 +60,14 @@ class Reference:
     def logps(self, batch: dict[str, Any]) -> CompletionLogps:
         """Reference CompletionLogps of `batch` (no grad, eval mode)."""
         with torch.no_grad(), eval_mode(self.model), self.weights():
-            return completion_logps(self.model, batch, chunk_size=self.chunk_size)
+            return completion_logps(self.model, batch)
 
 
 class FrozenModelReference(Reference):
     """A separate model (deep copy of the initial policy, or --ref_model_name_or_path), frozen for good."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
-        super().__init__(model.eval().requires_grad_(False), chunk_size)
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model.eval().requires_grad_(False))
 
 
 class DisabledAdapterReference(Reference):
@@ -83,8 +82,8 @@ class DisabledAdapterReference(Reference):
 class AdapterReference(Reference):
     """A frozen adapter living in the policy's base model next to the trainable one."""
 
-    def __init__(self, model: PeftModel, adapter_name: str = REFERENCE_ADAPTER, chunk_size: int = 1024) -> None:
-        super().__init__(model, chunk_size)
+    def __init__(self, model: PeftModel, adapter_name: str = REFERENCE_ADAPTER) -> None:
+        super().__init__(model)
         self.adapter_name = adapter_name
 
     @contextmanager
@@ -113,24 +112,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def build_reference(
-    policy: nn.Module, model_args: ModelArgs, dpo_args: DPOArgs, loss_needs_reference: bool, chunk_size: int = 1024
-) -> Reference | None:
-    """The cheapest reference that is right for this configuration (see the module docstring)."""
+def build_reference(policy: nn.Module, model_args: ModelArgs, loss_needs_reference: bool) -> Reference | None:
+    """The cheapest reference that is right for this configuration (see the module docstring). Precomputed
+    reference log-probs are a separate step (precompute_reference)."""
     if not loss_needs_reference:
         return None
-    del dpo_args  # precomputation is a separate step (precompute_reference); nothing here depends on it
     # The reference pass needs no gradient sync, so it may use the model inside a DDP/DeepSpeed wrapper.
     policy = extract_model_from_parallel(policy)
     if model_args.ref_model_name_or_path:
         ref = load_pretrained(model_args.ref_model_name_or_path, model_args, "--ref_model_name_or_path")
         device = next(policy.parameters()).device
-        return FrozenModelReference(ref.to(device), chunk_size)
+        return FrozenModelReference(ref.to(device))
     if isinstance(policy, PeftModel):
         if REFERENCE_ADAPTER in policy.peft_config:
-            return AdapterReference(policy, REFERENCE_ADAPTER, chunk_size)
-        return DisabledAdapterReference(policy, chunk_size)
-    return FrozenModelReference(copy.deepcopy(policy), chunk_size)
+            return AdapterReference(policy, REFERENCE_ADAPTER)
+        return DisabledAdapterReference(policy)
+    return FrozenModelReference(copy.deepcopy(policy))
 
 
 # ---------------------------------------------------------------- precomputed reference log-probs

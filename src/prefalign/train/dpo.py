@@ -156,7 +156,7 @@ def train_dpo(cfg: DPOConfig) -> Any:
     if cfg.disable_dropout:
         disable_dropout(model)
     uses_reference = needs_reference([name for name, _ in resolve_losses(cfg)])
-    reference = build_reference(model, cfg, cfg, uses_reference)
+    reference = build_reference(model, cfg, uses_reference)
     ref_cache = None
     if cfg.precompute_ref_log_probs and reference is not None:
         ref_cache = _precompute(cfg, reference, train, eval_, tokenizer)

@@ -244,7 +244,7 @@ def train_grpo(cfg: GRPOConfig, advantage_fn: AdvantageFn | None = None, kl_in_r
     model = load_policy(cfg, gradient_checkpointing=cfg.gradient_checkpointing).to(accelerator.device)
     if cfg.disable_dropout:
         disable_dropout(model)
-    reference = build_reference(model, cfg, None, cfg.beta != 0)  # type: ignore[arg-type]
+    reference = build_reference(model, cfg, cfg.beta != 0)
     start_run(cfg, accelerator, cfg, run_name)
     stage = GRPOStage(cfg, model, train, eval_, reward_fns, reference, accelerator.num_processes, advantage_fn,
                       kl_in_reward)

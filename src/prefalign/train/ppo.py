@@ -330,7 +330,7 @@ def train_ppo(cfg: PPOConfig) -> Any:
     train, eval_ = load_rl_data(cfg, tokenizer, accelerator)
     reward_fns = load_reward_functions(cfg, accelerator.device)
     policy = load_policy(cfg, gradient_checkpointing=cfg.gradient_checkpointing).to(accelerator.device)
-    reference = build_reference(policy, cfg, None, True)  # type: ignore[arg-type]
+    reference = build_reference(policy, cfg, True)
     wrapper = PolicyAndValue(policy, load_value_model(cfg, accelerator.device))
     if cfg.disable_dropout:  # TRL's PPO always does: the ratio must be 1 before the first update
         disable_dropout(wrapper)
