@@ -78,28 +78,15 @@ def pair_metrics(policy: Any, reference: Any, tokenizer: Any, pairs: list[Any], 
     from prefalign.data.tokenize import tokenize_pairs
     from prefalign.model.reference import DisabledAdapterReference, FrozenModelReference
     from prefalign.train.dpo import DPOStage
+    from prefalign.train.loop import accumulate_eval
 
     tokenized, _ = tokenize_pairs(pairs, tokenizer, cfg)
     if reference is None and not isinstance(policy, PeftModel):
         raise PrefalignError("a full model needs a reference model", "--ref_model_name_or_path")
     ref = DisabledAdapterReference(policy) if reference is None else FrozenModelReference(reference)
     stage = DPOStage(cfg, [], tokenized, tokenizer.pad_token_id, ref)
-    device = next(policy.parameters()).device
-    sums: dict[str, list[float]] = {}
-    was_training = policy.training
-    policy.eval()
-    try:
-        with torch.no_grad():
-            for group in stage.eval_groups():
-                batch = stage.make_batch(group, "eval")
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                for name, (total, weight) in stage.eval_step(policy, batch).items():
-                    acc = sums.setdefault(name, [0.0, 0.0])
-                    acc[0] += total
-                    acc[1] += weight
-    finally:
-        policy.train(was_training)
-    return {f"eval_{k}": (s / w if w else math.nan) for k, (s, w) in sums.items()}
+    acc = accumulate_eval(stage, policy, [(g, True) for g in stage.eval_groups()], next(policy.parameters()).device)
+    return {f"eval_{k}": v for k, v in acc.means().items()}
 
 
 def _scores(judge: Any, prompts: list[Any], answers: list[str], columns: dict[str, list]) -> list[float]:

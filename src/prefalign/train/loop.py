@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -122,19 +123,27 @@ def _all_reduce_grads(model: torch.nn.Module, accelerator: Any) -> None:
         offset += g.numel()
 
 
+def accumulate_eval(stage: Stage, model: torch.nn.Module, groups: Iterable[tuple[Sequence[int], bool]],
+                    device: torch.device, autocast: Callable[[], Any] = nullcontext) -> MetricAccumulator:
+    """Evaluation metric sums over (group, counts) micro-batches, without grad and in eval mode (restored after);
+    a group with counts=False runs (its forward may hold collectives) but adds nothing."""
+    from prefalign.model.reference import eval_mode
+
+    acc = MetricAccumulator()
+    with torch.no_grad(), eval_mode(model):
+        for group, counts in groups:
+            with autocast():
+                metrics = stage.eval_step(model, _to_device(stage.make_batch(group, "eval"), device))
+            acc.add(metrics if counts else distributed.no_weight(metrics))
+    return acc
+
+
 def evaluate(stage: Stage, model: torch.nn.Module, accelerator: Any) -> dict[str, float]:
     groups = stage.eval_groups()
     if not groups:
         return {}
-    acc = MetricAccumulator()
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for group, counts in distributed.pad_groups(groups, accelerator.process_index, accelerator.num_processes):
-            with accelerator.autocast():
-                metrics = stage.eval_step(model, _to_device(stage.make_batch(group, "eval"), accelerator.device))
-            acc.add(metrics if counts else distributed.no_weight(metrics))
-    model.train(was_training)
+    shares = distributed.pad_groups(groups, accelerator.process_index, accelerator.num_processes)
+    acc = accumulate_eval(stage, model, shares, accelerator.device, accelerator.autocast)
     return {f"eval_{k}": v for k, v in acc.reduce(accelerator).items()}
 
 

@@ -35,6 +35,10 @@ class MetricAccumulator:
             entry[0] += float(total)
             entry[1] += float(count)
 
+    def means(self) -> dict[str, float]:
+        """This process's means (no reduction across processes)."""
+        return {n: (s / c if c else math.nan) for n, (s, c) in self.sums.items()}
+
     def reduce(self, accelerator: Any) -> dict[str, float]:
         names = sorted(self.sums)
         if not names:
