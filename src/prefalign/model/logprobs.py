@@ -299,14 +299,21 @@ def _padded_logps(
     slots = (completion.cumsum(1) - 1)[rows, cols]  # index of each token within its completion
     lengths = completion.sum(1)  # (2B,)
     width = int(lengths.max()) if num_rows else 0
+    return gather_scores(scores, rows, slots, num_rows, width)
+
+
+def gather_scores(scores: TokenScores, rows: Tensor, slots: Tensor, num_rows: int, width: int) -> CompletionLogps:
+    """Per-position scores (token k of row r at `slots[k]`) as left-aligned (num_rows, width) CompletionLogps;
+    every layout ends here."""
+    def align(values: Tensor | None) -> Tensor | None:
+        return None if values is None else left_align(values, rows, slots, num_rows, width)
+
     return CompletionLogps(
-        token_logps=left_align(scores.logps, rows, slots, num_rows, width),
-        mask=left_align(torch.ones_like(rows, dtype=torch.bool), rows, slots, num_rows, width),
+        token_logps=align(scores.logps),
+        mask=align(torch.ones_like(rows, dtype=torch.bool)),
         logits_mean_sum=scores.mean_logits.new_zeros(num_rows).index_add(0, rows, scores.mean_logits),
-        wpo_adjust=None
-        if scores.wpo_adjust is None
-        else left_align(scores.wpo_adjust, rows, slots, num_rows, width),
-        entropy=None if scores.entropy is None else left_align(scores.entropy, rows, slots, num_rows, width),
+        wpo_adjust=align(scores.wpo_adjust),
+        entropy=align(scores.entropy),
     )
 
 

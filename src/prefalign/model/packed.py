@@ -41,8 +41,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from prefalign.model.logprobs import (
     CompletionLogps,
+    gather_scores,
     is_prompt_learning,
-    left_align,
     register_layout,
     score_positions,
     unwrap_model,
@@ -183,15 +183,7 @@ def packed_logps(
         model, forward_kwargs, torch.zeros_like(positions), positions, batch["target_ids"][rows, slots],
         with_wpo=with_wpo, chunk_size=chunk_size,
     )  # fmt: skip
-    num_rows, width = target_mask.shape
-    return CompletionLogps(
-        token_logps=left_align(scores.logps, rows, slots, num_rows, width),
-        mask=target_mask.clone(),
-        logits_mean_sum=scores.mean_logits.new_zeros(num_rows).index_add(0, rows, scores.mean_logits),
-        wpo_adjust=None
-        if scores.wpo_adjust is None
-        else left_align(scores.wpo_adjust, rows, slots, num_rows, width),
-    )
+    return gather_scores(scores, rows, slots, *target_mask.shape)  # its mask equals the left-aligned target_mask
 
 
 register_layout("packed", packed_logps)
