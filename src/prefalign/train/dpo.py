@@ -145,7 +145,7 @@ def train_dpo(cfg: DPOConfig) -> Any:
     from prefalign.data.tokenize import load_tokenized_pairs
     from prefalign.model.load import load_policy, load_tokenizer
     from prefalign.model.reference import build_reference
-    from prefalign.train.run import make_accelerator, start_run, train_and_save
+    from prefalign.train.run import make_accelerator, train_and_save
 
     check_dpo_config(cfg)
     accelerator = make_accelerator(cfg)
@@ -164,10 +164,9 @@ def train_dpo(cfg: DPOConfig) -> Any:
     packed, notice = use_packing(cfg, [model] + ([reference.model] if reference is not None else []))
     if notice:
         accelerator.print(notice)
-    start_run(cfg, accelerator, cfg, "dpo")
     stage = DPOStage(cfg, train, eval_, tokenizer.pad_token_id, reference, ref_cache, packed=packed)
 
-    return train_and_save(stage, model, tokenizer, cfg, accelerator)
+    return train_and_save(stage, model, tokenizer, cfg, accelerator, "dpo")
 
 
 class ReferenceCache:

@@ -233,7 +233,7 @@ def train_grpo(cfg: GRPOConfig, advantage_fn: AdvantageFn | None = None, kl_in_r
     from prefalign.data.templates import resolve_chat_template
     from prefalign.model.load import load_policy, load_tokenizer
     from prefalign.model.reference import build_reference
-    from prefalign.train.run import make_accelerator, start_run, train_and_save
+    from prefalign.train.run import make_accelerator, train_and_save
 
     (check or check_grpo_config)(cfg)
     accelerator = make_accelerator(cfg)
@@ -245,10 +245,9 @@ def train_grpo(cfg: GRPOConfig, advantage_fn: AdvantageFn | None = None, kl_in_r
     if cfg.disable_dropout:
         disable_dropout(model)
     reference = build_reference(model, cfg, cfg.beta != 0)
-    start_run(cfg, accelerator, cfg, run_name)
     stage = GRPOStage(cfg, model, train, eval_, reward_fns, reference, accelerator.num_processes, advantage_fn,
                       kl_in_reward)
-    return train_and_save(stage, model, tokenizer, cfg, accelerator)
+    return train_and_save(stage, model, tokenizer, cfg, accelerator, run_name)
 
 
 CONFIG = GRPOConfig

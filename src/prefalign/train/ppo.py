@@ -321,7 +321,7 @@ def train_ppo(cfg: PPOConfig) -> Any:
     from prefalign.model.load import load_policy, load_tokenizer, save_model
     from prefalign.model.reference import build_reference
     from prefalign.model.weights import load_weights_into
-    from prefalign.train.run import make_accelerator, start_run, train_and_save
+    from prefalign.train.run import make_accelerator, train_and_save
 
     check_ppo_config(cfg)
     accelerator = make_accelerator(cfg)
@@ -334,7 +334,6 @@ def train_ppo(cfg: PPOConfig) -> Any:
     wrapper = PolicyAndValue(policy, load_value_model(cfg, accelerator.device))
     if cfg.disable_dropout:  # TRL's PPO always does: the ratio must be 1 before the first update
         disable_dropout(wrapper)
-    start_run(cfg, accelerator, cfg, "ppo")
     stage = PPOStage(cfg, wrapper, train, eval_, reward_fns, reference, accelerator.num_processes)
 
     def save(directory: Path) -> None:
@@ -345,7 +344,7 @@ def train_ppo(cfg: PPOConfig) -> Any:
         load_weights_into(policy, directory)
         _load_value(wrapper, directory)
 
-    return train_and_save(stage, wrapper, tokenizer, cfg, accelerator, final_model=policy, save=save, load=load)
+    return train_and_save(stage, wrapper, tokenizer, cfg, accelerator, "ppo", final_model=policy, save=save, load=load)
 
 
 CONFIG = PPOConfig

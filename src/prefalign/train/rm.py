@@ -155,7 +155,7 @@ def train_rm(cfg: RMConfig) -> Any:
     from prefalign.data.templates import resolve_chat_template
     from prefalign.data.tokenize import load_tokenized_pairs
     from prefalign.model.load import load_tokenizer
-    from prefalign.train.run import make_accelerator, start_run, train_and_save
+    from prefalign.train.run import make_accelerator, train_and_save
 
     check_rm_config(cfg)
     accelerator = make_accelerator(cfg)
@@ -166,10 +166,9 @@ def train_rm(cfg: RMConfig) -> Any:
     model = model.to(accelerator.device)
     if new_head:
         accelerator.print(f"{cfg.model_name_or_path} has no reward head: a new one-output score head is trained")
-    start_run(cfg, accelerator, cfg, "rm")
     stage = RewardStage(cfg, train, eval_, tokenizer.pad_token_id)
 
-    return train_and_save(stage, model, tokenizer, cfg, accelerator)
+    return train_and_save(stage, model, tokenizer, cfg, accelerator, "rm")
 
 
 CONFIG = RMConfig

@@ -92,16 +92,17 @@ def make_accelerator(args: TrainArgs) -> Any:
     return accelerator
 
 
-def start_run(args: TrainArgs, accelerator: Any, config: Any, run_name: str) -> None:
-    """Create output_dir, start trackers and write the resolved config beside the results."""
+def start_run(args: TrainArgs, accelerator: Any, run_name: str) -> None:
+    """Create output_dir, start trackers and write the resolved config (`args`, the command's whole config)
+    beside the results."""
     out = Path(args.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if args.overwrite_output_dir and not args.resume_from_checkpoint and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
-        (out / "prefalign_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+        (out / "prefalign_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2, default=str))
     if accelerator.log_with:
-        accelerator.init_trackers(run_name, config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+        accelerator.init_trackers(run_name, config={k: str(v) for k, v in dataclasses.asdict(args).items()})
     accelerator.wait_for_everyone()
 
 
@@ -127,10 +128,12 @@ def save_final(output_dir: str | Path, write: Callable[[Path], None]) -> None:
     tmp.rmdir()
 
 
-def train_and_save(stage: Any, model: Any, tokenizer: Any, cfg: Any, accelerator: Any, *, final_model: Any = None,
-                   save: Callable[[Path], None] | None = None, load: Callable[[Path], None] | None = None) -> Any:
-    """The common tail of every training command: the loop with Hugging Face-format checkpoints, then the final
-    model (`final_model`, default `model`) and tokenizer saved atomically into output_dir by the main process."""
+def train_and_save(stage: Any, model: Any, tokenizer: Any, cfg: Any, accelerator: Any, run_name: str, *,
+                   final_model: Any = None, save: Callable[[Path], None] | None = None,
+                   load: Callable[[Path], None] | None = None) -> Any:
+    """The common tail of every training command: start the run (output_dir, config, trackers), the loop with
+    Hugging Face-format checkpoints, then the final model (`final_model`, default `model`) and tokenizer saved
+    atomically into output_dir by the main process."""
     from prefalign.model.load import save_model
     from prefalign.model.weights import load_weights_into
     from prefalign.train.distributed import shard_plan
@@ -141,6 +144,7 @@ def train_and_save(stage: Any, model: Any, tokenizer: Any, cfg: Any, accelerator
         raise PrefalignError("cannot merge a sharded (FSDP) model; merge the saved adapter afterwards",
                              "--merge_adapter")
     final_model = model if final_model is None else final_model
+    start_run(cfg, accelerator, run_name)
     save = save or (lambda d: save_model(final_model, tokenizer, d, merge_adapter=False))
     load = load or (lambda d: load_weights_into(final_model, d))
     result = train_loop(stage, model, cfg, accelerator, save, load, plan)

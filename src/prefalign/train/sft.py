@@ -217,7 +217,7 @@ def check_lm_config(cfg: Any) -> None:
 def run_lm_training(cfg: Any, name: str, build_stage: Callable[[Any, Any], CausalLMStage]) -> Any:
     """tokenizer → stage (data) → model → loop → final model; `build_stage(tokenizer, accelerator)`."""
     from prefalign.model.load import load_policy, load_tokenizer
-    from prefalign.train.run import make_accelerator, start_run, train_and_save
+    from prefalign.train.run import make_accelerator, train_and_save
 
     check_lm_config(cfg)
     accelerator = make_accelerator(cfg)
@@ -226,9 +226,8 @@ def run_lm_training(cfg: Any, name: str, build_stage: Callable[[Any, Any], Causa
     model = load_policy(cfg, gradient_checkpointing=cfg.gradient_checkpointing).to(accelerator.device)
     if getattr(cfg, "neftune_noise_alpha", None):
         add_neftune(model, cfg.neftune_noise_alpha)
-    start_run(cfg, accelerator, cfg, name)
 
-    return train_and_save(stage, model, tokenizer, cfg, accelerator)
+    return train_and_save(stage, model, tokenizer, cfg, accelerator, name)
 
 
 def train_sft(cfg: SFTConfig) -> Any:
