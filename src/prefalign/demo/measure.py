@@ -58,7 +58,9 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[Any], **kwargs:
 
 def judged_accuracy(prompts: Sequence[str], answers: Sequence[str]) -> float:
     """Fraction of answers the task's judge accepts."""
-    return task.accuracy(lambda _: list(answers), prompts)
+    if not prompts:
+        raise ValueError("accuracy needs at least one prompt")
+    return sum(task.judge(p, a) for p, a in zip(prompts, answers, strict=True)) / len(prompts)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefalign.config import DPOConfig
 from prefalign.demo import stages as st
 from prefalign.demo import task
 from prefalign.errors import PrefalignError
@@ -24,6 +25,7 @@ from prefalign.errors import PrefalignError
 RL_STAGES = ("dpo", "grpo", "ppo")
 REQUIRED_GAIN = {"dpo": 0.30, "grpo": 0.20, "ppo": 0.20}
 NUM_SAMPLES = 6
+PAIR_EVAL = DPOConfig(beta=0.1, max_length=64, per_device_eval_batch_size=64)  # how reward accuracy is measured
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Demo:
         self.data = self.out / "data"
         self.times: dict[str, float] = {}
         self.heldout = task.make_prompts(self.sizes.eval_prompts, cfg.seed + 99, "heldout")
+        self._pairs: list | None = None  # held-out pairs, normalised on first use
 
     def path(self, name: str) -> Path:
         return self.out / name
@@ -114,12 +117,12 @@ class Demo:
             return json.loads(cached.read_text())
         from transformers import AutoModelForCausalLM
 
-        from prefalign.config import DPOConfig
         from prefalign.data.load import load_rows, normalize_rows
         from prefalign.demo import measure
         from prefalign.evaluate import pair_metrics
 
-        model = AutoModelForCausalLM.from_pretrained(self.path(name)).eval()
+        # the reference is the SFT model itself: no second copy of it
+        model = reference if name == "sft" else AutoModelForCausalLM.from_pretrained(self.path(name)).eval()
         start = time.perf_counter()
         completions = measure.greedy_completions(model, tokenizer, self.heldout,
                                                  desc=None if self.cfg.disable_tqdm else f"eval {name}")
@@ -128,9 +131,10 @@ class Demo:
                                   "answers": answers[:NUM_SAMPLES]}
         if name != "sft":
             result["kl"] = measure.mean_token_kl(model, reference, tokenizer, self.heldout, completions)
-            cfg = DPOConfig(beta=0.1, max_length=64, per_device_eval_batch_size=64)
-            pairs = normalize_rows(load_rows(str(self.data / "heldout_pairs.jsonl")), cfg, "heldout_pairs")
-            metrics = pair_metrics(model, reference, tokenizer, pairs, cfg)
+            if self._pairs is None:  # read once for every aligned stage
+                self._pairs = normalize_rows(load_rows(str(self.data / "heldout_pairs.jsonl")), PAIR_EVAL,
+                                             "heldout_pairs")
+            metrics = pair_metrics(model, reference, tokenizer, self._pairs, PAIR_EVAL)
             result["reward_accuracy"] = metrics["eval_rewards/accuracies"]
             result["reward_margin"] = metrics["eval_rewards/margins"]
         result["eval_time_s"] = time.perf_counter() - start
