@@ -84,13 +84,3 @@ def mean_token_kl(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence
         total += float((logp.exp() * (logp - logq)).sum())
         count += int(scored.sum())
     return total / max(count, 1)
-
-
-def heldout_pair_rows(prompts: Sequence[str], seed: int) -> list[dict]:
-    """Preference pairs on held-out prompts (right answer chosen, systematic wrong answer rejected)."""
-    import random
-
-    rng = random.Random(seed)
-    return [{"prompt": [{"role": "user", "content": p}],
-             "chosen": [{"role": "assistant", "content": task.reference_answer(p)}],
-             "rejected": [{"role": "assistant", "content": task.wrong_answer(p, rng)}]} for p in prompts]

@@ -12,6 +12,7 @@ whose final model exists, and every evaluation whose result file (`<stage>/demo_
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,10 +71,7 @@ class Demo:
         task.write_sft(self.data / "sft.jsonl", s.sft_rows, seed)
         task.write_dpo_pairs(self.data / "pairs.jsonl", s.dpo_pairs, seed + 7)
         task.write_prompts(self.data / "prompts.jsonl", task.make_prompts(s.rl_prompts, seed + 11, "train"))
-        from prefalign.demo.measure import heldout_pair_rows
-
-        rows = heldout_pair_rows(self.heldout, seed + 13)
-        (self.data / "heldout_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        task.write_jsonl(self.data / "heldout_pairs.jsonl", task.pair_rows(self.heldout, random.Random(seed + 13)))
 
     # ------------------------------------------------------------------ stages
     def _timed(self, name: str, run: Any, target: Path | None = None) -> None:

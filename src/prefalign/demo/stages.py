@@ -67,12 +67,11 @@ def on_policy_pair_rows(prompts: Sequence[str], samples: Sequence[Sequence[str]]
     rows = []
     for prompt, completions in zip(prompts, samples, strict=True):
         distinct = list(dict.fromkeys(c for c in completions if c.strip()))  # the data loader rejects empty turns
-        right = [c for c in distinct if task.judge(prompt, c)] or [task.reference_answer(prompt)]
-        wrong = [c for c in distinct if not task.judge(prompt, c)]
+        judged = [(c, task.judge(prompt, c)) for c in distinct]  # one judgement per answer
+        right = [c for c, ok in judged if ok] or [task.reference_answer(prompt)]
+        wrong = [c for c, ok in judged if not ok]
         for i, rejected in enumerate(wrong):
-            rows.append({"prompt": [{"role": "user", "content": prompt}],
-                         "chosen": [{"role": "assistant", "content": right[i % len(right)]}],
-                         "rejected": [{"role": "assistant", "content": rejected}]})
+            rows.append(task.pair_row(prompt, right[i % len(right)], rejected))
     return rows
 
 
@@ -95,15 +94,10 @@ def sample_answers(model_dir: Path, prompts: Sequence[str], num_samples: int, se
 def write_rm_pairs(sft_dir: Path, path: Path, sizes: Sizes, seed: int) -> None:
     """The reward model's data: `rm_samples` answers of the SFT model to each of `rm_prompts` fresh training prompts
     (temperature 1), judged, as (right, wrong) pairs in JSON Lines; written under a temporary name, then moved."""
-    import json
-
     from prefalign.demo import task
 
     prompts = task.make_prompts(sizes.rm_prompts, seed + 23, "train")
-    rows = on_policy_pair_rows(prompts, sample_answers(sft_dir, prompts, sizes.rm_samples, seed + 29))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    task.write_jsonl(path, on_policy_pair_rows(prompts, sample_answers(sft_dir, prompts, sizes.rm_samples, seed + 29)))
 
 
 def is_done(model_dir: Path) -> bool:

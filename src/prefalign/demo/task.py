@@ -151,11 +151,25 @@ def _answer(prompt: str, rng: random.Random, wrong_fraction: float) -> str:
     return wrong_answer(prompt, rng) if rng.random() < wrong_fraction else reference_answer(prompt)
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
+def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
+    """Rows as JSON Lines, written under a temporary name and then moved into place (never half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
     return path
+
+
+def pair_row(prompt: str, chosen: str, rejected: str) -> dict:
+    """One conversational preference pair: a user question, two assistant answers."""
+    return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def pair_rows(prompts: Sequence[str], rng: random.Random) -> list[dict]:
+    """The right answer chosen and a systematic wrong one rejected, for each prompt."""
+    return [pair_row(p, reference_answer(p), wrong_answer(p, rng)) for p in prompts]
 
 
 def sft_rows(n: int, seed: int, spec: TaskSpec = DEFAULT_SPEC, wrong_fraction: float | None = None) -> list[dict]:
@@ -170,15 +184,7 @@ def sft_rows(n: int, seed: int, spec: TaskSpec = DEFAULT_SPEC, wrong_fraction: f
 
 def dpo_rows(n: int, seed: int, spec: TaskSpec = DEFAULT_SPEC) -> list[dict]:
     """`n` preference pairs in conversational format: the right answer chosen, a systematic wrong one rejected."""
-    rng = random.Random(seed + 2)
-    rows = []
-    for p in make_prompts(n, seed, "train", spec):
-        rows.append({
-            "prompt": [{"role": "user", "content": p}],
-            "chosen": [{"role": "assistant", "content": reference_answer(p)}],
-            "rejected": [{"role": "assistant", "content": wrong_answer(p, rng)}],
-        })
-    return rows
+    return pair_rows(make_prompts(n, seed, "train", spec), random.Random(seed + 2))
 
 
 def pretrain_texts(n: int, seed: int, spec: TaskSpec = DEFAULT_SPEC, wrong_fraction: float | None = None) -> list[str]:
@@ -190,19 +196,19 @@ def pretrain_texts(n: int, seed: int, spec: TaskSpec = DEFAULT_SPEC, wrong_fract
 
 def write_sft(path: Path, n: int, seed: int, spec: TaskSpec = DEFAULT_SPEC, wrong_fraction: float | None = None) -> Path:
     """Write SFT conversations as JSON Lines (`{"messages": [...]}` per line)."""
-    return _write_jsonl(path, sft_rows(n, seed, spec, wrong_fraction))
+    return write_jsonl(path, sft_rows(n, seed, spec, wrong_fraction))
 
 
 def write_dpo_pairs(path: Path, n: int, seed: int, spec: TaskSpec = DEFAULT_SPEC) -> Path:
     """Write DPO pairs as JSON Lines in TRL's conversational format (`prompt`, `chosen`, `rejected` message lists)."""
-    return _write_jsonl(path, dpo_rows(n, seed, spec))
+    return write_jsonl(path, dpo_rows(n, seed, spec))
 
 
 def write_pretrain_corpus(path: Path, n: int, seed: int, spec: TaskSpec = DEFAULT_SPEC) -> Path:
     """Write a pretraining corpus as JSON Lines (`{"text": ...}` per line) for train-tokenizer and pretrain."""
-    return _write_jsonl(path, [{"text": t} for t in pretrain_texts(n, seed, spec)])
+    return write_jsonl(path, [{"text": t} for t in pretrain_texts(n, seed, spec)])
 
 
 def write_prompts(path: Path, prompts: Sequence[str]) -> Path:
     """Write prompts for GRPO/PPO rollouts as JSON Lines (`{"prompt": [user message]}` per line)."""
-    return _write_jsonl(path, [{"prompt": [{"role": "user", "content": p}]} for p in prompts])
+    return write_jsonl(path, [{"prompt": [{"role": "user", "content": p}]} for p in prompts])
