@@ -21,12 +21,8 @@ import math
 from typing import Any
 
 from prefalign.config import DataArgs
-from prefalign.data.types import Message, Pair
+from prefalign.data.types import ROLES, Message, Pair, with_system_prompt
 from prefalign.errors import PrefalignError
-
-# "tool" is allowed because tool results are legitimate history in agentic preference data; whether the chat
-# template can render them is the template's business (built-ins that cannot, say so when rendering).
-ALLOWED_ROLES = ("system", "user", "assistant", "tool")
 
 FORMAT_NAMES = {
     "A": "MiniMind (two whole conversations)",
@@ -143,8 +139,7 @@ def _chat_pair(prompt: Any, chosen: list, rejected: list, *, row: dict, source: 
     history = chosen[:-1]
     if rejected[:-1] != history:
         raise PrefalignError(_divergence(chosen, rejected, args), where=source)
-    if args.system_prompt is not None and not any(m["role"] == "system" for m in history):
-        history = [{"role": "system", "content": args.system_prompt}, *history]
+    history = with_system_prompt(history, args.system_prompt)
     return Pair(history, [chosen[-1]], [rejected[-1]], source, *_margin_and_extra(row, args, source))
 
 
@@ -162,9 +157,9 @@ def _messages(value: list, column: str, source: str) -> list[Message]:
         for key in ("role", "content"):
             if msg.get(key) is None:
                 raise PrefalignError(f"{where} has no '{key}'", where=source)
-        if msg["role"] not in ALLOWED_ROLES:
+        if msg["role"] not in ROLES:
             raise PrefalignError(
-                f"{where} has unknown role '{msg['role']}' (allowed: {', '.join(ALLOWED_ROLES)})", where=source)
+                f"{where} has unknown role '{msg['role']}' (allowed: {', '.join(ROLES)})", where=source)
         if not isinstance(msg["content"], str):
             raise PrefalignError(f"{where} content must be a string, got {_kind(msg['content'])}", where=source)
         # Arrow fills keys that other rows' messages have with None; drop them so equal messages compare equal.

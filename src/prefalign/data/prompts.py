@@ -21,6 +21,8 @@ from prefalign.config import DataArgs
 from prefalign.data.load import load_examples
 from prefalign.data.sft import check_messages
 from prefalign.data.templates import render, require_chat_template
+from prefalign.data.types import kind as _kind
+from prefalign.data.types import with_system_prompt
 from prefalign.errors import PrefalignError
 
 logger = logging.getLogger("prefalign.data")
@@ -38,9 +40,6 @@ class PromptExample:
     def is_conversational(self) -> bool:
         return isinstance(self.prompt, list)
 
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
 
 
 def normalize_prompt_row(row: dict[str, Any], source: str, args: DataArgs) -> PromptExample:
@@ -64,9 +63,7 @@ def normalize_prompt_row(row: dict[str, Any], source: str, args: DataArgs) -> Pr
         if messages[-1]["role"] == "assistant":
             raise PrefalignError(f"column '{column}' ends with an assistant message; the model writes that turn",
                                  source)
-        if args.system_prompt is not None and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": args.system_prompt}, *messages]
-        return PromptExample(messages, source, columns)
+        return PromptExample(with_system_prompt(messages, args.system_prompt), source, columns)
     raise PrefalignError(f"column '{column}' must be a string or a list of messages, got {_kind(value)}", source)
 
 

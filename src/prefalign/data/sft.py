@@ -30,12 +30,12 @@ from prefalign.config import DataArgs
 from prefalign.data.load import load_examples, load_rows
 from prefalign.data.templates import render, require_chat_template
 from prefalign.data.tokenize import common_prefix, encode_texts, with_eos
+from prefalign.data.types import ROLES, Message, with_system_prompt
+from prefalign.data.types import kind as _kind
 from prefalign.errors import PrefalignError
 
 logger = logging.getLogger("prefalign.data")
 
-Message = dict[str, Any]
-ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,6 @@ class SFTTokenizeStats:
 
 # ---------------------------------------------------------------- rows -> SFTExample
 
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
 
 
 def check_messages(value: Any, column: str, source: str) -> list[Message]:
@@ -148,10 +145,7 @@ def normalize_sft_row(row: dict[str, Any], source: str, args: Any) -> SFTExample
 
 
 def _with_system(messages: list[Message], args: Any) -> list[Message]:
-    system = getattr(args, "system_prompt", None)
-    if system is not None and not any(m["role"] == "system" for m in messages):
-        return [{"role": "system", "content": system}, *messages]
-    return messages
+    return with_system_prompt(messages, getattr(args, "system_prompt", None))
 
 
 def load_sft_examples(args: DataArgs) -> tuple[list[SFTExample], list[SFTExample] | None]:

@@ -13,6 +13,22 @@ from typing import Any
 
 Message = dict[str, Any]  # {"role": str, "content": str}
 
+# "tool" is allowed because tool results are legitimate history in agentic data; whether the chat template can
+# render them is the template's business (built-ins that cannot, say so when rendering).
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def kind(value: Any) -> str:
+    """A value's type as error messages name it ("null" for None)."""
+    return "null" if value is None else type(value).__name__
+
+
+def with_system_prompt(messages: list[Message], system: str | None) -> list[Message]:
+    """`messages` led by a system turn with `system` (--system_prompt), unless they already have one."""
+    if system is not None and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
 
 @dataclass(frozen=True)
 class Pair:
