@@ -62,7 +62,8 @@ def _data_files(directory: Path, split: str) -> list[Path]:
 def _load_file(path: Path) -> list[Row]:
     if path.suffix not in BUILDERS:
         raise PrefalignError(f"unsupported file type '{path.suffix}' (use {', '.join(BUILDERS)})", where=str(path))
-    if path.stat().st_size == 0 or not path.read_bytes().strip():
+    data = path.read_bytes()  # read once: the emptiness check, line numbers and error lines all use it
+    if not data.strip():
         raise PrefalignError("empty file", where=str(path))
     import datasets
 
@@ -72,31 +73,29 @@ def _load_file(path: Path) -> list[Row]:
         rows = ds.to_list()
     except Exception as e:  # Arrow / datasets errors: find the line they mean ourselves
         if path.suffix in (".jsonl", ".json"):
-            return _rows_from_json(path, e)
+            return _rows_from_json(path, data, e)
         raise PrefalignError(f"cannot read {path.suffix[1:]} file: {_one_line(e)}", where=str(path)) from e
-    return list(zip(rows, _sources(path, len(rows))))
+    return list(zip(rows, _sources(path, data, len(rows))))
 
 
-def _sources(path: Path, n: int) -> list[str]:
+def _sources(path: Path, data: bytes, n: int) -> list[str]:
     if path.suffix == ".csv":  # line 1 is the header (multi-line quoted fields would shift this)
         return [f"{path}:{i + 2}" for i in range(n)]
-    if path.suffix == ".jsonl" or (path.suffix == ".json" and not _is_json_array(path)):
-        lines = [i + 1 for i, raw in enumerate(path.read_bytes().splitlines()) if raw.strip()]
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and not _is_json_array(data)):
+        lines = [i + 1 for i, raw in enumerate(data.splitlines()) if raw.strip()]
         if len(lines) == n:  # physical lines, counting blank ones
             return [f"{path}:{line}" for line in lines]
     return [f"{path}:row {i}" for i in range(n)]
 
 
-def _is_json_array(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4096).lstrip().startswith(b"[")
+def _is_json_array(data: bytes) -> bool:
+    return data[:4096].lstrip().startswith(b"[")
 
 
-def _rows_from_json(path: Path, cause: Exception) -> list[Row]:
+def _rows_from_json(path: Path, data: bytes, cause: Exception) -> list[Row]:
     """datasets could not load a JSON file: name the first bad line; if every line is fine (Arrow refuses
     e.g. a column that is a string in one row and a list in another), use the rows as Python parsed them."""
-    data = path.read_bytes()
-    if _is_json_array(path):
+    if _is_json_array(data):
         try:
             rows = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as e:
