@@ -129,6 +129,11 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def make_config(cls: type[C], values: dict[str, Any], source: str = "") -> C:
     """Build `cls` from a dict of raw values (YAML or flags), coercing and naming any bad key or value."""
+    return cls(**_coerce_values(cls, values, source))
+
+
+def _coerce_values(cls: type, values: dict[str, Any], source: str = "") -> dict[str, Any]:
+    """`values` coerced to the field types of `cls`; an unknown key or bad value names `source` (or the flag)."""
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
@@ -140,7 +145,7 @@ def make_config(cls: type[C], values: dict[str, Any], source: str = "") -> C:
             kwargs[key] = coerce(hints[key], raw)
         except ValueError as e:
             raise PrefalignError(str(e), where) from None
-    return cls(**kwargs)
+    return kwargs
 
 
 def parse_config(cls: type[C], argv: list[str] | None, prog: str, description: str = "") -> C:
@@ -148,9 +153,7 @@ def parse_config(cls: type[C], argv: list[str] | None, prog: str, description: s
     ns = vars(build_parser(cls, prog, description).parse_args(argv))
     values: dict[str, Any] = {}
     config_path = ns.pop("config", None)
-    if config_path:
-        yaml_values = load_yaml(config_path)
-        make_config(cls, yaml_values, source=config_path)  # validates YAML keys with the file named
-        values.update(yaml_values)
-    values.update(ns)
-    return make_config(cls, values)
+    if config_path:  # YAML keys are checked with the file named in any error
+        values.update(_coerce_values(cls, load_yaml(config_path), source=config_path))
+    values.update(_coerce_values(cls, ns))
+    return cls(**values)
