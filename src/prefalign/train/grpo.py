@@ -20,7 +20,7 @@ Log-probs are those of the temperature-scaled logits (TRL's choice), so the poli
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,24 +31,19 @@ from prefalign.config import DataArgs, ModelArgs, TrainArgs
 from prefalign.errors import PrefalignError
 from prefalign.losses.policy import GRPO_NORMALIZERS, SCALE_REWARDS, group_advantages, grpo_loss
 from prefalign.model.logprobs import completion_logps
-from prefalign.rollout.generate import mask_truncated_completions
 from prefalign.train.metrics import MetricSums, to_host
 from prefalign.train.rollout import (
     GenerationArgs,
     RewardArgs,
     RolloutSampler,
     RolloutSchedule,
-    RolloutSlice,
+    RolloutStage,
     check_rl_config,
-    completion_metrics,
-    eval_groups,
     eval_rewards,
     load_reward_functions,
     load_rl_data,
     reference_weights,
     rollout_logps,
-    rollout_seed,
-    score,
 )
 from prefalign.train.run import disable_dropout, print_summary
 
@@ -131,10 +126,9 @@ def grpo_advantages(cfg: GRPOConfig) -> AdvantageFn:
     return advantages
 
 
-class GRPOStage:
+class GRPOStage(RolloutStage):
     """Group-relative policy optimisation for the loop (see train.loop.Stage); RLOO passes its own advantages."""
 
-    example_unit = "completions"
     progress_keys = {"reward": "reward", "kl": "kl", "completions/mean_length": "len"}
 
     def __init__(self, cfg: GRPOConfig, model: torch.nn.Module, train: RolloutSampler, eval_: RolloutSampler | None,
@@ -155,29 +149,11 @@ class GRPOStage:
         one_pass = [tuple(range(k, k + b)) for k in range(0, self.rows_per_rollout, b)]
         return one_pass * self.cfg.num_iterations
 
-    def train_groups(self, epoch: int) -> list[RolloutSlice]:
-        return self.schedule.groups(epoch)
-
-    def eval_groups(self) -> list[list[int]]:
-        return eval_groups(self.samplers["eval"], self.cfg.per_device_eval_batch_size)
-
-    def batch_weight(self, group: Sequence[int], split: str) -> float:
-        return self.schedule.weight(group, self.per_token) if split == "train" else float(len(group))  # type: ignore[arg-type]
-
-    def make_batch(self, group: Sequence[int], split: str) -> dict[str, Any]:
-        return self.schedule.micro_batch(group) if split == "train" else {"indices": list(group)}  # type: ignore[arg-type]
-
     # ---------------------------------------------------------------- rollouts
     def _sample_and_score(self, epoch: int, r: int) -> dict[str, Any]:
         cfg = self.cfg
-        s = self.samplers["train"].sample(self.model, self.schedule.plan(epoch)[r], cfg.num_generations,
-                                          rollout_seed(cfg.seed, epoch, r))
+        s, batch, rewards, metrics, loss_mask = self.sample_rollout(self.model, epoch, r, cfg.num_generations)
         device = s.token_mask.device
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in s.batch.items()}
-        rewards, metrics = score(self.reward_fns, cfg.reward_weights, s)
-        loss_mask = s.token_mask
-        if cfg.mask_truncated_completions:
-            loss_mask = mask_truncated_completions(loss_mask, s.is_truncated)
         chunk = cfg.per_device_train_batch_size
         sampling = None
         if cfg.num_iterations > 1 or (self.kl_in_reward and cfg.beta != 0):
@@ -193,9 +169,7 @@ class GRPOStage:
         if ref is not None and not self.kl_in_reward:
             tensors["ref_logps"] = ref
         metrics.update(adv_metrics)
-        metrics.update(completion_metrics(s.token_mask, s.is_truncated))
-        return {"tensors": tensors, "loss_mask": loss_mask.cpu(), "total_tokens": int(loss_mask.sum()),
-                "metrics": metrics}
+        return self.finish_rollout(s, tensors, loss_mask, metrics)
 
     # ---------------------------------------------------------------- math
     def step(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[Tensor, MetricSums]:

@@ -32,17 +32,14 @@ from prefalign.errors import PrefalignError
 from prefalign.losses.policy import KL_ESTIMATORS
 from prefalign.losses.ppo import compute_gae, ppo_loss, ppo_rewards
 from prefalign.model.logprobs import completion_logps, left_align
-from prefalign.rollout.generate import mask_truncated_completions
 from prefalign.train.metrics import MetricSums, to_host
 from prefalign.train.rollout import (
     GenerationArgs,
     RewardArgs,
     RolloutSampler,
     RolloutSchedule,
-    RolloutSlice,
+    RolloutStage,
     check_rl_config,
-    completion_metrics,
-    eval_groups,
     eval_rewards,
     inference,
     load_reward_functions,
@@ -50,7 +47,6 @@ from prefalign.train.rollout import (
     reference_weights,
     rollout_logps,
     rollout_seed,
-    score,
     take_rows,
 )
 from prefalign.train.run import disable_dropout, print_summary
@@ -191,10 +187,9 @@ def load_value_model(cfg: PPOConfig, device: Any) -> nn.Module | None:
 # ----------------------------------------------------------------------------------------------- the stage
 
 
-class PPOStage:
+class PPOStage(RolloutStage):
     """PPO for the loop (see train.loop.Stage); `model` in step is the PolicyAndValue wrapper."""
 
-    example_unit = "completions"
     progress_keys = {"objective/scores": "score", "objective/kl": "kl", "policy/approxkl_avg": "approxkl"}
 
     def __init__(self, cfg: PPOConfig, wrapper: PolicyAndValue, train: RolloutSampler, eval_: RolloutSampler | None,
@@ -214,24 +209,10 @@ class PPOStage:
             out += [tuple(order[k : k + b]) for k in range(0, len(order), b)]
         return out
 
-    def train_groups(self, epoch: int) -> list[RolloutSlice]:
-        return self.schedule.groups(epoch)
-
-    def eval_groups(self) -> list[list[int]]:
-        return eval_groups(self.samplers["eval"], self.cfg.per_device_eval_batch_size)
-
-    def batch_weight(self, group: Any, split: str) -> float:
-        return self.schedule.weight(group, per_token=True) if split == "train" else float(len(group))
-
-    def make_batch(self, group: Any, split: str) -> dict[str, Any]:
-        return self.schedule.micro_batch(group) if split == "train" else {"indices": list(group)}
-
     def _sample_and_score(self, epoch: int, r: int) -> dict[str, Any]:
-        cfg, policy = self.cfg, self.wrapper.policy
-        s = self.samplers["train"].sample(policy, self.schedule.plan(epoch)[r], 1, rollout_seed(cfg.seed, epoch, r))
+        cfg = self.cfg
+        s, batch, scores, metrics, loss_mask = self.sample_rollout(self.wrapper.policy, epoch, r, 1)
         device = s.token_mask.device
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in s.batch.items()}
-        scores, metrics = score(self.reward_fns, cfg.reward_weights, s)
         mask = s.token_mask  # (N, Tc)
         logps, values = self._old_logps_and_values(batch)
         model, weights = reference_weights(self.reference)
@@ -242,13 +223,10 @@ class PPOStage:
             contains_eos=~s.is_truncated, whiten_rewards=cfg.whiten_rewards,
         )
         advantages, returns = compute_gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        loss_mask = mask_truncated_completions(mask, s.is_truncated) if cfg.mask_truncated_completions else mask
         tensors = {**batch, "loss_mask": loss_mask, "old_logps": logps, "old_values": values,
                    "advantages": advantages, "returns": returns}
         metrics.update({k: float(v) for k, v in objective.items()})
-        metrics.update(completion_metrics(mask, s.is_truncated))
-        return {"tensors": tensors, "loss_mask": loss_mask.cpu(), "total_tokens": int(loss_mask.sum()),
-                "metrics": metrics}
+        return self.finish_rollout(s, tensors, loss_mask, metrics)
 
     def _old_logps_and_values(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         n, chunk = batch["input_ids"].size(0), self.cfg.per_device_train_batch_size

@@ -24,7 +24,7 @@ from torch import Tensor
 from prefalign.data.prompts import PromptExample
 from prefalign.errors import PrefalignError
 from prefalign.model.logprobs import completion_logps
-from prefalign.rollout.generate import generate_completions
+from prefalign.rollout.generate import generate_completions, mask_truncated_completions
 from prefalign.rollout.rewards import combine_rewards, compute_rewards, reward_function_name
 from prefalign.train.loop import sequential_groups
 from prefalign.train.metrics import MetricSums
@@ -294,6 +294,53 @@ def score(reward_fns: list, weights: list[float] | None, s: Sampled) -> tuple[Te
 
 def eval_groups(sampler: RolloutSampler | None, size: int) -> list[list[int]]:
     return sequential_groups(len(sampler.examples) if sampler else 0, size)
+
+
+class RolloutStage:
+    """What GRPO/RLOO and PPO share as loop stages (see train.loop.Stage): micro-batches are slices of rollouts
+    from `self.schedule`, evaluation batches are prompt indices, and a rollout starts by sampling and scoring.
+    Subclasses set cfg, samplers ({"train", "eval"}), schedule, reward_fns and per_token."""
+
+    example_unit = "completions"
+    per_token = True  # micro-batches weigh their real loss tokens (False: their completions)
+    cfg: Any
+    samplers: dict[str, RolloutSampler | None]
+    schedule: RolloutSchedule
+    reward_fns: list
+
+    def train_groups(self, epoch: int) -> list[RolloutSlice]:
+        return self.schedule.groups(epoch)
+
+    def eval_groups(self) -> list[list[int]]:
+        return eval_groups(self.samplers["eval"], self.cfg.per_device_eval_batch_size)
+
+    def batch_weight(self, group: Any, split: str) -> float:
+        return self.schedule.weight(group, self.per_token) if split == "train" else float(len(group))
+
+    def make_batch(self, group: Any, split: str) -> dict[str, Any]:
+        return self.schedule.micro_batch(group) if split == "train" else {"indices": list(group)}
+
+    def sample_rollout(self, model: torch.nn.Module, epoch: int, r: int,
+                       num_generations: int) -> tuple[Sampled, dict[str, Any], Tensor, dict[str, float], Tensor]:
+        """Rollout r of the epoch: (sampled, its batch on the device, rewards, reward metrics, loss mask)."""
+        cfg = self.cfg
+        s = self.samplers["train"].sample(model, self.schedule.plan(epoch)[r], num_generations,  # type: ignore[union-attr]
+                                          rollout_seed(cfg.seed, epoch, r))
+        batch = {k: v.to(s.token_mask.device) if isinstance(v, Tensor) else v for k, v in s.batch.items()}
+        rewards, metrics = score(self.reward_fns, cfg.reward_weights, s)
+        loss_mask = s.token_mask
+        if cfg.mask_truncated_completions:
+            loss_mask = mask_truncated_completions(loss_mask, s.is_truncated)
+        return s, batch, rewards, metrics, loss_mask
+
+    @staticmethod
+    def finish_rollout(s: Sampled, tensors: dict[str, Any], loss_mask: Tensor,
+                       metrics: dict[str, float]) -> dict[str, Any]:
+        """What the schedule keeps of a rollout: its tensors, loss mask (on the host), token count and metrics."""
+        metrics.update(completion_metrics(s.token_mask, s.is_truncated))
+        loss_mask_host = loss_mask.cpu()
+        return {"tensors": tensors, "loss_mask": loss_mask_host, "total_tokens": int(loss_mask_host.sum()),
+                "metrics": metrics}
 
 
 def eval_rewards(sampler: Any, model: torch.nn.Module, indices: list[int], reward_fns: list, cfg: Any,
