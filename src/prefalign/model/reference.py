@@ -195,11 +195,10 @@ def precompute_reference(
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         out = reference.logps(collate_fn(chunk))
+        logps, mask = out.token_logps.float().cpu(), out.mask.cpu()  # one transfer per batch, not two per pair
         b = len(chunk)
         for i in range(b):
-            chosen = out.token_logps[i][out.mask[i]]
-            rejected = out.token_logps[b + i][out.mask[b + i]]
-            entries.append((chosen.float().cpu(), rejected.float().cpu()))
+            entries.append((logps[i][mask[i]], logps[b + i][mask[b + i]]))
     _write_cache(path, entries, fingerprint)
     return entries
 
