@@ -48,8 +48,10 @@ def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_pretrained(name_or_path: str | None, args: ModelArgs, flag: str, quantize: bool = False) -> PreTrainedModel:
-    """A causal LM from a local directory or hub id; any failure is a PrefalignError naming `flag`."""
+def load_pretrained(name_or_path: str | None, args: ModelArgs, flag: str, quantize: bool = False, *,
+                    auto_class: Any = None, what: str = "a causal LM", **extra: Any) -> Any:
+    """A causal LM (or `what`, loaded by `auto_class` with `extra` from_pretrained arguments) from a local directory
+    or hub id, with the dtype and attention settings of `args`; any failure is a PrefalignError naming `flag`."""
     if not name_or_path:
         raise PrefalignError("no model given; pass a local directory or a hub id", flag)
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
@@ -62,9 +64,9 @@ def load_pretrained(name_or_path: str | None, args: ModelArgs, flag: str, quanti
     if quantize:
         kwargs["quantization_config"] = _bnb_config(args)
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        return (auto_class or AutoModelForCausalLM).from_pretrained(name_or_path, **kwargs, **extra)
     except _LOAD_ERRORS as e:
-        raise PrefalignError(f"cannot load a causal LM from {name_or_path!r}: {_first_line(e)}", flag) from None
+        raise PrefalignError(f"cannot load {what} from {name_or_path!r}: {_first_line(e)}", flag) from None
 
 
 def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTrainedModel | PeftModel:

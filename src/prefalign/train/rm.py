@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,22 +104,11 @@ def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from prefalign.model.load import DTYPES, _looks_local, enable_checkpointing
+    from prefalign.model.load import enable_checkpointing, load_pretrained
 
-    name = cfg.model_name_or_path
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
-        raise PrefalignError(f"no such model directory: {name}", "--model_name_or_path")
-    if cfg.dtype not in DTYPES:
-        raise PrefalignError(f"unknown dtype {cfg.dtype!r}; choose one of {sorted(DTYPES)}", "--dtype")
-    kwargs: dict[str, Any] = {"num_labels": 1, "dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise PrefalignError(f"cannot load a sequence-classification model from {name!r}: {first}",
-                             "--model_name_or_path") from None
+    model, info = load_pretrained(cfg.model_name_or_path, cfg, "--model_name_or_path",
+                                  auto_class=AutoModelForSequenceClassification,
+                                  what="a sequence-classification model", num_labels=1, output_loading_info=True)
     new_head = any(k.split(".")[0] == "score" or ".score." in k for k in info.get("missing_keys", []))
     # The head pools the last token that is not padding; saved in the config so that reloading pools the same.
     model.config.pad_token_id = pad_token_id
