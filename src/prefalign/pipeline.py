@@ -57,6 +57,7 @@ class PlannedStage:
     values: dict[str, Any]
     action: str  # run, resume, restart, skip
     where: str
+    config: Any = None  # the command's config, built (and so checked) when planning
 
 
 def read_recipe(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -146,14 +147,14 @@ def plan(recipe: str) -> list[PlannedStage]:
                 values["resume_from_checkpoint"], action = "latest", "resume"
             elif output_dir.is_dir() and any(output_dir.iterdir()):
                 values["overwrite_output_dir"], action = True, "restart"
-        make_config(_module(name).CONFIG, values, source=where)  # every flag checked before anything runs
+        config = make_config(_module(name).CONFIG, values, source=where)  # every flag checked before anything runs
         if name == "train-tokenizer":
             tokenizer_dir = str(output_dir)
         elif name in POLICY_STAGES:
             policy = _next_policy(name, values, where)
             if name == "sft":
                 sft_model = policy["model_name_or_path"]
-        out.append(PlannedStage(i, name, values, action, where))
+        out.append(PlannedStage(i, name, values, action, where, config))
     return out
 
 
@@ -173,7 +174,6 @@ def _next_policy(name: str, values: dict[str, Any], where: str) -> dict[str, str
 
 def run_pipeline(cfg: PipelineConfig) -> list[PlannedStage]:
     """Plan, then run each stage that is not finished, in order."""
-    from prefalign.argparsing import make_config
 
     if not cfg.recipe:
         raise PrefalignError("is required (the YAML list of stages)", "--recipe")
@@ -188,7 +188,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[PlannedStage]:
         if st.action == "skip":
             continue
         module = _module(st.name)
-        module.run_command(make_config(module.CONFIG, st.values, source=st.where))
+        module.run_command(st.config)
     return stages
 
 
