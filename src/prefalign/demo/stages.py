@@ -103,11 +103,11 @@ def write_rm_pairs(sft_dir: Path, path: Path, sizes: Sizes, seed: int) -> None:
 def is_done(model_dir: Path) -> bool:
     """A stage is finished when its final model (or tokenizer, or data file) was saved; trainers move the files in
     atomically, and so does `write_rm_pairs`."""
+    from prefalign.pipeline import is_finished
+
     if model_dir.suffix == ".jsonl":
         return model_dir.is_file()
-    if model_dir.name == "tokenizer":
-        return (model_dir / "tokenizer.json").is_file()
-    return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
+    return is_finished("train-tokenizer" if model_dir.name == "tokenizer" else "sft", model_dir)
 
 
 def _common(out: Path, seed: int, quiet: bool) -> dict[str, Any]:
