@@ -1,4 +1,4 @@
-"""Print (or check) the README's flag tables, generated from the config dataclasses' attribute docstrings.
+"""Print the README's flag tables (or write them into README.md), generated from the config dataclasses' attribute docstrings.
 
     python scripts/flags_table.py            # print the tables
     python scripts/flags_table.py --write    # rewrite them in README.md between the FLAGS markers
@@ -32,13 +32,12 @@ def tables() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def rewrite(readme: Path) -> bool:
+def rewrite(readme: Path) -> None:
     text = readme.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     new = text[:start] + "\n" + tables() + text[end:]
-    changed = new != text
-    readme.write_text(new)
-    return changed
+    if new != text:  # leave the file (and its mtime) alone when the tables are current
+        readme.write_text(new)
 
 
 if __name__ == "__main__":
