@@ -6,8 +6,9 @@ import json
 import random
 from pathlib import Path
 
-from prefalign.model.init import ModelShape, init_model
-from prefalign.tokenizer import train_bpe_tokenizer
+from prefalign.config.tools import ModelShape
+from prefalign.data.tokenizer import train_bpe_tokenizer
+from prefalign.model.init import init_model
 
 WORDS = " ".join([
     "the a an what is how why who when where which answer question user assistant system hello world",

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prefalign.chat import chat_loop, generate_reply
+from prefalign.commands.chat import chat_loop
 from prefalign.errors import PrefalignError
+from prefalign.rollout.generate import generate_reply
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from prefalign.chat import generate_reply
-from prefalign.chat_command import ChatConfig, load_model_for_inference, run_chat
 from prefalign.cli import main
+from prefalign.commands.chat import run_chat
+from prefalign.config import ChatConfig
 from prefalign.errors import PrefalignError
+from prefalign.model.load import load_model_for_inference
+from prefalign.rollout.generate import generate_reply
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8}
 

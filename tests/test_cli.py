@@ -8,14 +8,15 @@ import importlib
 import pytest
 
 from prefalign.argparsing import build_parser
-from prefalign.cli import COMMANDS, main
+from prefalign.cli import main
+from prefalign.commands import COMMANDS, config_class
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_command_module_is_complete(name):
-    module = importlib.import_module(COMMANDS[name][0])
-    assert dataclasses.is_dataclass(module.CONFIG) and callable(module.run_command)
-    text = build_parser(module.CONFIG, f"prefalign {name}").format_help()
+    module = importlib.import_module(f"prefalign.commands.{COMMANDS[name].module}")
+    assert dataclasses.is_dataclass(config_class(name)) and callable(module.run_command)
+    text = build_parser(config_class(name), f"prefalign {name}").format_help()
     assert "--" in text
 
 

@@ -10,10 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import write_jsonl
-from prefalign.chat import generate_reply
 from prefalign.cli import main
+from prefalign.commands.eval import evaluate, win_rate
+from prefalign.config import EvalConfig
 from prefalign.errors import PrefalignError
-from prefalign.evaluate import EvalConfig, evaluate, win_rate
+from prefalign.rollout.generate import generate_reply
 
 PAIRS = [("1 + 2 =", " 3", " 4"), ("the sky is", " blue", " red"), ("hello", " world", " cat dog")]
 BETA = 0.1

@@ -7,8 +7,9 @@ import yaml
 
 from helpers import conv, corpus, write_jsonl
 from prefalign.cli import main
+from prefalign.commands.pipeline import plan, run_pipeline
+from prefalign.config import PipelineConfig
 from prefalign.errors import PrefalignError
-from prefalign.pipeline import PipelineConfig, plan, run_pipeline
 from prefalign.train.metrics import read_metrics
 
 TRAIN = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "save_steps": 0}

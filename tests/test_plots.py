@@ -6,8 +6,10 @@ import json
 
 import pytest
 
+from prefalign.demo.report import plot_stage_accuracy
 from prefalign.errors import PrefalignError
-from prefalign.plots import plot_run, plot_stage_accuracy, read_metrics_file
+from prefalign.train.metrics import read_metrics as read_metrics_file
+from prefalign.train.plots import plot_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from helpers import build_model, corpus
-from prefalign.tokenizer import train_bpe_tokenizer
+from prefalign.data.tokenizer import train_bpe_tokenizer
 
 TEXTS = ["what is 3 + 45", " 3", "37 + 48 = 85", "Hello, world!  It's 2026.\n\nNew line", "naïve café ",
          "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]

@@ -6,8 +6,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from helpers import conv, corpus, write_jsonl
+from prefalign.config import TrainTokenizerConfig
+from prefalign.data.tokenizer import train_tokenizer
 from prefalign.errors import PrefalignError
-from prefalign.tokenizer_command import TrainTokenizerConfig, train_tokenizer
 
 
 def test_trains_from_conversations_and_loads_with_template(tmp_path):

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "DPOConfig": "prefalign.config",
-    "train_dpo": "prefalign.train.dpo",
+    "train_dpo": "prefalign.stages.dpo",
     "PrefalignError": "prefalign.errors",
 }
 __all__ = sorted(_LAZY)

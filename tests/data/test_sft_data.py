@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from helpers import conv, write_jsonl
-from prefalign.data.sft import SFTExample, load_sft_examples, load_texts, normalize_sft_row, tokenize_sft
+from prefalign.config import SFTConfig
+from prefalign.data.corpus import load_texts
+from prefalign.data.sft import load_sft_examples, normalize_sft_row, tokenize_sft
+from prefalign.data.types import SFTExample
 from prefalign.errors import PrefalignError
-from prefalign.train.sft import SFTConfig
 
 
 def cfg(**kw) -> SFTConfig:

@@ -14,7 +14,7 @@ import pytest
 from helpers import conv
 from prefalign.config import DataArgs
 from prefalign.data.formats import normalize_pair
-from prefalign.data.tokenize import tokenize_pairs
+from prefalign.data.tokenize import Truncation, tokenize_pairs
 from prefalign.data.types import Pair
 from prefalign.errors import PrefalignError
 
@@ -38,12 +38,12 @@ def chat_pair(prompt=QUESTION, chosen="paris", rejected="red", source="d.jsonl:1
 
 
 def tok_pieces(tok, pair: Pair, **kw):
-    (tp,), stats = tokenize_pairs([pair], tok, DataArgs(**kw))
+    (tp,), stats = tokenize_pairs([pair], tok, Truncation.of(DataArgs(**kw)))
     return pieces(tok, tp.prompt_ids), pieces(tok, tp.chosen_ids), pieces(tok, tp.rejected_ids), stats
 
 
 def test_chatml_scores_answer_im_end_and_newline(tiny_tokenizer):
-    (tp,), stats = tokenize_pairs([chat_pair()], tiny_tokenizer, DataArgs())
+    (tp,), stats = tokenize_pairs([chat_pair()], tiny_tokenizer, Truncation.of(DataArgs()))
     assert pieces(tiny_tokenizer, tp.prompt_ids) == PROMPT_PIECES
     assert pieces(tiny_tokenizer, tp.chosen_ids) == CHOSEN_PIECES
     assert pieces(tiny_tokenizer, tp.rejected_ids) == REJECTED_PIECES
@@ -66,7 +66,7 @@ def test_system_prompt_arg_reaches_the_tokens(tiny_tokenizer):
     args = DataArgs(system_prompt="be brief")
     pair = normalize_pair({"prompt": QUESTION, "chosen": conv(("assistant", "paris")),
                            "rejected": conv(("assistant", "red"))}, "x:1", args)
-    (tp,), _ = tokenize_pairs([pair], tiny_tokenizer, args)
+    (tp,), _ = tokenize_pairs([pair], tiny_tokenizer, Truncation.of(args))
     assert pieces(tiny_tokenizer, tp.prompt_ids) == [
         "<|im_start|>", "s", "ystem", "\n", "b", "e", " b", "r", "i", "e", "f", "<|im_end|>", "\n", *PROMPT_PIECES]
 
@@ -79,7 +79,7 @@ def test_formats_a_b_c_d_tokenize_identically(tiny_tokenizer):
             {"prompt": "what is the capital of france", "prompt_id": "x", "chosen": full_c, "rejected": full_r,
              "messages": full_c, "score_chosen": 9.0, "score_rejected": 1.0}]
     args = DataArgs()
-    tokenized, _ = tokenize_pairs([normalize_pair(r, "x:1", args) for r in rows], tiny_tokenizer, args)
+    tokenized, _ = tokenize_pairs([normalize_pair(r, "x:1", args) for r in rows], tiny_tokenizer, Truncation.of(args))
     assert len(tokenized) == 4 and all(t == tokenized[0] for t in tokenized)
     assert pieces(tiny_tokenizer, tokenized[0].chosen_ids) == CHOSEN_PIECES
 
@@ -92,8 +92,8 @@ def test_raw_text_e_equals_f_and_gets_eos(tiny_tokenizer):
                         "rejected": "hello<|im_end|>"}, "x:1", e_args)
     f = normalize_pair({"question": "what is two plus two", "response_j": "four", "response_k": "hello<|im_end|>"},
                        "x:1", f_args)
-    (te,), _ = tokenize_pairs([e], tiny_tokenizer, e_args)
-    (tf,), _ = tokenize_pairs([f], tiny_tokenizer, f_args)
+    (te,), _ = tokenize_pairs([e], tiny_tokenizer, Truncation.of(e_args))
+    (tf,), _ = tokenize_pairs([f], tiny_tokenizer, Truncation.of(f_args))
     assert te == tf
     # no BOS is added to raw text (this tokenizer has none; TRL adds none for decoder-only models either)
     assert pieces(tiny_tokenizer, te.prompt_ids) == ["Q", "u", "est", "ion", ":", " what", " ", "is", " two",
@@ -139,7 +139,7 @@ def test_drops_and_stats(tiny_tokenizer):
              Pair("hello", "same", "same", "a:2"),  # no signal
              Pair("hello", "paris", "paris is", "a:3"),  # 'p' 'aris' + EOS vs 'p' 'aris' ' ' 'is' + EOS
              chat_pair(source="a:4")]
-    kept, stats = tokenize_pairs(pairs, tiny_tokenizer, DataArgs(max_completion_length=2))
+    kept, stats = tokenize_pairs(pairs, tiny_tokenizer, Truncation.of(DataArgs(max_completion_length=2)))
     assert [t.source for t in kept] == ["a:1", "a:4"]
     assert (stats.total, stats.kept, stats.completion_truncated) == (4, 2, 2)
     assert dict(stats.dropped) == {"identical": 1, "identical_after_truncation": 1}
@@ -151,7 +151,7 @@ def test_drops_and_stats(tiny_tokenizer):
 def test_all_dropped_explains_why(tiny_tokenizer):
     pairs = [chat_pair(source=f"a:{i}") for i in range(12)]
     with pytest.raises(PrefalignError) as e:
-        tokenize_pairs(pairs, tiny_tokenizer, DataArgs(max_length=8, truncation_mode="keep_start"))
+        tokenize_pairs(pairs, tiny_tokenizer, Truncation.of(DataArgs(max_length=8, truncation_mode="keep_start")))
     assert str(e.value) == ("--max_length: all 12 pairs dropped: no completion token left "
                             "(prompt fills --max_length=8): 12")
 
@@ -162,7 +162,7 @@ def test_prompt_not_a_token_prefix_splits_where_tokens_diverge(tiny_tokenizer, c
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = tok.chat_template.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\nthink\\n'")
     with caplog.at_level(logging.WARNING, logger="prefalign.data"):
-        kept, stats = tokenize_pairs([chat_pair(source="a:1"), chat_pair(source="a:2")], tok, DataArgs())
+        kept, stats = tokenize_pairs([chat_pair(source="a:1"), chat_pair(source="a:2")], tok, Truncation.of(DataArgs()))
     assert pieces(tok, kept[0].prompt_ids) == PROMPT_PIECES and pieces(tok, kept[0].chosen_ids) == CHOSEN_PIECES
     assert stats.prefix_mismatch == 2
     (record,) = caplog.records
@@ -173,10 +173,10 @@ def test_conversational_without_template_names_the_flag(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = None
     with pytest.raises(PrefalignError) as e:
-        tokenize_pairs([chat_pair()], tok, DataArgs())
+        tokenize_pairs([chat_pair()], tok, Truncation.of(DataArgs()))
     assert e.value.where == "--chat_template"
     # raw text needs no template
-    (tp,), _ = tokenize_pairs([Pair("hello", "four", "hi")], tok, DataArgs())
+    (tp,), _ = tokenize_pairs([Pair("hello", "four", "hi")], tok, Truncation.of(DataArgs()))
     assert pieces(tok, tp.chosen_ids) == ["f", "our", "<|im_end|>"]
 
 
@@ -185,5 +185,5 @@ def test_conversational_without_template_names_the_flag(tiny_tokenizer):
                                           ({"max_prompt_length": 0}, "--max_prompt_length")])
 def test_bad_flags(tiny_tokenizer, kw, flag):
     with pytest.raises(PrefalignError) as e:
-        tokenize_pairs([chat_pair()], tiny_tokenizer, DataArgs(**kw))
+        tokenize_pairs([chat_pair()], tiny_tokenizer, Truncation.of(DataArgs(**kw)))
     assert e.value.where == flag

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from prefalign.cli import main
 from prefalign.demo import task
-from prefalign.demo.measure import chat_prompt_ids, mean_token_kl
+from prefalign.demo.measure import mean_token_kl
+from prefalign.rollout.generate import chat_prompt_ids
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefalign.demo import stages as st
+from prefalign.demo import toy as st
 
 
 def _row(prompt: str, chosen: str, rejected: str) -> dict:

@@ -22,6 +22,7 @@ from prefalign.losses.preference import (
     compute_preference_loss,
     needs_reference,
 )
+from prefalign.stages.dpo import preference_objective
 
 
 def sp(x: float) -> float:
@@ -50,7 +51,7 @@ def make_inputs(with_ref: bool = True, **over) -> PreferenceInputs:
 
 def run(loss: str, x: PreferenceInputs | None = None, **cfg):
     args = DPOArgs(loss_type=[loss], **cfg)
-    return compute_preference_loss(make_inputs() if x is None else x, args)
+    return compute_preference_loss(make_inputs() if x is None else x, preference_objective(args))
 
 
 def close(actual: torch.Tensor, expected: list[float]) -> None:
@@ -189,14 +190,14 @@ def test_weighted_sum_rpo_and_wpo():
     """[sigmoid, sft] with weights [1, 0.5], + 0.2·NLL, times WPO weights [0.5, 0.25]; rewards of sigmoid."""
     x = make_inputs(policy_weights=torch.tensor([0.5, 0.25]))
     args = DPOArgs(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], rpo_alpha=0.2, use_weighting=True)
-    out = compute_preference_loss(x, args)
+    out = compute_preference_loss(x, preference_objective(args))
     close(out.losses, [(sp(-0.15) + 0.5 * 0.5 + 0.2 * 0.5) * 0.5, (sp(0.2) + 0.5 * 4.0 + 0.2 * 4.0) * 0.25])
     close(out.chosen_rewards, [0.1, -0.1])
 
 
 def test_default_weights_are_one_and_wpo_off_ignores_weights():
     x = make_inputs(policy_weights=torch.tensor([0.5, 0.25]))
-    out = compute_preference_loss(x, DPOArgs(loss_type=["hinge", "sppo_hard"]))
+    out = compute_preference_loss(x, preference_objective(DPOArgs(loss_type=["hinge", "sppo_hard"])))
     close(out.losses, [0.85 + 36.25, 1.2 + 72.0])
 
 
@@ -215,7 +216,7 @@ def test_unknown_loss_names_the_flag_and_lists_valid_names():
 
 def test_weight_count_mismatch_names_loss_weights():
     with pytest.raises(PrefalignError) as e:
-        compute_preference_loss(make_inputs(), DPOArgs(loss_type=["sigmoid", "sft"], loss_weights=[1.0]))
+        compute_preference_loss(make_inputs(), preference_objective(DPOArgs(loss_type=["sigmoid", "sft"], loss_weights=[1.0])))
     assert e.value.where == "--loss_weights" and "1 weights given for 2 losses" in e.value.reason
 
 
@@ -233,10 +234,11 @@ def test_weight_count_mismatch_names_loss_weights():
 )
 def test_invalid_settings_raise_with_the_flag(cfg, flag):
     with pytest.raises(PrefalignError) as e:
-        compute_preference_loss(make_inputs(), DPOArgs(**cfg))
+        compute_preference_loss(make_inputs(), preference_objective(DPOArgs(**cfg)))
     assert e.value.where == flag
 
 
 def test_reference_loss_without_reference_is_an_error():
-    with pytest.raises(PrefalignError, match="needs a reference"):
+    # an invariant of the stage (it computes a reference whenever the objective needs one), not a user error
+    with pytest.raises(ValueError, match="needs a reference"):
         run("sigmoid", make_inputs(with_ref=False))

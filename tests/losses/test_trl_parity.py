@@ -28,6 +28,7 @@ from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 from prefalign.config import DPOArgs  # noqa: E402
 from prefalign.losses.aggregate import preference_inputs  # noqa: E402
 from prefalign.losses.preference import compute_preference_loss  # noqa: E402
+from prefalign.stages.dpo import preference_objective  # noqa: E402
 
 # TRL's disable_gradient_checkpointing reads a transformers attribute deprecated in v5; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -125,10 +126,10 @@ def trl_dpo(models, batch, cfg: DPOArgs) -> tuple[float, dict[str, float]]:
 
 def ours(models, batch, cfg: DPOArgs, bco_delta: float | None = None):
     policy, ref = models
-    x = preference_inputs(our_logps(policy, batch, cfg.use_weighting), our_logps(ref, batch, False), cfg)
+    x = preference_inputs(our_logps(policy, batch, cfg.use_weighting), our_logps(ref, batch, False), preference_objective(cfg))
     if bco_delta is not None:
         x.bco_delta = torch.tensor(bco_delta)
-    return x, compute_preference_loss(x, cfg)
+    return x, compute_preference_loss(x, preference_objective(cfg))
 
 
 # (prompt, chosen, rejected) lengths in tokens of each of three pairs.
@@ -219,7 +220,7 @@ def test_rpo_term_matches_trl_sft_loss_type(models):
 
 def _policy_inputs(models, lengths, **cfg):
     batch = make_batch(*zip(*lengths), vocab=models[0].config.vocab_size)
-    return preference_inputs(our_logps(models[0], batch, False), None, DPOArgs(**cfg))
+    return preference_inputs(our_logps(models[0], batch, False), None, preference_objective(DPOArgs(**cfg)))
 
 
 @pytest.mark.parametrize(("name", "average"), [("simpo", True), ("cpo", False)])
@@ -241,13 +242,13 @@ def test_simpo_and_cpo_match_trl_cpo_loss(models, name, average):
         accelerator=Accelerator(cpu=True),
     )
     losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(trainer, chosen, rejected)
-    out = compute_preference_loss(x, cfg)
+    out = compute_preference_loss(x, preference_objective(cfg))
     torch.testing.assert_close(out.losses, losses)
     torch.testing.assert_close(out.chosen_rewards, chosen_rewards)
     torch.testing.assert_close(out.rejected_rewards, rejected_rewards)
     # CPO adds cpo_alpha × NLL of the chosen completion on top.
     with_nll = compute_preference_loss(
-        x, DPOArgs(loss_type=[name], beta=0.2, simpo_gamma=0.3, label_smoothing=0.1)
+        x, preference_objective(DPOArgs(loss_type=[name], beta=0.2, simpo_gamma=0.3, label_smoothing=0.1))
     )
     if name == "cpo":
         torch.testing.assert_close(with_nll.losses, losses + x.chosen_nll)
@@ -264,7 +265,7 @@ def test_orpo_matches_trl_odds_ratio_loss(models):
     ratio_losses, chosen_rewards, rejected_rewards, _, _ = ORPOTrainer.odds_ratio_loss(
         trainer, chosen, rejected
     )
-    out = compute_preference_loss(x, cfg)
+    out = compute_preference_loss(x, preference_objective(cfg))
     torch.testing.assert_close(out.losses, x.chosen_nll - ratio_losses)
     torch.testing.assert_close(out.chosen_rewards, chosen_rewards)
     torch.testing.assert_close(out.rejected_rewards, rejected_rewards)

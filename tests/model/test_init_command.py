@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from prefalign.config import InitModelConfig
 from prefalign.errors import PrefalignError
-from prefalign.model.init_command import InitModelConfig, init_model_command
+from prefalign.model.init import init_model_dir as init_model_command
 
 
 def test_builds_and_saves_a_model_matching_the_tokenizer(tmp_path, tiny_tokenizer_dir):

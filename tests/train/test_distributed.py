@@ -32,7 +32,7 @@ def test_shard_plan_from_accelerate_environment(monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     from prefalign.config import TrainArgs
-    from prefalign.train.run import make_accelerator
+    from prefalign.train.setup import make_accelerator
 
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from helpers import conv, run_cli, write_jsonl
+from prefalign.rollout.sampling import padded_layout, take_rows
+from prefalign.rollout.schedule import RolloutRows, plan_rollouts
 from prefalign.train.metrics import read_metrics
-from prefalign.train.rollout import RolloutSlice, padded_layout, plan_rollouts, take_rows
 
 
 def test_plan_is_a_seeded_shuffle_with_the_last_rollout_filled_cyclically():
@@ -35,9 +36,9 @@ def test_padded_layout_puts_completions_right_after_real_prompt_tokens():
     assert one["advantages"].tolist() == [-0.5] and one["layout"] == "padded"
 
 
-def test_rollout_slice_is_a_sequence_of_rows():
-    ref = RolloutSlice(epoch=1, rollout=2, rows=(4, 5, 6))
-    assert len(ref) == 3 and list(ref) == [4, 5, 6] and ref[0] == 4
+def test_rollout_rows_name_their_rollout_and_count_their_rows():
+    ref = RolloutRows(epoch=1, rollout=2, rows=(4, 5, 6))
+    assert len(ref) == 3 and list(ref.rows) == [4, 5, 6] and ref.rows[0] == 4
 
 
 @pytest.fixture()

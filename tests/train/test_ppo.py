@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from helpers import conv, run_cli, write_jsonl
+from prefalign.stages.ppo import PolicyAndValue
 from prefalign.train.metrics import read_metrics
-from prefalign.train.ppo import PolicyAndValue
 
 PPO_KEYS = {"objective/kl", "objective/scores", "objective/rlhf_reward", "objective/non_score_reward",
             "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",

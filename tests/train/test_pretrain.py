@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prefalign.data.sft import TokenizedSample
-from prefalign.train.pretrain import encode_documents, pack_documents
-from prefalign.train.sft import collate_rows, lm_loss
+from prefalign.data.collate import collate_rows
+from prefalign.data.corpus import encode_documents, pack_documents
+from prefalign.data.types import TokenizedSample
+from prefalign.stages.causal_lm import lm_loss
 
 
 def test_documents_are_cut_into_blocks_of_segments():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefalign.train.rloo import RLOOConfig, rloo_advantage_fn
+from prefalign.config import RLOOConfig
+from prefalign.stages.rloo import rloo_advantage_fn
 
 
 def test_kl_is_subtracted_from_the_reward_before_the_leave_one_out_baseline():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from prefalign.config import RMConfig
 from prefalign.data.types import TokenizedPair
-from prefalign.train.rm import RewardStage, RMConfig, load_reward_model
+from prefalign.stages.rm import RewardStage, load_reward_model
 
 
 def cfg(model_dir, **kw) -> RMConfig:

@@ -9,16 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import conv
-from prefalign.data.sft import SFTExample, TokenizedSample, tokenize_sft
-from prefalign.train.sft import (
-    CausalLMStage,
-    SFTConfig,
-    add_neftune,
-    collate_rows,
-    lm_loss,
-    next_fit,
-    pack_rows,
-)
+from prefalign.config import SFTConfig
+from prefalign.data.collate import collate_rows
+from prefalign.data.packing import next_fit, pack_rows
+from prefalign.data.sft import tokenize_sft
+from prefalign.data.types import SFTExample, TokenizedSample
+from prefalign.stages.causal_lm import CausalLMStage, add_neftune, lm_loss
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
-"""Padded preference batches: every pair becomes two rows, prompt+chosen and prompt+rejected.
+"""Padded batches: preference pairs as two rows each (`collate_padded`), causal-LM rows of segments (`collate_rows`).
+
+Preference pairs: every pair becomes two rows, prompt+chosen and prompt+rejected.
 
 This is the simplest layout and the one every model supports. It runs each prompt twice and pads every row
 to the longest one; `data.packing` provides the leaner packed / shared-prompt layouts. The contract is in
@@ -8,11 +10,12 @@ docs/DESIGN.md ("Batches"): rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from prefalign.data.types import TokenizedPair
+from prefalign.data.types import Segments, TokenizedPair
 
 
 def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, Any]:
@@ -39,3 +42,29 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, A
         "completion_mask": completion_mask,
         "num_pairs": len(pairs),
     }
+
+
+def collate_rows(rows: Sequence[Segments], pad_token_id: int, segmented: bool) -> dict[str, Any]:
+    """input_ids / labels / position_ids (B, T); `attention_mask` only when not segmented (see module docstring)."""
+    width = max(sum(len(s.input_ids) for s in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)  # (B, T): -100 = not a target
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for r, row in enumerate(rows):
+        t = 0
+        for seg in row:
+            n = len(seg.input_ids)
+            ids = torch.tensor(seg.input_ids, dtype=torch.long)
+            input_ids[r, t:t + n] = ids
+            labels[r, t:t + n] = torch.where(torch.tensor(seg.loss_mask), ids, -100)
+            # one sequence when not segmented: positions continue across the row's segments
+            position_ids[r, t:t + n] = torch.arange(n) if segmented else torch.arange(t, t + n)
+            t += n
+        attention_mask[r, :t] = 1
+        position_ids[r, t:] = torch.arange(width - t)  # the padding: a segment of its own
+    batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                             "num_tokens": int(attention_mask.sum())}
+    if not segmented:
+        batch["attention_mask"] = attention_mask
+    return batch

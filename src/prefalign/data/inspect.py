@@ -16,7 +16,7 @@ from prefalign.config import DataArgs
 from prefalign.data.formats import FORMAT_NAMES, detect_format, normalize_pair
 from prefalign.data.load import load_rows
 from prefalign.data.templates import resolve_chat_template
-from prefalign.data.tokenize import DROP_REASONS, Encoded, Truncated, check_args, encode_pairs, truncate
+from prefalign.data.tokenize import DROP_REASONS, Encoded, Truncated, Truncation, encode_pairs, truncate
 from prefalign.data.types import Pair
 from prefalign.errors import PrefalignError
 
@@ -29,7 +29,7 @@ def inspect_dataset(args: DataArgs, tokenizer: Any, row: int | None = None, colo
     Scored tokens are colored when `color` (default: stdout is a terminal), else wrapped in [[ ]]."""
     if not args.dataset_name:
         raise PrefalignError("no data given", where="--dataset_name")
-    check_args(args)
+    limits = Truncation.of(args)
     color = sys.stdout.isatty() if color is None else color
     resolve_chat_template(tokenizer, args.chat_template)
     rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
@@ -49,7 +49,7 @@ def inspect_dataset(args: DataArgs, tokenizer: Any, row: int | None = None, colo
         except PrefalignError as e:
             errors[i] = e
     encoded = encode_pairs([p for _, p in pairs], tokenizer)
-    truncated = [truncate(e, args) for e in encoded]
+    truncated = [truncate(e, limits) for e in encoded]
     sections = [_summary(args, tokenizer, len(rows), pairs, errors, formats, encoded, truncated)]
     by_row = {i: k for k, (i, _) in enumerate(pairs)}
     if index in by_row:

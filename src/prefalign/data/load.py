@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import datasets
+
 from prefalign.config import DataArgs
 from prefalign.data.formats import normalize_pair
 from prefalign.data.types import Pair
@@ -65,8 +67,6 @@ def _load_file(path: Path) -> list[Row]:
     data = path.read_bytes()  # read once: the emptiness check, line numbers and error lines all use it
     if not data.strip():
         raise PrefalignError("empty file", where=str(path))
-    import datasets
-
     try:
         with _quiet(datasets):
             ds = datasets.load_dataset(BUILDERS[path.suffix], data_files=[str(path)], split="train")
@@ -123,8 +123,6 @@ def _rows_from_json(path: Path, data: bytes, cause: Exception) -> list[Row]:
 
 
 def _load_hub(name: str, config: str | None, split: str) -> list[Row]:
-    import datasets
-
     try:
         with _quiet(datasets):
             ds = datasets.load_dataset(name, config, split=split)

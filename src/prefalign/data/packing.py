@@ -23,11 +23,12 @@ rejected pairs, completion tokens left-aligned, as in `model.logprobs.Completion
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from prefalign.data.types import TokenizedPair
+from prefalign.data.types import Segments, TokenizedPair
 from prefalign.errors import PrefalignError
 
 
@@ -121,3 +122,30 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, share_prompt: 
         "num_tokens": len(tokens),
         "num_pairs": num_pairs,
     }
+
+
+# ---------------------------------------------------------------- causal-LM rows (SFT --packing, pretraining)
+
+
+def row_length(row: Segments) -> int:
+    return sum(len(s.input_ids) for s in row)
+
+
+def next_fit(lengths: Sequence[int], max_length: int | None) -> list[list[int]]:
+    """Bins of consecutive positions: an item joins the current bin while the bin stays within `max_length`
+    tokens, so the given (shuffled) order is kept and the same input always packs the same way."""
+    bins: list[list[int]] = []
+    used = 0
+    for k, n in enumerate(lengths):
+        if bins and (max_length is None or used + n <= max_length):
+            bins[-1].append(k)
+            used += n
+        else:
+            bins.append([k])
+            used = n
+    return bins
+
+
+def pack_rows(rows: Sequence[Segments], max_length: int | None) -> list[Segments]:
+    """Rows merged next-fit into sequences of up to `max_length` tokens."""
+    return [[seg for k in b for seg in rows[k]] for b in next_fit([row_length(r) for r in rows], max_length)]

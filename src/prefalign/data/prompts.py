@@ -14,32 +14,17 @@ and DPO stages encode it the same way). Prompts longer than `--max_prompt_length
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 from prefalign.config import DataArgs
 from prefalign.data.load import load_examples
 from prefalign.data.sft import check_messages
 from prefalign.data.templates import render, require_chat_template
+from prefalign.data.types import PromptExample, with_system_prompt
 from prefalign.data.types import kind as _kind
-from prefalign.data.types import with_system_prompt
 from prefalign.errors import PrefalignError
 
 logger = logging.getLogger("prefalign.data")
-
-
-@dataclass(frozen=True)
-class PromptExample:
-    """One validated prompt and the row's other columns."""
-
-    prompt: str | list[dict[str, Any]]
-    source: str
-    columns: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_conversational(self) -> bool:
-        return isinstance(self.prompt, list)
-
 
 
 def normalize_prompt_row(row: dict[str, Any], source: str, args: DataArgs) -> PromptExample:

@@ -1,4 +1,4 @@
-"""Supervised data: rows -> SFTExample -> token ids with a loss mask; raw text corpora for pretraining.
+"""Supervised data: rows -> SFTExample -> token ids with a loss mask (raw text corpora are in `data.corpus`).
 
 Row formats (detected per row, first match wins):
 - conversational: a `messages` list of {role, content} (as HuggingFaceH4/ultrachat_200k, whose `prompt` and
@@ -21,50 +21,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prefalign.config import DataArgs
-from prefalign.data.load import load_examples, load_rows
+from prefalign.data.load import load_examples
 from prefalign.data.templates import render, require_chat_template
 from prefalign.data.tokenize import common_prefix, encode_texts, with_eos
-from prefalign.data.types import ROLES, Message, with_system_prompt
+from prefalign.data.types import ROLES, Message, SFTExample, TokenizedSample, with_system_prompt
 from prefalign.data.types import kind as _kind
 from prefalign.errors import PrefalignError
 
 logger = logging.getLogger("prefalign.data")
-
-
-
-@dataclass(frozen=True)
-class SFTExample:
-    """One validated supervised example: a conversation, or raw text with an untrained prefix."""
-
-    source: str
-    messages: list[Message] | None = None  # conversational
-    train_from: int = 0  # messages[:train_from] are context only (the prompt of a prompt/completion row)
-    prompt: str = ""  # raw text: context, never a target under completion_only_loss
-    text: str = ""  # raw text: the trained part
-
-    @property
-    def is_conversational(self) -> bool:
-        return self.messages is not None
-
-
-@dataclass
-class TokenizedSample:
-    """Token ids and which of them are targets. `loss_mask[t]` means token t is predicted (from t-1) and scored;
-    token 0 never is."""
-
-    input_ids: list[int]
-    loss_mask: list[bool]
-    source: str = ""
-
-    @property
-    def num_loss_tokens(self) -> int:
-        return sum(self.loss_mask[1:])
 
 
 @dataclass
@@ -88,7 +56,6 @@ class SFTTokenizeStats:
 
 
 # ---------------------------------------------------------------- rows -> SFTExample
-
 
 
 def check_messages(value: Any, column: str, source: str) -> list[Message]:
@@ -227,53 +194,3 @@ def tokenize_sft(examples: list[SFTExample], tokenizer: Any, args: Any) -> tuple
     if examples and not out:
         raise PrefalignError(f"all {len(examples)} samples dropped: no trained token left", "--max_length")
     return out, stats
-
-
-# ---------------------------------------------------------------- raw text corpora (pretraining, tokenizers)
-
-
-def _txt_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.rglob("*.txt") if not any(part.startswith(".") for part in p.parts))
-
-
-def load_texts(name: str, config: str | None = None, split: str = "train", text_field: str = "text",
-               conversations: bool = False) -> list[tuple[str, str]]:
-    """(text, source) documents: non-empty lines of .txt files, or the `text_field` column of any format
-    `load_rows` reads. With `conversations`, rows without that column contribute the contents of their
-    messages / prompt / completion / chosen / rejected columns (for training a tokenizer)."""
-    path = Path(name).expanduser()
-    txt = _txt_files(path) if path.suffix == ".txt" or path.is_dir() else []  # a directory without any: []
-    if path.suffix == ".txt" and not path.is_file():
-        raise PrefalignError("no such file", name)
-    if txt:
-        docs = []
-        for f in txt:
-            lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
-            docs += [(line, f"{f}:{i}") for i, line in enumerate(lines, start=1) if line.strip()]
-        if not docs:
-            raise PrefalignError("no non-empty lines", name)
-        return docs
-    out: list[tuple[str, str]] = []
-    for row, source in load_rows(name, config, split):
-        value = row.get(text_field)
-        if isinstance(value, str):
-            if value.strip():
-                out.append((value, source))
-            continue
-        pieces = list(_row_strings(row)) if conversations else []
-        if not pieces:
-            present = ", ".join(sorted(row)) or "none"
-            raise PrefalignError(f"no '{text_field}' column with a string (columns present: {present})", source)
-        out += [(p, source) for p in pieces]
-    return out
-
-
-def _row_strings(row: dict[str, Any]) -> Iterable[str]:
-    for column in ("messages", "prompt", "completion", "chosen", "rejected"):
-        value = row.get(column)
-        if isinstance(value, str) and value:
-            yield value
-        elif isinstance(value, list):
-            yield from (m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str))

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefalign.config import DataArgs
+from prefalign.config.checks import check_truncation
+from prefalign.data.load import load_pairs
 from prefalign.data.templates import render, require_chat_template
 from prefalign.data.types import Pair, TokenizedPair
 from prefalign.errors import PrefalignError
@@ -37,6 +39,23 @@ DROP_REASONS = {
     "identical_after_truncation": "chosen and rejected identical after truncation",
 }
 _ENCODE_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """The length limits `truncate` applies, validated once (`of`)."""
+
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    keep_end: bool = True  # --truncation_mode keep_end (else keep_start)
+
+    @classmethod
+    def of(cls, args: DataArgs) -> Truncation:
+        """The limits of `args`, or a PrefalignError naming the flag at fault."""
+        check_truncation(args)
+        return cls(args.max_length, args.max_prompt_length, args.max_completion_length,
+                   args.truncation_mode == "keep_end")
 
 
 @dataclass
@@ -147,22 +166,22 @@ def _split_completions(prompt: list[int], full_chosen: list[int], full_rejected:
     return Encoded(full_chosen[:k], full_chosen[k:], full_rejected[k:], prefix_mismatch=True)
 
 
-def truncate(enc: Encoded, args: DataArgs) -> Truncated:
+def truncate(enc: Encoded, limits: Truncation) -> Truncated:
     """Apply --max_prompt_length, --max_completion_length and --max_length (see the module docstring)."""
     prompt, chosen, rejected = enc.prompt_ids, enc.chosen_ids, enc.rejected_ids
-    keep_end = args.truncation_mode == "keep_end"
-    if args.max_prompt_length is not None and len(prompt) > args.max_prompt_length:
-        n = args.max_prompt_length
+    keep_end, max_length = limits.keep_end, limits.max_length
+    if limits.max_prompt_length is not None and len(prompt) > limits.max_prompt_length:
+        n = limits.max_prompt_length
         prompt = prompt[len(prompt) - n:] if keep_end else prompt[:n]
-    if args.max_completion_length is not None:
-        chosen, rejected = chosen[:args.max_completion_length], rejected[:args.max_completion_length]
-    if args.max_length is not None:
+    if limits.max_completion_length is not None:
+        chosen, rejected = chosen[:limits.max_completion_length], rejected[:limits.max_completion_length]
+    if max_length is not None:
         longest = max(len(chosen), len(rejected))
-        if keep_end and len(prompt) + longest > args.max_length:
-            keep = max(1, args.max_length - longest)
+        if keep_end and len(prompt) + longest > max_length:
+            keep = max(1, max_length - longest)
             prompt = prompt[max(0, len(prompt) - keep):]
-        room = max(0, args.max_length - len(prompt))
-        prompt = prompt[:args.max_length]  # keep_start with a prompt longer than max_length
+        room = max(0, max_length - len(prompt))
+        prompt = prompt[:max_length]  # keep_start with a prompt longer than max_length
         chosen, rejected = chosen[:room], rejected[:room]
     drop = None
     if not chosen or not rejected:
@@ -175,23 +194,13 @@ def truncate(enc: Encoded, args: DataArgs) -> Truncated:
                      drop_reason=drop)
 
 
-def check_args(args: DataArgs) -> None:
-    if args.truncation_mode not in ("keep_end", "keep_start"):
-        raise PrefalignError(f"must be keep_end or keep_start, got '{args.truncation_mode}'", where="--truncation_mode")
-    for flag in ("max_length", "max_prompt_length", "max_completion_length"):
-        value = getattr(args, flag)
-        if value is not None and value < (2 if flag == "max_length" else 1):
-            raise PrefalignError(f"must be at least {2 if flag == 'max_length' else 1}, got {value}", where=f"--{flag}")
-
-
-def tokenize_pairs(pairs: list[Pair], tokenizer: Any, args: DataArgs) -> tuple[list[TokenizedPair], TokenizeStats]:
+def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize and truncate `pairs`; pairs left with nothing to learn from are dropped and counted."""
-    check_args(args)
-    stats = TokenizeStats(total=len(pairs), max_length=args.max_length)
+    stats = TokenizeStats(total=len(pairs), max_length=limits.max_length)
     out: list[TokenizedPair] = []
     first_mismatch = None
     for pair, enc in zip(pairs, encode_pairs(pairs, tokenizer)):
-        t = truncate(enc, args)
+        t = truncate(enc, limits)
         if enc.prefix_mismatch:
             stats.prefix_mismatch += 1
             first_mismatch = first_mismatch or pair.source
@@ -213,16 +222,14 @@ def tokenize_pairs(pairs: list[Pair], tokenizer: Any, args: DataArgs) -> tuple[l
     return out, stats
 
 
-def load_tokenized_pairs(args: DataArgs, tokenizer: Any, report: Any = print
+def load_tokenized_pairs(args: DataArgs, tokenizer: Any, limits: Truncation, report: Any = print
                          ) -> tuple[list[TokenizedPair], list[TokenizedPair] | None]:
     """(train, eval) token ids of the preference data in `args`, each split's one-line summary sent to `report`."""
-    from prefalign.data.load import load_pairs
-
     train_rows, eval_rows = load_pairs(args)
-    train, stats = tokenize_pairs(train_rows, tokenizer, args)
+    train, stats = tokenize_pairs(train_rows, tokenizer, limits)
     report(f"train: {stats.summary()}")
     if not eval_rows:
         return train, None
-    eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, args)
+    eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, limits)
     report(f"eval: {eval_stats.summary()}")
     return train, eval_

@@ -1,4 +1,5 @@
-"""The normalised row types. Raw rows never travel past `data.formats`: everything later sees these.
+"""The normalised row types of every stage. Raw rows never travel past `data.formats`, `data.sft` and
+`data.prompts`: everything later sees these.
 
 A conversational Pair holds the shared context as `prompt` (a list of messages, possibly multi-turn and with a
 system message) and the two scored answers as one-message lists `[{"role": "assistant", "content": ...}]`.
@@ -60,3 +61,48 @@ class TokenizedPair:
     def num_tokens(self) -> int:
         """Unique tokens of the pair: the prompt counted once."""
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """One validated prompt and the row's other columns."""
+
+    prompt: str | list[dict[str, Any]]
+    source: str
+    columns: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One validated supervised example: a conversation, or raw text with an untrained prefix."""
+
+    source: str
+    messages: list[Message] | None = None  # conversational
+    train_from: int = 0  # messages[:train_from] are context only (the prompt of a prompt/completion row)
+    prompt: str = ""  # raw text: context, never a target under completion_only_loss
+    text: str = ""  # raw text: the trained part
+
+    @property
+    def is_conversational(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass
+class TokenizedSample:
+    """Token ids and which of them are targets. `loss_mask[t]` means token t is predicted (from t-1) and scored;
+    token 0 never is."""
+
+    input_ids: list[int]
+    loss_mask: list[bool]
+    source: str = ""
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(self.loss_mask[1:])
+
+
+Segments = list[TokenizedSample]  # a causal-LM row: samples (conversations, document pieces) laid end to end

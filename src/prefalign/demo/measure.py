@@ -1,7 +1,6 @@
 """What the demo measures on held-out prompts: greedy accuracy, and the KL of a policy from its reference.
 
-Greedy decoding is batched with left padding (every row's next token sits at the same position), so one
-`generate` call answers a whole batch of prompts.
+Greedy answers come from `rollout.generate.greedy_completions` (batched with left padding).
 
 KL from the reference: for each held-out prompt x the policy writes its greedy completion y; at every completion
 token t we take the *exact* KL between the two next-token distributions over the whole vocabulary,
@@ -16,44 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from prefalign.data.templates import render
 from prefalign.demo import task
-from prefalign.rollout.generate import left_pad
-
-
-def chat_prompt_ids(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
-    """Token ids of each prompt (a string is one user turn; a message list is used as is) with the generation
-    prompt, encoded without special tokens since the template writes its own (as SFT and DPO encode it)."""
-    out = []
-    for p in prompts:
-        messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-        text = render(tokenizer, messages, add_generation_prompt=True)
-        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return out
-
-
-@torch.no_grad()
-def greedy_completions(model: Any, tokenizer: Any, prompts: Sequence[Any], *, batch_size: int = 128,
-                       max_new_tokens: int = 16, desc: str | None = None) -> list[list[int]]:
-    """Greedy completion token ids per prompt, cut after the first EOS (kept)."""
-    model.eval()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids_all = chat_prompt_ids(tokenizer, prompts)
-    out: list[list[int]] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
-        ids, mask = left_pad(ids_all[start:start + batch_size], pad)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=pad)  # (B, T + new)
-        for row in gen[:, ids.shape[1]:].tolist():
-            out.append(row[: row.index(eos) + 1] if eos in row else row)
-    return out
-
-
-def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[Any], **kwargs: Any) -> list[str]:
-    """Greedy completions of `prompts` as text (special tokens dropped)."""
-    return [tokenizer.decode(c, skip_special_tokens=True) for c in greedy_completions(model, tokenizer, prompts, **kwargs)]
+from prefalign.rollout.generate import chat_prompt_ids, left_pad
 
 
 def judged_accuracy(prompts: Sequence[str], answers: Sequence[str]) -> float:

@@ -14,44 +14,35 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefalign.config import DPOConfig
-from prefalign.demo import stages as st
-from prefalign.demo import task
-from prefalign.errors import PrefalignError
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-RL_STAGES = ("dpo", "grpo", "ppo")
+from prefalign.config import DemoConfig, DPOConfig
+from prefalign.config.tools import DEMO_STAGES
+from prefalign.data.load import load_rows, normalize_rows
+from prefalign.demo import measure, task
+from prefalign.demo import toy as st
+from prefalign.demo.report import gains, plot_stage_accuracy, write_report
+from prefalign.errors import PrefalignError
+from prefalign.rollout.generate import greedy_completions
+from prefalign.stages.dpo import pair_metrics
+from prefalign.train.plots import plot_run
+
 REQUIRED_GAIN = {"dpo": 0.30, "grpo": 0.20, "ppo": 0.20}
 NUM_SAMPLES = 6
 PAIR_EVAL = DPOConfig(beta=0.1, max_length=64, per_device_eval_batch_size=64)  # how reward accuracy is measured
-
-
-@dataclass
-class DemoConfig:
-    """Configuration of `prefalign demo`."""
-
-    output_dir: str = "runs/demo"
-    """Where data, models, metrics, plots and the report go; a rerun skips the stages already finished there."""
-    seed: int = 0
-    """Seed of the data, the initialisation and every trainer."""
-    quick: bool = False
-    """A much smaller version (under a minute) that checks the machinery, not the accuracy targets."""
-    stages: list[str] = field(default_factory=lambda: list(RL_STAGES))
-    """Stages to run after SFT: any of dpo, grpo, ppo (ppo also samples the reward model's data and trains it)."""
-    disable_tqdm: bool = False
-    """Hide the progress bars."""
 
 
 class Demo:
     """Paths and stage runners of one demo directory."""
 
     def __init__(self, cfg: DemoConfig) -> None:
-        unknown = set(cfg.stages) - set(RL_STAGES)
+        unknown = set(cfg.stages) - set(DEMO_STAGES)
         if unknown:
-            raise PrefalignError(f"unknown stage {sorted(unknown)[0]!r}; choose from {', '.join(RL_STAGES)}", "--stages")
+            raise PrefalignError(f"unknown stage {sorted(unknown)[0]!r}; choose from {', '.join(DEMO_STAGES)}", "--stages")
         self.cfg = cfg
         self.sizes = st.QUICK if cfg.quick else st.FULL
         self.out = Path(cfg.output_dir)
@@ -113,16 +104,10 @@ class Demo:
         cached = self.path(name) / "demo_eval.json"
         if cached.is_file():
             return json.loads(cached.read_text())
-        from transformers import AutoModelForCausalLM
-
-        from prefalign.data.load import load_rows, normalize_rows
-        from prefalign.demo import measure
-        from prefalign.evaluate import pair_metrics
-
         # the reference is the SFT model itself: no second copy of it
         model = reference if name == "sft" else AutoModelForCausalLM.from_pretrained(self.path(name)).eval()
         start = time.perf_counter()
-        completions = measure.greedy_completions(model, tokenizer, self.heldout,
+        completions = greedy_completions(model, tokenizer, self.heldout,
                                                  desc=None if self.cfg.disable_tqdm else f"eval {name}")
         answers = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
         result: dict[str, Any] = {"accuracy": measure.judged_accuracy(self.heldout, answers),
@@ -141,8 +126,6 @@ class Demo:
 
 
 def _plots(demo: Demo, stages: dict[str, Any]) -> list[str]:
-    from prefalign.plots import plot_run, plot_stage_accuracy
-
     written = [plot_stage_accuracy({k: v["accuracy"] for k, v in stages.items()}, demo.out / "accuracy.png")]
     for name in ("sft", "dpo", "rm", "grpo", "ppo"):
         if (demo.path(name) / "metrics.jsonl").is_file():
@@ -178,8 +161,6 @@ def build_report(demo: Demo, results: dict[str, dict[str, Any]], this_run: float
 
 def summary(report: dict[str, Any], md_path: Path) -> str:
     """The closing lines: accuracy table, checks and where the report is."""
-    from prefalign.demo.report import gains
-
     lines = ["", f"{'stage':<6} {'accuracy':>8} {'gain':>7} {'KL':>7} {'reward acc':>10} {'time (s)':>8}"]
     base = report["stages"]["sft"]["accuracy"]
     for name, s in report["stages"].items():
@@ -196,10 +177,6 @@ def summary(report: dict[str, Any], md_path: Path) -> str:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Train (skipping finished stages), evaluate every stage on held-out prompts, write the report; returns it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from prefalign.demo.report import write_report
-
     start = time.perf_counter()
     demo = Demo(cfg)
     demo.write_data()
@@ -207,16 +184,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(demo.path("sft"))
     reference = AutoModelForCausalLM.from_pretrained(demo.path("sft")).eval()
     results = {name: demo.evaluate(name, reference, tokenizer)
-               for name in ("sft", *[s for s in RL_STAGES if s in cfg.stages])}
+               for name in ("sft", *[s for s in DEMO_STAGES if s in cfg.stages])}
     report = build_report(demo, results, time.perf_counter() - start)
     _, md_path = write_report(demo.out, report)
     print(summary(report, md_path))
     return report
 
 
-CONFIG = DemoConfig
-
-
-def run_command(cfg: DemoConfig) -> None:
-    """`prefalign demo`."""
-    run_demo(cfg)

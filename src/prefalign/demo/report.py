@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prefalign.errors import PrefalignError
+from prefalign.train.plots import pyplot
 
 # Stage columns after accuracy, in TRL-like names where one exists; missing values show as "-".
 _COLUMNS = [("kl", "KL to reference"), ("reward_accuracy", "reward accuracy"), ("wall_time_s", "wall time (s)")]
@@ -127,3 +128,25 @@ def write_report(out_dir: str | Path, report: dict[str, Any]) -> tuple[Path, Pat
     json_path.write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
     md_path.write_text(render_markdown(report), encoding="utf-8")
     return json_path, md_path
+
+
+def plot_stage_accuracy(stages: dict[str, float], out_png: str | Path) -> Path:
+    """Bar chart of held-out accuracy per stage (e.g. {"sft": 0.48, "dpo": 0.86}), values printed on the bars."""
+    if not stages:
+        raise PrefalignError("no stages to plot", "plot_stage_accuracy")
+    plt = pyplot()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    names, values = list(stages), [float(v) for v in stages.values()]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4), dpi=100)
+    bars = ax.bar(names, values, color=["tab:gray"] + ["tab:green"] * (len(names) - 1))
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, v + 0.02, f"{v:.0%}", ha="center", va="bottom")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Held-out accuracy by stage")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

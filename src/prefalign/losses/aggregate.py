@@ -20,9 +20,9 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from prefalign.config import DPOArgs
-from prefalign.errors import PrefalignError
-from prefalign.losses.preference import PreferenceInputs
+from prefalign.losses.preference import Objective, PreferenceInputs
+
+DEFAULT_OBJECTIVE = Objective()  # plain DPO: summed log-probs, no LD weighting, no WPO
 
 
 class CompletionLogpsLike(Protocol):
@@ -40,7 +40,7 @@ def token_weights(mask: Tensor, ld_alpha: float | None) -> Tensor:
     if ld_alpha is None:
         return weights
     if not 0.0 <= ld_alpha <= 1.0:
-        raise PrefalignError(f"ld_alpha must lie in [0, 1], got {ld_alpha}", "--ld_alpha")
+        raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha}")
     position = mask.long().cumsum(dim=1)  # (2B, Tc) 1-based index of each completion token
     lengths = mask.sum(dim=1)  # (2B,)
     chosen_len, rejected_len = lengths.chunk(2)
@@ -77,17 +77,18 @@ def wpo_weights(policy: CompletionLogpsLike) -> Tensor:
 
 
 def preference_inputs(
-    policy: CompletionLogpsLike, ref: CompletionLogpsLike | None, cfg: DPOArgs
+    policy: CompletionLogpsLike, ref: CompletionLogpsLike | None, objective: Objective = DEFAULT_OBJECTIVE
 ) -> PreferenceInputs:
-    """Reduce policy (and reference) token log-probs to the per-pair `PreferenceInputs` of `cfg`'s losses."""
+    """Reduce policy (and reference) token log-probs to the per-pair `PreferenceInputs` of `objective`'s losses."""
+    length_normalize = objective.params.length_normalize
     mask = policy.mask.bool()  # (2B, Tc)
     if mask.shape[0] % 2 or policy.token_logps.shape != mask.shape:
         raise ValueError(
             f"expected [2B, Tc] token_logps and mask, got {tuple(policy.token_logps.shape)} "
             f"and {tuple(mask.shape)}"
         )
-    weights = token_weights(mask, cfg.ld_alpha)  # (2B, Tc)
-    logps = sequence_logps(policy.token_logps, weights, cfg.length_normalize)  # (2B,)
+    weights = token_weights(mask, objective.ld_alpha)  # (2B, Tc)
+    logps = sequence_logps(policy.token_logps, weights, length_normalize)  # (2B,)
     lengths = mask.sum(dim=1).float()  # (2B,)
     chosen_logps, rejected_logps = logps.chunk(2)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
@@ -104,10 +105,10 @@ def preference_inputs(
                 f"reference token_logps {tuple(ref.token_logps.shape)} do not match the policy's "
                 f"{tuple(mask.shape)}"
             )
-        ref_logps = sequence_logps(ref.token_logps.detach(), weights, cfg.length_normalize)
+        ref_logps = sequence_logps(ref.token_logps.detach(), weights, length_normalize)
         ref_chosen, ref_rejected = ref_logps.chunk(2)
 
-    if cfg.use_weighting:
+    if objective.use_weighting:
         pair_weights = wpo_weights(policy)
     else:
         pair_weights = torch.ones_like(chosen_logps).detach()

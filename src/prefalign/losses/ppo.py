@@ -1,6 +1,6 @@
 """PPO's objective (per-token rewards, GAE, clipped policy + value loss) as pure functions of tensors.
 
-Like `losses.policy` (whose KL estimators and masked statistics it uses), nothing here touches a model or a
+Like `losses.grpo` (and with the KL estimators and masked statistics of `losses.stats`), nothing here touches a model or a
 device. The formulas follow TRL's PPOTrainer with TRL's names (`kl_coef`, `cliprange`, `cliprange_value`,
 `vf_coef`, ...) and two deliberate differences, both noted where they happen:
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prefalign.losses.policy import kl_divergence, masked_mean, masked_whiten
+from prefalign.losses.stats import kl_divergence, masked_mean, masked_whiten
 
 
 def last_token_index(mask: Tensor) -> Tensor:

@@ -1,9 +1,11 @@
 """Preference losses: pure functions of sequence log-probs, registered by name.
 
-Each loss takes `PreferenceInputs` (one value per pair, `[B]`) and the run's `DPOArgs` and returns per-pair
-losses plus the implicit rewards TRL logs for it. `compute_preference_loss` combines several of them (MPO-style
-weighted sum), adds RPO's NLL term and applies WPO's pair weights. Nothing here knows about models, devices or
-batches of tokens; `losses.aggregate` turns token log-probs into these inputs.
+Each loss takes `PreferenceInputs` (one value per pair, `[B]`) and the few hyper-parameters losses read
+(`LossParams`) and returns per-pair losses plus the implicit rewards TRL logs for it. `compute_preference_loss`
+combines several of them as an `Objective` says (MPO-style weighted sum), adds RPO's NLL term and applies WPO's
+pair weights. Nothing here knows about models, devices, batches of tokens or flags: the stage that builds the
+`Objective` from a config validates it and names the flag at fault; `losses.aggregate` turns token log-probs
+into these inputs.
 
 Formulas follow TRL 1.16's `DPOTrainer` (and its experimental CPO/ORPO trainers for `simpo`, `cpo`, `orpo`)
 so values match TRL on the same inputs, with these deliberate differences:
@@ -26,9 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from prefalign.config import DPOArgs
-from prefalign.errors import PrefalignError
 
 
 @dataclass
@@ -59,7 +58,37 @@ class LossOutput:
     rejected_rewards: Tensor  # (B,) detached
 
 
-LossFn = Callable[[PreferenceInputs, DPOArgs], LossOutput]
+@dataclass(frozen=True)
+class LossParams:
+    """The hyper-parameters the preference losses read (TRL's names; see config.preference.DPOArgs for each)."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    discopop_tau: float = 0.05
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 1.0
+    length_normalize: bool = False
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A validated preference objective: which losses with which weights, their parameters, the RPO term, and how
+    token log-probs are aggregated per completion (length_normalize in `params`, ld_alpha, WPO weighting)."""
+
+    losses: tuple[tuple[str, float], ...] = (("sigmoid", 1.0),)
+    params: LossParams = LossParams()
+    rpo_alpha: float | None = None
+    use_weighting: bool = False
+    ld_alpha: float | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        return needs_reference([name for name, _ in self.losses])
+
+
+LossFn = Callable[[PreferenceInputs, LossParams], LossOutput]
 
 
 @dataclass(frozen=True)
@@ -102,15 +131,15 @@ def _logratios(x: PreferenceInputs) -> tuple[Tensor, Tensor]:
     return x.chosen_logps - x.ref_chosen_logps, x.rejected_logps - x.ref_rejected_logps  # (B,), (B,)
 
 
-def _f_scores(logratios: Tensor, cfg: DPOArgs) -> Tensor:
+def _f_scores(logratios: Tensor, p: LossParams) -> Tensor:
     """f'(π/π_ref) of f-DPO, written in terms of log r = log π − log π_ref (TRL's parameterisation)."""
-    kind = cfg.f_divergence_type
+    kind = p.f_divergence_type
     if kind == "forward_kl":  # f'(t) = 1 − 1/t
         return 1 - torch.exp(-logratios)
     if kind == "js_divergence":  # f'(t) = log(2t / (1 + t)) = log 2 + log σ(log t)
         return math.log(2) + F.logsigmoid(logratios)
-    if kind == "alpha_divergence" and abs(cfg.f_alpha_divergence_coef - 1.0) >= 1e-6:
-        a = cfg.f_alpha_divergence_coef  # f'(t) = (t^(α−1) − 1) / (α − 1); α → 1 is reverse KL
+    if kind == "alpha_divergence" and abs(p.f_alpha_divergence_coef - 1.0) >= 1e-6:
+        a = p.f_alpha_divergence_coef  # f'(t) = (t^(α−1) − 1) / (α − 1); α → 1 is reverse KL
         # The exponent is clamped (in float32) so that exp stays finite, as TRL does.
         clamp_max = 11.0 if logratios.dtype == torch.float16 else 80.0
         t = torch.clamp(((a - 1.0) * logratios).float(), max=clamp_max)
@@ -118,23 +147,23 @@ def _f_scores(logratios: Tensor, cfg: DPOArgs) -> Tensor:
     return logratios  # reverse KL: standard DPO
 
 
-def _scores(x: PreferenceInputs, cfg: DPOArgs) -> tuple[Tensor, Tensor]:
+def _scores(x: PreferenceInputs, p: LossParams) -> tuple[Tensor, Tensor]:
     chosen_lr, rejected_lr = _logratios(x)
-    return _f_scores(chosen_lr, cfg), _f_scores(rejected_lr, cfg)
+    return _f_scores(chosen_lr, p), _f_scores(rejected_lr, p)
 
 
-def _per_token(value: Tensor, lengths: Tensor, cfg: DPOArgs) -> Tensor:
+def _per_token(value: Tensor, lengths: Tensor, p: LossParams) -> Tensor:
     """Length-average a sequence quantity, unless the log-probs are already means (length_normalize)."""
-    return value if cfg.length_normalize else value / lengths.clamp(min=1.0)
+    return value if p.length_normalize else value / lengths.clamp(min=1.0)
 
 
-def _dpo_rewards(x: PreferenceInputs, cfg: DPOArgs) -> tuple[Tensor, Tensor]:
+def _dpo_rewards(x: PreferenceInputs, p: LossParams) -> tuple[Tensor, Tensor]:
     chosen_lr, rejected_lr = _logratios(x)
-    return cfg.beta * chosen_lr.detach(), cfg.beta * rejected_lr.detach()
+    return p.beta * chosen_lr.detach(), p.beta * rejected_lr.detach()
 
 
-def _out(losses: Tensor, x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
-    return LossOutput(losses, *_dpo_rewards(x, cfg))
+def _out(losses: Tensor, x: PreferenceInputs, p: LossParams) -> LossOutput:
+    return LossOutput(losses, *_dpo_rewards(x, p))
 
 
 def _smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
@@ -151,244 +180,187 @@ def _log1mexp(x: Tensor) -> Tensor:
 
 
 @register("sigmoid", f_divergence=True)
-def sigmoid(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def sigmoid(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """DPO; with label_smoothing ε > 0, conservative DPO (cDPO)."""
-    chosen, rejected = _scores(x, cfg)
-    return _out(_smoothed_sigmoid(cfg.beta * (chosen - rejected), cfg.label_smoothing), x, cfg)
+    chosen, rejected = _scores(x, p)
+    return _out(_smoothed_sigmoid(p.beta * (chosen - rejected), p.label_smoothing), x, p)
 
 
 @register("hinge", f_divergence=True)
-def hinge(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def hinge(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """SLiC: relu(1 − β·Δ)."""
-    chosen, rejected = _scores(x, cfg)
-    return _out(torch.relu(1 - cfg.beta * (chosen - rejected)), x, cfg)
+    chosen, rejected = _scores(x, p)
+    return _out(torch.relu(1 - p.beta * (chosen - rejected)), x, p)
 
 
 @register("ipo", f_divergence=True)
-def ipo(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def ipo(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """IPO Eq. 17, (Δ − 1/(2β))², on per-token log-ratios as TRL (and the IPO authors) use."""
-    chosen, rejected = _scores(x, cfg)
-    delta = _per_token(chosen, x.chosen_lengths, cfg) - _per_token(rejected, x.rejected_lengths, cfg)
-    return _out((delta - 1 / (2 * cfg.beta)) ** 2, x, cfg)
+    chosen, rejected = _scores(x, p)
+    delta = _per_token(chosen, x.chosen_lengths, p) - _per_token(rejected, x.rejected_lengths, p)
+    return _out((delta - 1 / (2 * p.beta)) ** 2, x, p)
 
 
 @register("exo_pair", f_divergence=True)
-def exo_pair(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def exo_pair(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """EXO (Eq. 16): KL from the model's pair distribution σ(±β·Δ) to the smoothed labels [1−ε, ε]."""
-    chosen, rejected = _scores(x, cfg)
-    z = cfg.beta * (chosen - rejected)
-    eps = cfg.label_smoothing
+    chosen, rejected = _scores(x, p)
+    z = p.beta * (chosen - rejected)
+    eps = p.label_smoothing
     losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
         F.logsigmoid(-z) - math.log(eps)
     )
-    return _out(losses, x, cfg)
+    return _out(losses, x, p)
 
 
 @register("nca_pair")
-def nca_pair(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def nca_pair(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """NCA: −log σ(r_c) − ½ log σ(−r_c) − ½ log σ(−r_r) with r = β·log-ratio."""
-    chosen_r, rejected_r = (cfg.beta * lr for lr in _logratios(x))
+    chosen_r, rejected_r = (p.beta * lr for lr in _logratios(x))
     losses = -F.logsigmoid(chosen_r) - 0.5 * F.logsigmoid(-chosen_r) - 0.5 * F.logsigmoid(-rejected_r)
-    return _out(losses, x, cfg)
+    return _out(losses, x, p)
 
 
 @register("robust", f_divergence=True)
-def robust(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def robust(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """rDPO: unbiased loss under label flips with probability ε, ((1−ε)ℓ(z) − εℓ(−z)) / (1−2ε)."""
-    chosen, rejected = _scores(x, cfg)
-    z = cfg.beta * (chosen - rejected)
-    eps = cfg.label_smoothing
+    chosen, rejected = _scores(x, p)
+    z = p.beta * (chosen - rejected)
+    eps = p.label_smoothing
     losses = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
-    return _out(losses, x, cfg)
+    return _out(losses, x, p)
 
 
 @register("bco_pair")
-def bco_pair(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def bco_pair(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """BCO on pairs: −log σ(r_c − δ) − log σ(−(r_r − δ)), δ the reward shift (see the module docstring)."""
-    chosen_r, rejected_r = (cfg.beta * lr for lr in _logratios(x))
+    chosen_r, rejected_r = (p.beta * lr for lr in _logratios(x))
     if x.bco_delta is not None:
         delta = x.bco_delta.detach()
     else:
         delta = torch.cat([chosen_r, rejected_r]).mean().detach()
     losses = -F.logsigmoid(chosen_r - delta) - F.logsigmoid(-(rejected_r - delta))
-    return _out(losses, x, cfg)
+    return _out(losses, x, p)
 
 
 @register("sppo_hard")
-def sppo_hard(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def sppo_hard(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """SPPO with hard win probabilities (1 for chosen, 0 for rejected): (lr_c − 1/(2β))² + (lr_r + 1/(2β))²."""
     chosen_lr, rejected_lr = _logratios(x)
-    losses = (chosen_lr - 0.5 / cfg.beta) ** 2 + (rejected_lr + 0.5 / cfg.beta) ** 2
-    return _out(losses, x, cfg)
+    losses = (chosen_lr - 0.5 / p.beta) ** 2 + (rejected_lr + 0.5 / p.beta) ** 2
+    return _out(losses, x, p)
 
 
 @register("aot", sorts_batch=True)
-def aot(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def aot(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """AOT (paired): match the sorted policy margins against the sorted reference margins across the batch."""
-    rewards = _dpo_rewards(x, cfg)  # raises when there is no reference
+    rewards = _dpo_rewards(x, p)  # raises when there is no reference
     assert x.ref_chosen_logps is not None and x.ref_rejected_logps is not None
     policy_sorted, _ = torch.sort(x.chosen_logps - x.rejected_logps, dim=0)
     ref_sorted, _ = torch.sort(x.ref_chosen_logps - x.ref_rejected_logps, dim=0)
-    losses = _smoothed_sigmoid(cfg.beta * (policy_sorted - ref_sorted), cfg.label_smoothing)
+    losses = _smoothed_sigmoid(p.beta * (policy_sorted - ref_sorted), p.label_smoothing)
     return LossOutput(losses, *rewards)
 
 
 @register("aot_unpaired", sorts_batch=True)
-def aot_unpaired(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def aot_unpaired(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """AOT (unpaired): sort chosen and rejected log-ratios independently, then a logistic loss per rank."""
     chosen_lr, rejected_lr = _logratios(x)
     delta = torch.sort(chosen_lr, dim=0)[0] - torch.sort(rejected_lr, dim=0)[0]
-    return _out(_smoothed_sigmoid(cfg.beta * delta, cfg.label_smoothing), x, cfg)
+    return _out(_smoothed_sigmoid(p.beta * delta, p.label_smoothing), x, p)
 
 
 @register("apo_zero")
-def apo_zero(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def apo_zero(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """APO-zero (Eq. 7): push chosen up and rejected down, 1 − σ(r_c) + σ(r_r)."""
-    chosen_r, rejected_r = (cfg.beta * lr for lr in _logratios(x))
-    return _out(1 - torch.sigmoid(chosen_r) + torch.sigmoid(rejected_r), x, cfg)
+    chosen_r, rejected_r = (p.beta * lr for lr in _logratios(x))
+    return _out(1 - torch.sigmoid(chosen_r) + torch.sigmoid(rejected_r), x, p)
 
 
 @register("apo_down")
-def apo_down(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def apo_down(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """APO-down (Eq. 8): push both down, rejected more, σ(r_c) + 1 − σ(r_c − r_r)."""
-    chosen_r, rejected_r = (cfg.beta * lr for lr in _logratios(x))
-    return _out(torch.sigmoid(chosen_r) + 1 - torch.sigmoid(chosen_r - rejected_r), x, cfg)
+    chosen_r, rejected_r = (p.beta * lr for lr in _logratios(x))
+    return _out(torch.sigmoid(chosen_r) + 1 - torch.sigmoid(chosen_r - rejected_r), x, p)
 
 
 @register("discopop", f_divergence=True)
-def discopop(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def discopop(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """DiscoPOP (Eq. 5): logistic and exponential losses blended by σ(z/τ)."""
-    chosen, rejected = _scores(x, cfg)
-    z = cfg.beta * (chosen - rejected)
-    mix = torch.sigmoid(z / cfg.discopop_tau)
-    return _out(-F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix, x, cfg)
+    chosen, rejected = _scores(x, p)
+    z = p.beta * (chosen - rejected)
+    mix = torch.sigmoid(z / p.discopop_tau)
+    return _out(-F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix, x, p)
 
 
 @register("sigmoid_norm", f_divergence=True)
-def sigmoid_norm(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def sigmoid_norm(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """DPO on per-token log-ratios: −log σ(β·(s_c/|y_c| − s_r/|y_r|))."""
-    chosen, rejected = _scores(x, cfg)
-    delta = _per_token(chosen, x.chosen_lengths, cfg) - _per_token(rejected, x.rejected_lengths, cfg)
-    return _out(-F.logsigmoid(cfg.beta * delta), x, cfg)
+    chosen, rejected = _scores(x, p)
+    delta = _per_token(chosen, x.chosen_lengths, p) - _per_token(rejected, x.rejected_lengths, p)
+    return _out(-F.logsigmoid(p.beta * delta), x, p)
 
 
 # ---------------------------------------------------------------- reference-free losses
 
 
-def _policy_rewards(chosen: Tensor, rejected: Tensor, cfg: DPOArgs) -> tuple[Tensor, Tensor]:
-    return cfg.beta * chosen.detach(), cfg.beta * rejected.detach()
+def _policy_rewards(chosen: Tensor, rejected: Tensor, p: LossParams) -> tuple[Tensor, Tensor]:
+    return p.beta * chosen.detach(), p.beta * rejected.detach()
 
 
 @register("sft", reference_free=True, f_divergence=True)
-def sft(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def sft(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """NLL of the chosen completion. Rewards are DPO's when a reference is there, else β·policy log-probs."""
     if x.ref_chosen_logps is not None and x.ref_rejected_logps is not None:
-        return _out(x.chosen_nll, x, cfg)
-    return LossOutput(x.chosen_nll, *_policy_rewards(x.chosen_logps, x.rejected_logps, cfg))
+        return _out(x.chosen_nll, x, p)
+    return LossOutput(x.chosen_nll, *_policy_rewards(x.chosen_logps, x.rejected_logps, p))
 
 
 @register("simpo", reference_free=True)
-def simpo(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def simpo(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """SimPO: −log σ(β·(avg_c − avg_r) − γ) on length-averaged log-probs (with cDPO smoothing, as TRL's CPO)."""
-    chosen = _per_token(x.chosen_logps, x.chosen_lengths, cfg)
-    rejected = _per_token(x.rejected_logps, x.rejected_lengths, cfg)
-    losses = _smoothed_sigmoid(cfg.beta * (chosen - rejected) - cfg.simpo_gamma, cfg.label_smoothing)
-    return LossOutput(losses, *_policy_rewards(chosen, rejected, cfg))
+    chosen = _per_token(x.chosen_logps, x.chosen_lengths, p)
+    rejected = _per_token(x.rejected_logps, x.rejected_lengths, p)
+    losses = _smoothed_sigmoid(p.beta * (chosen - rejected) - p.simpo_gamma, p.label_smoothing)
+    return LossOutput(losses, *_policy_rewards(chosen, rejected, p))
 
 
 @register("orpo", reference_free=True)
-def orpo(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def orpo(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """ORPO: NLL − β·log σ(log odds(y_c) − log odds(y_r)), odds from length-averaged log-probs (β is λ)."""
-    chosen = _per_token(x.chosen_logps, x.chosen_lengths, cfg).float()
-    rejected = _per_token(x.rejected_logps, x.rejected_lengths, cfg).float()
+    chosen = _per_token(x.chosen_logps, x.chosen_lengths, p).float()
+    rejected = _per_token(x.rejected_logps, x.rejected_lengths, p).float()
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
-    losses = x.chosen_nll - cfg.beta * F.logsigmoid(log_odds)
-    return LossOutput(losses, *_policy_rewards(chosen, rejected, cfg))
+    losses = x.chosen_nll - p.beta * F.logsigmoid(log_odds)
+    return LossOutput(losses, *_policy_rewards(chosen, rejected, p))
 
 
 @register("cpo", reference_free=True)
-def cpo(x: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def cpo(x: PreferenceInputs, p: LossParams) -> LossOutput:
     """CPO: −log σ(β·(logp_c − logp_r)) (cDPO-smoothed) + cpo_alpha·NLL of the chosen completion."""
-    z = cfg.beta * (x.chosen_logps - x.rejected_logps)
-    losses = _smoothed_sigmoid(z, cfg.label_smoothing) + cfg.cpo_alpha * x.chosen_nll
-    return LossOutput(losses, *_policy_rewards(x.chosen_logps, x.rejected_logps, cfg))
+    z = p.beta * (x.chosen_logps - x.rejected_logps)
+    losses = _smoothed_sigmoid(z, p.label_smoothing) + p.cpo_alpha * x.chosen_nll
+    return LossOutput(losses, *_policy_rewards(x.chosen_logps, x.rejected_logps, p))
 
 
 # ---------------------------------------------------------------- combination
 
 
-def _valid_names() -> str:
-    return ", ".join(LOSSES)
-
-
-def resolve_losses(cfg: DPOArgs) -> list[tuple[str, float]]:
-    """Check the loss settings of `cfg` and return (name, weight) pairs; PrefalignError names the bad flag."""
-    names = list(cfg.loss_type)
-    if not names:
-        raise PrefalignError(f"give at least one loss; valid losses: {_valid_names()}", "--loss_type")
-    unknown = [n for n in names if n not in LOSSES]
-    if unknown:
-        raise PrefalignError(
-            f"unknown loss {', '.join(map(repr, unknown))}; valid losses: {_valid_names()}", "--loss_type"
-        )
-    weights = [1.0] * len(names) if cfg.loss_weights is None else list(cfg.loss_weights)
-    if len(weights) != len(names):
-        raise PrefalignError(
-            f"{len(weights)} weights given for {len(names)} losses ({', '.join(names)}); "
-            "give one weight per --loss_type",
-            "--loss_weights",
-        )
-    if cfg.beta <= 0:
-        raise PrefalignError(f"beta must be positive, got {cfg.beta}", "--beta")
-    _check_options(names, cfg)
-    return list(zip(names, weights))
-
-
-def _check_options(names: list[str], cfg: DPOArgs) -> None:
-    if cfg.f_divergence_type not in F_DIVERGENCES:
-        raise PrefalignError(
-            f"unknown divergence {cfg.f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}",
-            "--f_divergence_type",
-        )
-    no_f = [n for n in names if not LOSS_TRAITS[n].f_divergence]
-    if cfg.f_divergence_type != "reverse_kl" and no_f:
-        ok = ", ".join(n for n, t in LOSS_TRAITS.items() if t.f_divergence)
-        raise PrefalignError(
-            f"{cfg.f_divergence_type} is not defined for {', '.join(no_f)}; it applies to the "
-            f"losses built on the reward difference: {ok}",
-            "--f_divergence_type",
-        )
-    if "exo_pair" in names and not 0.0 < cfg.label_smoothing < 1.0:
-        raise PrefalignError(
-            "exo_pair needs 0 < label_smoothing < 1 (the EXO paper uses 1e-3)", "--label_smoothing"
-        )
-    if "robust" in names and not 0.0 <= cfg.label_smoothing < 0.5:
-        raise PrefalignError(
-            "robust needs 0 <= label_smoothing < 0.5 (a flip probability)", "--label_smoothing"
-        )
-    sorting = [n for n in names if LOSS_TRAITS[n].sorts_batch]
-    if cfg.use_weighting and sorting:
-        raise PrefalignError(
-            f"WPO weights are per pair but {', '.join(sorting)} sorts pairs across the batch",
-            "--use_weighting",
-        )
-
-
-def compute_preference_loss(inputs: PreferenceInputs, cfg: DPOArgs) -> LossOutput:
+def compute_preference_loss(inputs: PreferenceInputs, objective: Objective) -> LossOutput:
     """Σ_k weight_k · loss_k (+ rpo_alpha · NLL), times the WPO pair weight; rewards of the first loss."""
+    if not objective.losses:
+        raise ValueError("an Objective needs at least one loss")
     total: Tensor | None = None
     first: LossOutput | None = None
-    for name, weight in resolve_losses(cfg):
+    for name, weight in objective.losses:
         if not LOSS_TRAITS[name].reference_free and inputs.ref_chosen_logps is None:
-            raise PrefalignError(
-                f"loss {name!r} needs a reference model but none was computed", "--loss_type"
-            )
-        out = LOSSES[name](inputs, cfg)
+            raise ValueError(f"loss {name!r} needs a reference model but none was computed")
+        out = LOSSES[name](inputs, objective.params)
         total = weight * out.losses if total is None else total + weight * out.losses
         first = first or out
-    assert total is not None and first is not None  # resolve_losses rejects an empty list
-    if cfg.rpo_alpha is not None:
-        total = total + cfg.rpo_alpha * inputs.chosen_nll
-    if cfg.use_weighting:
+    assert total is not None and first is not None
+    if objective.rpo_alpha is not None:
+        total = total + objective.rpo_alpha * inputs.chosen_nll
+    if objective.use_weighting:
         total = total * inputs.policy_weights
     return LossOutput(total, first.chosen_rewards, first.rejected_rewards)

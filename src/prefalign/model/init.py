@@ -1,47 +1,34 @@
-"""Build a randomly initialised causal LM from a config (MiniMind-style training from scratch)."""
+"""Build a randomly initialised causal LM from a config (MiniMind-style training from scratch): `init_model` in memory,
+`init_model_dir` checked and saved in Hugging Face format with its tokenizer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
 )
 
+from prefalign.config.tools import InitModelConfig, ModelShape
 from prefalign.errors import PrefalignError
 
 ARCHITECTURES = {"qwen2": Qwen2Config, "llama": LlamaConfig}
 
 
-@dataclass
-class ModelShape:
-    """Size of a model built from scratch."""
-
-    architecture: str = "qwen2"
-    """Model family: qwen2 or llama."""
-    hidden_size: int = 64
-    """Width of the residual stream."""
-    num_hidden_layers: int = 2
-    """Number of transformer blocks."""
-    num_attention_heads: int = 4
-    """Query heads per layer."""
-    num_key_value_heads: int | None = None
-    """Key/value heads (grouped-query attention); default: same as num_attention_heads."""
-    intermediate_size: int | None = None
-    """MLP width; default: 8/3 x hidden_size (SwiGLU), rounded to a multiple of 32."""
-    max_position_embeddings: int = 2048
-    """Longest sequence the rotary embedding is set up for."""
-    tie_word_embeddings: bool = True
-    """Share input embeddings and LM head (saves parameters in small models)."""
-
-
-def init_model(shape: ModelShape, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
-    """A freshly initialised model whose vocabulary and special-token ids match `tokenizer`."""
+def check_shape(shape: ModelShape) -> None:
+    """Refuse a shape transformers would reject later, naming the flag."""
+    for flag in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+        if getattr(shape, flag) < 1:
+            raise PrefalignError(f"must be at least 1, got {getattr(shape, flag)}", f"--{flag}")
+    if shape.num_key_value_heads and shape.num_attention_heads % shape.num_key_value_heads:
+        raise PrefalignError(f"num_attention_heads {shape.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {shape.num_key_value_heads}", "--num_key_value_heads")
     if shape.architecture not in ARCHITECTURES:
         raise PrefalignError(f"unknown architecture {shape.architecture!r}; choose one of {sorted(ARCHITECTURES)}", "--architecture")
     if shape.hidden_size % shape.num_attention_heads:
@@ -49,6 +36,11 @@ def init_model(shape: ModelShape, tokenizer: PreTrainedTokenizerBase, seed: int 
             f"hidden_size {shape.hidden_size} is not divisible by num_attention_heads {shape.num_attention_heads}",
             "--hidden_size",
         )
+
+
+def init_model(shape: ModelShape, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    """A freshly initialised model whose vocabulary and special-token ids match `tokenizer`."""
+    check_shape(shape)
     intermediate = shape.intermediate_size or 32 * round(shape.hidden_size * 8 / 3 / 32) or shape.hidden_size * 2
     config = ARCHITECTURES[shape.architecture](
         vocab_size=len(tokenizer),
@@ -65,3 +57,28 @@ def init_model(shape: ModelShape, tokenizer: PreTrainedTokenizerBase, seed: int 
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
+
+
+def init_model_dir(cfg: InitModelConfig) -> int:
+    """Build, save and return the parameter count of the model."""
+    if not cfg.tokenizer:
+        raise PrefalignError("is required", "--tokenizer")
+    if not cfg.output_dir:
+        raise PrefalignError("is required", "--output_dir")
+    shape = ModelShape(**{k: getattr(cfg, k) for k in ModelShape.__dataclass_fields__})
+    check_shape(shape)
+    out = Path(cfg.output_dir)
+    if (out / "config.json").exists() and not cfg.overwrite_output_dir:
+        raise PrefalignError("already holds a model; pass --overwrite_output_dir or choose another directory",
+                             f"--output_dir {out}")
+    if not Path(cfg.tokenizer).expanduser().is_dir():
+        raise PrefalignError("no such tokenizer directory", f"--tokenizer {cfg.tokenizer}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    except (OSError, ValueError) as e:
+        raise PrefalignError(f"cannot load a tokenizer: {str(e).splitlines()[0]}", f"--tokenizer {cfg.tokenizer}") from None
+    model = init_model(shape, tokenizer, seed=cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())

@@ -1,4 +1,6 @@
-"""Load the tokenizer and the policy (full weights, LoRA, continued LoRA, QLoRA) and save the result.
+"""Load every kind of model the commands use, and save the result: the tokenizer, the policy to train (full
+weights, LoRA, continued LoRA, QLoRA), a one-output sequence-classification model (reward and value models), and a
+model or LoRA adapter for inference (eval, chat). Every failure is a one-line PrefalignError naming the flag.
 
 Adapter names when continuing from `--peft_adapter_path` (TRL's pattern from its Mistral-7B DPO post: the SFT
 adapter loaded twice into one base model):
@@ -11,15 +13,24 @@ adapter loaded twice into one base model):
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from prefalign.config import ModelArgs
 from prefalign.errors import PrefalignError
+from prefalign.model.weights import full_state_dict, is_main_process
 
 POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
@@ -55,7 +66,7 @@ def load_pretrained(name_or_path: str | None, args: ModelArgs, flag: str, quanti
     if not name_or_path:
         raise PrefalignError("no model given; pass a local directory or a hub id", flag)
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
-        raise PrefalignError(f"no such model directory: {name_or_path}", flag)
+        raise PrefalignError(f"no such model directory ({name_or_path} does not exist)", flag)
     if args.dtype not in DTYPES:
         raise PrefalignError(f"unknown dtype {args.dtype!r}; choose one of {sorted(DTYPES)}", "--dtype")
     kwargs: dict[str, Any] = {"dtype": DTYPES[args.dtype], "trust_remote_code": args.trust_remote_code}
@@ -130,8 +141,6 @@ def _load_adapter_twice(model: PreTrainedModel, path: str) -> PeftModel:
 
 
 def _bnb_config(args: ModelArgs) -> Any:
-    from transformers import BitsAndBytesConfig
-
     compute = torch.bfloat16 if args.dtype in ("bfloat16", "auto") else torch.float16
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -160,8 +169,6 @@ def save_model(
     + tokenizer, and with `merge_adapter` also full merged weights in out_dir/merged.
 
     Under FSDP every process calls this (the shards are gathered) and rank 0 writes."""
-    from prefalign.model.weights import full_state_dict, is_main_process
-
     state = full_state_dict(model)  # None unless sharded
     if not is_main_process():
         return
@@ -187,6 +194,49 @@ def save_model(
         merged = merged_source.merge_and_unload()
         merged.save_pretrained(out / "merged")
         tokenizer.save_pretrained(out / "merged")
+
+
+def load_score_model(name_or_path: str | None, flag: str, args: ModelArgs | None = None, *,
+                     with_info: bool = False) -> Any:
+    """A one-output sequence-classification model (a reward or value model): the decoder's hidden state at the last
+    non-pad token through a linear `score` head. With `with_info`, (model, transformers' loading info), whose
+    missing keys say whether the head was created fresh."""
+    model, info = load_pretrained(name_or_path, args or ModelArgs(), flag, auto_class=AutoModelForSequenceClassification,
+                                  what="a sequence-classification model", num_labels=1, output_loading_info=True)
+    if not hasattr(model, "score"):
+        raise PrefalignError(f"{type(model).__name__} has no `score` head (not a decoder classifier)", flag)
+    return (model, info) if with_info else model
+
+
+def load_model_for_inference(path: str | None, base_model: str | None = None,
+                             tokenizer_path: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode: a full model, or a base model with the LoRA adapter at `path` applied (its base
+    is `base_model`, default the one adapter_config.json records)."""
+    if not path:
+        raise PrefalignError("is required", "--model_name_or_path")
+    p = Path(path).expanduser()
+    is_adapter = (p / "adapter_config.json").is_file()
+    base = None
+    if is_adapter:
+        base = base_model or _recorded_base(p)
+        model = load_pretrained(base, ModelArgs(), "--base_model_name_or_path")
+        try:
+            model = PeftModel.from_pretrained(model, str(p))
+        except _LOAD_ERRORS as e:
+            raise PrefalignError(f"cannot load a LoRA adapter: {_first_line(e)}", f"--model_name_or_path {path}") from None
+    else:
+        model = load_pretrained(path, ModelArgs(), "--model_name_or_path")
+    # the adapter directory usually holds the tokenizer too; fall back to the base model's
+    tok_source = tokenizer_path or (path if (p / "tokenizer_config.json").is_file() or not is_adapter else base)
+    tokenizer = load_tokenizer(ModelArgs(model_name_or_path=tok_source))
+    return model.eval(), tokenizer
+
+
+def _recorded_base(adapter_dir: Path) -> str:
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not recorded:
+        raise PrefalignError("the adapter names no base model; pass --base_model_name_or_path", str(adapter_dir))
+    return recorded
 
 
 def _looks_local(name: str) -> bool:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
+from peft import PeftModel
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -111,9 +113,6 @@ class _Head:
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside DDP / DeepSpeed / peft wrappers (LoRA layers stay injected)."""
-    from accelerate.utils import extract_model_from_parallel
-    from peft import PeftModel
-
     inner = extract_model_from_parallel(model)
     if isinstance(inner, PeftModel):
         inner = inner.get_base_model()
@@ -122,9 +121,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def is_prompt_learning(model: nn.Module) -> bool:
     """Whether `model` is a peft prompt-learning model (virtual tokens: positions differ from the input's)."""
-    from accelerate.utils import extract_model_from_parallel
-    from peft import PeftModel
-
     inner = extract_model_from_parallel(model)
     return isinstance(inner, PeftModel) and inner.active_peft_config.is_prompt_learning
 

@@ -112,6 +112,13 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+@contextmanager
+def inference(model: nn.Module) -> Iterator[None]:
+    """No grad and eval mode for a pass; every module's own train flag is restored afterwards."""
+    with torch.no_grad(), eval_mode(model):
+        yield
+
+
 def build_reference(policy: nn.Module, model_args: ModelArgs, loss_needs_reference: bool) -> Reference | None:
     """The cheapest reference that is right for this configuration (see the module docstring). Precomputed
     reference log-probs are a separate step (precompute_reference)."""

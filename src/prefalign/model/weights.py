@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 from prefalign.errors import PrefalignError
 
@@ -27,8 +30,6 @@ def load_weights_into(model: torch.nn.Module, directory: str | Path, adapter_nam
     """Copy saved weights into `model` in place: a peft adapter, or a full model's state dict."""
     directory = Path(directory)
     if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
         state = _read_safetensors(directory, "adapter_model.safetensors", "adapter_model.safetensors.index.json")
         result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
         unexpected = getattr(result, "unexpected_keys", [])
@@ -46,16 +47,17 @@ def load_weights_into(model: torch.nn.Module, directory: str | Path, adapter_nam
 
 
 def is_main_process() -> bool:
-    """Rank 0 of a launched group, or the only process."""
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    """Rank 0 of a launched group, or the only process. The launcher's RANK answers when no process group is up
+    (before Accelerate starts one, or after `end_training` has torn it down)."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The full weights of a sharded (FSDP) `module` on CPU in the main process (empty tensors elsewhere); None when
     nothing is sharded, so callers keep their usual save path. Every process must call this together: gathering a
     shard is a collective."""
-    from torch.distributed.tensor import DTensor
-
     state = module.state_dict(keep_vars=True)
     if not any(isinstance(v, DTensor) for v in state.values()):
         return None

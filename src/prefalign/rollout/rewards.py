@@ -33,8 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
+from prefalign.data.tokenize import encode_texts, with_eos
 from prefalign.errors import PrefalignError
+from prefalign.model.load import load_score_model
 
 logger = logging.getLogger(__name__)
 
@@ -236,19 +239,16 @@ class RewardModelScorer:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if isinstance(model_path, torch.nn.Module):
-            self.model = model_path
-        else:
-            if not Path(model_path).exists():
-                raise PrefalignError(f"reward model {model_path} does not exist", "--reward_model_path")
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=dtype)
+        flag = "--reward_model_name_or_path"
+        self.model = model_path if isinstance(model_path, torch.nn.Module) else load_score_model(str(model_path), flag)
+        if dtype is not None:
+            self.model.to(dtype)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(self.model.config._name_or_path)
         self.tokenizer = tokenizer
         if self.tokenizer.pad_token_id is None:
-            raise PrefalignError("the reward tokenizer has no pad token", "--reward_model_path")
+            # the head pools the last token before the first pad; an EOS standing in for pad would end it early
+            raise PrefalignError("the reward tokenizer has no pad token", flag)
         if self.model.config.pad_token_id is None:
             # the classification head finds the last real token through pad_token_id
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -270,8 +270,6 @@ class RewardModelScorer:
     def token_ids(self, prompts: list, completions: list) -> list[list[int]]:
         """Ids exactly as `prefalign rm` trained on them (data.tokenize.encode_pairs): a conversation rendered whole;
         a text prompt and its completion tokenized apart, the completion ending in EOS."""
-        from prefalign.data.tokenize import encode_texts, with_eos
-
         texts = self.texts(prompts, completions)
         pieces = [[p, completion_text(c)] if isinstance(p, str) else [t]
                   for p, c, t in zip(prompts, completions, texts)]
@@ -298,3 +296,14 @@ class RewardModelScorer:
             logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (b, 1)
             scores.extend(logits[:, 0].float().tolist())
         return scores
+
+
+def load_reward_functions(cfg: Any, device: Any) -> list:
+    """The rewards of an on-policy run: every --reward_funcs spec, then --reward_model_name_or_path's scorer."""
+    fns = [load_reward_function(spec) for spec in cfg.reward_funcs]
+    if cfg.reward_model_name_or_path:
+        fns.append(RewardModelScorer(cfg.reward_model_name_or_path, batch_size=cfg.per_device_train_batch_size,
+                                     device=device))
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != len(fns):
+        raise PrefalignError(f"{len(cfg.reward_weights)} weights given for {len(fns)} rewards", "--reward_weights")
+    return fns

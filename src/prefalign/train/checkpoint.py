@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from prefalign.errors import PrefalignError
+from prefalign.train.distributed import load_optimizer_state
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -118,8 +119,6 @@ def save_checkpoint(
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any) -> tuple[TrainState, dict[str, Any]]:
     """Restore optimizer, scheduler and RNG; return the train state and the raw state dict (model is loaded by caller)."""
-    from prefalign.train.distributed import load_optimizer_state
-
     raw = json.loads((path / STATE_FILE).read_text())
     load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))

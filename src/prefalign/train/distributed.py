@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from prefalign.errors import PrefalignError
 
@@ -58,14 +67,10 @@ def check_launch() -> None:
 
 def shard_plan(accelerator: Any) -> ShardPlan | None:
     """The FSDP plan of this launch, or None when the model is replicated (one process or DDP)."""
-    from accelerate.utils import DistributedType
-
     plugin = None
     if accelerator.distributed_type == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
     elif _env_true("ACCELERATE_USE_FSDP"):
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
         plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` exported
     if plugin is None or accelerator.num_processes == 1:
         return None
@@ -99,9 +104,6 @@ def shard(model: nn.Module, plan: ShardPlan, device: torch.device) -> nn.Module:
 
     A model whose parts are called directly rather than through its own forward (PPO's policy + value) lists
     them in `fsdp_units()`; each becomes a root of its own, since a unit's weights are gathered by its forward."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
     classes = set(plan.wrap_classes) or _no_split_modules(model)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
     if not layers:
@@ -129,8 +131,6 @@ def shard_reference(reference: Any, plan: ShardPlan, device: torch.device) -> No
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
 
 
@@ -138,8 +138,6 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     """The optimizer's state to save (a collective when sharded: full tensors keyed by parameter name)."""
     if not is_sharded(model):
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                cpu_offload=True))
 
@@ -148,8 +146,6 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     if not is_sharded(model):
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -173,6 +169,4 @@ def no_weight(metrics: dict[str, tuple[float, float]]) -> dict[str, tuple[float,
 
 def grad_norm(norm: torch.Tensor) -> float:
     """clip_grad_norm_ returns a DTensor when parameters are sharded; the total is its full value."""
-    from torch.distributed.tensor import DTensor
-
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from prefalign.config import TrainArgs
+from prefalign.model.reference import eval_mode
 from prefalign.train import distributed
 from prefalign.train.checkpoint import (
     TrainState,
@@ -38,6 +39,7 @@ from prefalign.train.checkpoint import (
 from prefalign.train.metrics import MetricAccumulator, MetricsLog, MetricSums
 
 Batch = dict[str, Any]
+Group = Sized  # list[int] of example indices, or an online stage's RolloutRows
 
 
 class Stage(Protocol):
@@ -46,14 +48,18 @@ class Stage(Protocol):
     example_unit: str  # "pairs", "samples", ...: used for the examples/s metric name
     progress_keys: dict[str, str]  # metric name -> short label shown on the progress bar
 
-    def train_groups(self, epoch: int) -> Sequence[Sequence[int]]: ...  # a function of the epoch alone
-    def eval_groups(self) -> Sequence[Sequence[int]]: ...
-    def batch_weight(self, group: Sequence[int], split: str) -> float: ...
-    def make_batch(self, group: Sequence[int], split: str) -> Batch: ...
+    # A group is one micro-batch: a sized collection of the stage's examples (`len()` counts them).
+    def train_groups(self, epoch: int) -> Sequence[Group]: ...  # a function of the epoch alone
+    def eval_groups(self) -> Sequence[Group]: ...
+    def batch_weight(self, group: Group, split: str) -> float: ...
+    def make_batch(self, group: Group, split: str) -> Batch: ...
     def step(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, MetricSums]: ...
     def eval_step(self, model: torch.nn.Module, batch: Batch) -> MetricSums: ...
 
-    # Optional: `reference`, a model.reference.Reference; under FSDP its separate frozen model is sharded too.
+    # Optional hooks:
+    # - `begin_step(groups)`: called with an optimizer step's micro-batches (this process's and the others')
+    #   before any of them is weighed or built; online stages sample the rollout they come from here.
+    # - `reference`, a model.reference.Reference; under FSDP its separate frozen model is sharded too.
 
 
 def shuffled_groups(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -123,12 +129,10 @@ def _all_reduce_grads(model: torch.nn.Module, accelerator: Any) -> None:
         offset += g.numel()
 
 
-def accumulate_eval(stage: Stage, model: torch.nn.Module, groups: Iterable[tuple[Sequence[int], bool]],
+def accumulate_eval(stage: Stage, model: torch.nn.Module, groups: Iterable[tuple[Group, bool]],
                     device: torch.device, autocast: Callable[[], Any] = nullcontext) -> MetricAccumulator:
     """Evaluation metric sums over (group, counts) micro-batches, without grad and in eval mode (restored after);
     a group with counts=False runs (its forward may hold collectives) but adds nothing."""
-    from prefalign.model.reference import eval_mode
-
     acc = MetricAccumulator()
     with torch.no_grad(), eval_mode(model):
         for group, counts in groups:
@@ -147,6 +151,70 @@ def evaluate(stage: Stage, model: torch.nn.Module, accelerator: Any) -> dict[str
     return {f"eval_{k}": v for k, v in acc.reduce(accelerator).items()}
 
 
+class _Run:
+    """The state of one `train_loop` call that its helpers share: where training stands, the optimizer and
+    schedule, the metrics log, and the token count kept across resumes."""
+
+    def __init__(self, stage: Stage, model: torch.nn.Module, args: TrainArgs, accelerator: Any,
+                 save_model: Callable[[Path], None], plan: distributed.ShardPlan | None) -> None:
+        self.stage, self.model, self.args, self.accelerator = stage, model, args, accelerator
+        self.save_model, self.sharded = save_model, plan is not None
+        self.optimizer = build_optimizer(model, args)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.groups = stage.train_groups(0)  # a stage's groups depend only on the epoch: recomputed per epoch
+        self.groups_epoch = 0
+        self.total = total_steps_for(args, len(self.groups), accelerator.num_processes)
+        self.scheduler = build_scheduler(self.optimizer, args, self.total)
+        self.state = TrainState(total_steps=self.total)
+        self.seen_tokens = 0.0  # cumulative tokens trained on (TRL's num_tokens); kept in checkpoints
+
+    def resume(self, ckpt: Path) -> int:
+        """Restore optimizer, schedule, RNG and counters from `ckpt` (the model was loaded before sharding)."""
+        self.state, raw_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        self.seen_tokens = float(raw_state.get("num_tokens", 0.0))
+        self.state.total_steps = self.total
+        self.accelerator.print(f"Resuming from {ckpt} at step {self.state.global_step}")
+        return self.state.global_step
+
+    def checkpoint(self) -> None:
+        """Every process takes part: sharded weights and optimizer state are gathered."""
+        save_checkpoint(self.args.output_dir, self.state, self.save_model,
+                        distributed.optimizer_state(self.model, self.optimizer), self.scheduler,
+                        extra={"num_tokens": self.seen_tokens}, save_total_limit=self.args.save_total_limit,
+                        main=self.accelerator.is_main_process)
+        self.accelerator.wait_for_everyone()
+
+    def next_step_groups(self) -> list[Any] | None:
+        """The micro-batches of the next optimizer step (every process's share), or None at an epoch's end."""
+        state, world = self.state, self.accelerator.num_processes
+        if self.groups_epoch != state.epoch:
+            self.groups, self.groups_epoch = self.stage.train_groups(state.epoch), state.epoch
+        step_groups = list(self.groups[state.micro_index : state.micro_index + self.args.gradient_accumulation_steps * world])
+        if not step_groups:
+            state.epoch, state.micro_index = state.epoch + 1, 0
+            return None
+        return step_groups
+
+    def step(self, step_groups: list[Any]) -> dict[str, float]:
+        """One optimizer step over `step_groups`; returns the step's metrics as logged."""
+        state = self.state
+        begin = getattr(self.stage, "begin_step", None)
+        if begin is not None:  # online stages sample the rollout these micro-batches come from
+            begin(step_groups)
+        start = time.perf_counter()
+        metrics = _optimizer_step(self.stage, self.model, self.params, self.optimizer, self.scheduler, self.args,
+                                  self.accelerator, step_groups, sharded=self.sharded)
+        state.global_step += 1
+        state.micro_index += len(step_groups)
+        if state.micro_index >= len(self.groups):
+            state.epoch, state.micro_index = state.epoch + 1, 0
+        last = _finish_metrics(metrics, self.stage, state, len(self.groups), max(time.perf_counter() - start, 1e-9))
+        if metrics["_tokens"]:
+            self.seen_tokens += metrics["_tokens"]
+            last["num_tokens"] = self.seen_tokens
+        return last
+
+
 def train_loop(
     stage: Stage,
     model: torch.nn.Module,
@@ -158,87 +226,52 @@ def train_loop(
 ) -> LoopResult:
     """Run the optimisation; `save_model(dir)`/`load_model(dir)` write and restore weights in HF format; with a
     `plan` (FSDP), the model is sharded here."""
-    world = accelerator.num_processes
-    accum = args.gradient_accumulation_steps
     ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
     if ckpt is not None:
         load_model(ckpt)  # into the whole model, before it is sharded
     if plan is not None:
         distributed.shard(model, plan, accelerator.device)
         distributed.shard_reference(getattr(stage, "reference", None), plan, accelerator.device)
-    optimizer = build_optimizer(model, args)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = stage.train_groups(0)  # a stage's groups depend only on the epoch: computed once per epoch below
-    groups_epoch = 0
-    total = total_steps_for(args, len(groups), world)
-    scheduler = build_scheduler(optimizer, args, total)
-    state = TrainState(total_steps=total)
-    resume_step = None
-    seen_tokens = 0.0  # cumulative tokens trained on (TRL's num_tokens); kept in checkpoints to survive resume
-    if ckpt is not None:
-        state, raw_state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        seen_tokens = float(raw_state.get("num_tokens", 0.0))
-        state.total_steps = total
-        resume_step = state.global_step
-        accelerator.print(f"Resuming from {ckpt} at step {state.global_step}")
-    log = MetricsLog(args.output_dir, accelerator, resume_step=resume_step)
-
-    def checkpoint() -> None:  # every process takes part: sharded weights and optimizer state are gathered
-        save_checkpoint(args.output_dir, state, save_model, distributed.optimizer_state(model, optimizer), scheduler,
-                        extra={"num_tokens": seen_tokens}, save_total_limit=args.save_total_limit,
-                        main=accelerator.is_main_process)
-        accelerator.wait_for_everyone()
-
-    bar = tqdm(total=total, initial=state.global_step, desc="train", dynamic_ncols=True,
+    run = _Run(stage, model, args, accelerator, save_model, plan)
+    log = MetricsLog(args.output_dir, accelerator, resume_step=run.resume(ckpt) if ckpt is not None else None)
+    bar = tqdm(total=run.total, initial=run.state.global_step, desc="train", dynamic_ncols=True,
                disable=args.disable_tqdm or not accelerator.is_main_process)
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     model.train()
     interrupted = False
     try:
-        while state.global_step < total:
-            if groups_epoch != state.epoch:
-                groups, groups_epoch = stage.train_groups(state.epoch), state.epoch
-            step_groups = list(groups[state.micro_index : state.micro_index + accum * world])
-            if not step_groups:
-                state.epoch, state.micro_index = state.epoch + 1, 0
+        while run.state.global_step < run.total:
+            step_groups = run.next_step_groups()
+            if step_groups is None:
                 continue
-            start = time.perf_counter()
-            metrics = _optimizer_step(stage, model, params, optimizer, scheduler, args, accelerator, step_groups,
-                                      sharded=plan is not None)
-            state.global_step += 1
-            state.micro_index += len(step_groups)
-            if state.micro_index >= len(groups):
-                state.epoch, state.micro_index = state.epoch + 1, 0
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            last = _finish_metrics(metrics, stage, state, len(groups), elapsed)
-            if metrics["_tokens"]:
-                seen_tokens += metrics["_tokens"]
-                last["num_tokens"] = seen_tokens
+            last = run.step(step_groups)
+            step = run.state.global_step
             bar.update(1)
             bar.set_postfix({label: f"{last[k]:.4g}" for k, label in stage.progress_keys.items() if k in last})
-            if state.global_step % args.logging_steps == 0 or state.global_step == total:
-                log.write(state.global_step, last)
-            if args.eval_steps and state.global_step % args.eval_steps == 0:
+            if step % args.logging_steps == 0 or step == run.total:
+                log.write(step, last)
+            if args.eval_steps and step % args.eval_steps == 0:
                 eval_metrics = evaluate(stage, model, accelerator)
-                log.write(state.global_step, eval_metrics)
-            if args.save_steps and state.global_step % args.save_steps == 0 and state.global_step < total:
-                checkpoint()
+                log.write(step, eval_metrics)
+            if args.save_steps and step % args.save_steps == 0 and step < run.total:
+                run.checkpoint()
     except KeyboardInterrupt:
         interrupted = True
-        accelerator.print(f"\nInterrupted: saving a resumable checkpoint at step {state.global_step} ...")
-        checkpoint()
+        accelerator.print(f"\nInterrupted: saving a resumable checkpoint at step {run.state.global_step} ...")
+        run.checkpoint()
     finally:
         bar.close()
-    if not interrupted and stage.eval_groups() and not (args.eval_steps and state.global_step % args.eval_steps == 0):
+    step = run.state.global_step
+    if not interrupted and stage.eval_groups() and not (args.eval_steps and step % args.eval_steps == 0):
         eval_metrics = evaluate(stage, model, accelerator)
-        log.write(state.global_step, eval_metrics)
-    return LoopResult(state, last, eval_metrics, interrupted)
+        log.write(step, eval_metrics)
+    return LoopResult(run.state, last, eval_metrics, interrupted)
 
 
 def _optimizer_step(stage: Stage, model: torch.nn.Module, params: list[torch.nn.Parameter],
                     optimizer: torch.optim.Optimizer, scheduler: Any, args: TrainArgs, accelerator: Any,
-                    step_groups: list[Sequence[int]], sharded: bool) -> dict[str, Any]:
+                    step_groups: list[Group], sharded: bool) -> dict[str, Any]:
     """Accumulate the micro-batches of one optimizer step (this process's share), clip, step."""
     total_weight = sum(stage.batch_weight(g, "train") for g in step_groups)
     acc = MetricAccumulator()

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from prefalign.errors import PrefalignError
+
 # A stage's step returns {name: (sum, count)}; the mean over micro-batches and processes is sum / count.
 MetricSums = dict[str, tuple[float, float]]
 
@@ -88,4 +90,22 @@ def _clean(v: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Parse metrics.jsonl; a missing or empty file, or a line that is not a JSON object with a step, is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrefalignError("no metrics.jsonl: was the run trained with this output_dir?", str(path))
+    records: list[dict[str, Any]] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PrefalignError(f"not valid JSON ({e.msg})", f"{path}:{lineno}") from e
+        if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
+            raise PrefalignError("a metrics line must be a JSON object with a numeric 'step'", f"{path}:{lineno}")
+        records.append(record)
+    if not records:
+        raise PrefalignError("metrics.jsonl is empty: nothing was logged", str(path))
+    return records
+

@@ -15,33 +15,22 @@ rejected), margin (mean r_chosen - r_rejected), mean_reward (over both answers).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 
-from prefalign.config import DataArgs, ModelArgs, TrainArgs
+from prefalign.config import RMConfig
+from prefalign.config.checks import check_train_args, require
 from prefalign.data.collate import collate_padded
+from prefalign.data.tokenize import Truncation, load_tokenized_pairs
 from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
-from prefalign.train.loop import sequential_groups, shuffled_groups
+from prefalign.model.load import enable_checkpointing, load_score_model
+from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums, to_host
-from prefalign.train.run import print_summary
-
-
-@dataclass
-class RMArgs:
-    center_rewards_coefficient: float | None = None
-    """Add this x (r_chosen + r_rejected)^2 to the loss, so that rewards stay centred on 0."""
-
-
-@dataclass
-class RMConfig(RMArgs, TrainArgs, DataArgs, ModelArgs):
-    """Configuration of `prefalign rm`."""
-
-    learning_rate: float = 1e-4
-    """Peak learning rate of AdamW (TRL's RewardConfig default)."""
+from prefalign.train.setup import open_session, train_and_save
 
 
 class RewardStage:
@@ -101,14 +90,7 @@ def _lora_targets(model: torch.nn.Module) -> list[str]:
 
 def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module, bool]:
     """(model, whether a new score head was created). With --use_peft: LoRA on the body, the head trained in full."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    from prefalign.model.load import enable_checkpointing, load_pretrained
-
-    model, info = load_pretrained(cfg.model_name_or_path, cfg, "--model_name_or_path",
-                                  auto_class=AutoModelForSequenceClassification,
-                                  what="a sequence-classification model", num_labels=1, output_loading_info=True)
+    model, info = load_score_model(cfg.model_name_or_path, "--model_name_or_path", cfg, with_info=True)
     new_head = any(k.split(".")[0] == "score" or ".score." in k for k in info.get("missing_keys", []))
     # The head pools the last token that is not padding; saved in the config so that reloading pools the same.
     model.config.pad_token_id = pad_token_id
@@ -125,9 +107,8 @@ def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module
     return model, new_head
 
 
-def check_rm_config(cfg: RMConfig) -> None:
-    from prefalign.train.run import check_train_args, require
-
+def resolve_rm_config(cfg: RMConfig) -> Truncation:
+    """Everything that can be checked without loading a model or data; returns the length limits."""
     require(cfg, "model_name_or_path", "dataset_name")
     if cfg.load_in_4bit or cfg.peft_adapter_path:
         flag = "--load_in_4bit" if cfg.load_in_4bit else "--peft_adapter_path"
@@ -135,34 +116,19 @@ def check_rm_config(cfg: RMConfig) -> None:
     if cfg.center_rewards_coefficient is not None and cfg.center_rewards_coefficient < 0:
         raise PrefalignError(f"must not be negative, got {cfg.center_rewards_coefficient}",
                              "--center_rewards_coefficient")
+    limits = Truncation.of(cfg)
     check_train_args(cfg)
+    return limits
 
 
-def train_rm(cfg: RMConfig) -> Any:
+def train_rm(cfg: RMConfig) -> LoopResult:
     """Run reward modelling end to end: pairs → prompt+chosen / prompt+rejected ids → loop → saved model."""
-    from prefalign.data.templates import resolve_chat_template
-    from prefalign.data.tokenize import load_tokenized_pairs
-    from prefalign.model.load import load_tokenizer
-    from prefalign.train.run import make_accelerator, train_and_save
-
-    check_rm_config(cfg)
-    accelerator = make_accelerator(cfg)
-    tokenizer = load_tokenizer(cfg)
-    resolve_chat_template(tokenizer, cfg.chat_template)
-    train, eval_ = load_tokenized_pairs(cfg, tokenizer, accelerator.print)
-    model, new_head = load_reward_model(cfg, tokenizer.pad_token_id)
-    model = model.to(accelerator.device)
+    limits = resolve_rm_config(cfg)
+    session = open_session(cfg)
+    train, eval_ = load_tokenized_pairs(cfg, session.tokenizer, limits, session.print)
+    model, new_head = load_reward_model(cfg, session.tokenizer.pad_token_id)
+    model = model.to(session.device)
     if new_head:
-        accelerator.print(f"{cfg.model_name_or_path} has no reward head: a new one-output score head is trained")
-    stage = RewardStage(cfg, train, eval_, tokenizer.pad_token_id)
-
-    return train_and_save(stage, model, tokenizer, cfg, accelerator, "rm")
-
-
-CONFIG = RMConfig
-
-
-def run_command(cfg: RMConfig) -> None:
-    """`prefalign rm`."""
-    print_summary("rm", train_rm(cfg), cfg.output_dir, ("loss", "accuracy", "margin", "eval_accuracy", "eval_margin"),
-                  what="reward model")
+        session.print(f"{cfg.model_name_or_path} has no reward head: a new one-output score head is trained")
+    stage = RewardStage(cfg, train, eval_, session.tokenizer.pad_token_id)
+    return train_and_save(stage, model, cfg, session, "rm")

@@ -1,7 +1,7 @@
 """`prefalign eval`: how a policy compares with its reference.
 
 * On preference pairs (`--dataset_name`): DPO's implicit-reward metrics, computed by DPO's own evaluation path
-  (`DPOStage.eval_step`: completion log-probs -> `preference_inputs` -> the loss), so the numbers mean exactly
+  (`stages.dpo.pair_metrics`: completion log-probs -> `preference_inputs` -> the loss), so the numbers mean exactly
   what `eval_rewards/*` mean in a DPO run: reward = beta x (policy - reference) sequence log-prob,
   `eval_rewards/accuracies` the fraction of pairs whose chosen reward is strictly above the rejected one.
 * Win rate (`--judge module:function` or `--reward_model_name_or_path`): policy and reference each answer the
@@ -19,44 +19,23 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 
-from prefalign.config import DataArgs, DPOConfig, ModelArgs
+from prefalign.config import DataArgs, DPOConfig, EvalConfig, ModelArgs
+from prefalign.data.load import load_rows, normalize_rows
+from prefalign.data.templates import resolve_chat_template
 from prefalign.errors import PrefalignError
+from prefalign.model.load import load_model_for_inference
+from prefalign.rollout.generate import generate_reply, greedy_answers
+from prefalign.rollout.rewards import RewardModelScorer, load_reward_function
+from prefalign.stages.dpo import pair_metrics
 
 SHOWN = ("eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen", "eval_rewards/rejected",
          "eval_loss", "win_rate")
-
-
-@dataclass
-class EvalConfig(DataArgs, ModelArgs):
-    """Configuration of `prefalign eval`."""
-
-    beta: float = 0.1
-    """Beta of the implicit reward beta x (log pi - log pi_ref); use the value the policy was trained with."""
-    reward_model_name_or_path: str | None = None
-    """Score the generations of policy and reference with this sequence-classification reward model (win rate)."""
-    judge: str | None = None
-    """Score the generations with module:function or file.py:function, called as
-    fn(prompts=..., completions=..., **columns) -> list of numbers or bools (win rate)."""
-    num_samples: int = 0
-    """Print this many prompts with the policy's and the reference's answers side by side."""
-    max_new_tokens: int = 64
-    """Most tokens generated per answer (win rate, samples)."""
-    temperature: float = 0.0
-    """Sampling temperature of the generations; 0 decodes greedily."""
-    max_eval_pairs: int | None = None
-    """Use only the first this many pairs."""
-    per_device_eval_batch_size: int = 16
-    """Pairs (or prompts) per evaluation batch."""
-    seed: int = 42
-    """Seed of sampled generations."""
-    output_json: str | None = None
-    """Also write the results to this JSON file."""
 
 
 def recorded_reference(model_path: str) -> str | None:
@@ -68,32 +47,9 @@ def recorded_reference(model_path: str) -> str | None:
     return recorded.get("ref_model_name_or_path") or recorded.get("model_name_or_path")
 
 
-def pair_metrics(policy: Any, reference: Any, tokenizer: Any, pairs: list[Any], cfg: DPOConfig) -> dict[str, float]:
-    """Implicit-reward metrics (`eval_` + DPO's metric names) of `policy` against `reference` on `pairs`.
-
-    `reference` is a model (frozen and used as is) or None for a peft policy (its base, adapter disabled).
-    """
-    from peft import PeftModel
-
-    from prefalign.data.tokenize import tokenize_pairs
-    from prefalign.model.reference import DisabledAdapterReference, FrozenModelReference
-    from prefalign.train.dpo import DPOStage
-    from prefalign.train.loop import accumulate_eval
-
-    tokenized, _ = tokenize_pairs(pairs, tokenizer, cfg)
-    if reference is None and not isinstance(policy, PeftModel):
-        raise PrefalignError("a full model needs a reference model", "--ref_model_name_or_path")
-    ref = DisabledAdapterReference(policy) if reference is None else FrozenModelReference(reference)
-    stage = DPOStage(cfg, [], tokenized, tokenizer.pad_token_id, ref)
-    acc = accumulate_eval(stage, policy, [(g, True) for g in stage.eval_groups()], next(policy.parameters()).device)
-    return {f"eval_{k}": v for k, v in acc.means().items()}
-
-
 def _scores(judge: Any, prompts: list[Any], answers: list[str], columns: dict[str, list]) -> list[float]:
     """One score per answer. Judges get the answers as strings; the reward-model scorer gets conversational
     answers as one-message lists, which it renders with the chat template after the prompt."""
-    from prefalign.rollout.rewards import RewardModelScorer
-
     completions: list[Any] = list(answers)
     if isinstance(judge, RewardModelScorer):
         completions = [a if isinstance(p, str) else [{"role": "assistant", "content": a}]
@@ -112,9 +68,6 @@ def win_rate(policy_scores: list[float], reference_scores: list[float]) -> float
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[Any], cfg: EvalConfig) -> list[str]:
     """Greedy (batched, left-padded) or sampled answers to `prompts`."""
-    from prefalign.chat import generate_reply
-    from prefalign.demo.measure import greedy_answers
-
     if cfg.temperature == 0:
         return greedy_answers(model, tokenizer, prompts, batch_size=cfg.per_device_eval_batch_size,
                               max_new_tokens=cfg.max_new_tokens)
@@ -138,10 +91,6 @@ def _check(cfg: EvalConfig) -> None:
 
 def _load(cfg: EvalConfig) -> tuple[Any, Any, Any]:
     """(policy, reference model or None for an adapter policy, tokenizer)."""
-    from peft import PeftModel
-
-    from prefalign.chat_command import load_model_for_inference
-
     policy, tokenizer = load_model_for_inference(cfg.model_name_or_path, tokenizer_path=cfg.tokenizer_name_or_path)
     ref_path = cfg.ref_model_name_or_path
     if ref_path is None and not isinstance(policy, PeftModel):
@@ -160,10 +109,6 @@ def _dpo_config(cfg: EvalConfig) -> DPOConfig:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every requested evaluation; returns {"metrics": {...}, "samples": [...], "num_pairs": n}."""
-    from prefalign.data.load import load_rows, normalize_rows
-    from prefalign.data.templates import resolve_chat_template
-    from prefalign.rollout.rewards import RewardModelScorer, load_reward_function
-
     _check(cfg)
     policy, reference, tokenizer = _load(cfg)
     resolve_chat_template(tokenizer, cfg.chat_template)
@@ -200,9 +145,6 @@ def format_result(result: dict[str, Any]) -> str:
     for s in result["samples"]:
         lines += ["", f"prompt:    {s['prompt']}", f"policy:    {s['policy']}", f"reference: {s['reference']}"]
     return "\n".join(lines)
-
-
-CONFIG = EvalConfig
 
 
 def run_command(cfg: EvalConfig) -> None:

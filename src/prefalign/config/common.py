@@ -1,19 +1,13 @@
-"""Typed run configuration. The attribute docstrings below are the only source of help text: the CLI's
-`--help`, the YAML keys and the Python API all read them (see `field_help`).
+"""The groups every training command shares: the model, the data, the training loop.
 
-Configs are flat, as TRL's are, so that `--beta` and `beta:` mean the same thing everywhere. Each stage's
-config is a dataclass composed from the groups below (model, data, training) plus its own knobs.
+Configs are flat, as TRL's are, so that `--beta` and `beta:` mean the same thing everywhere. Each command's
+config is a dataclass composed from these groups plus its own knobs (`config.preference`, `config.causal_lm`,
+`config.rollout`, `config.tools`). The attribute docstrings are the only source of help text (`config.fields`).
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
-import textwrap
 from dataclasses import dataclass, field
-from functools import cache
-from typing import Any
 
 
 @dataclass
@@ -149,91 +143,3 @@ class TrainArgs:
     """Continue from a checkpoint directory, or "latest" for the newest one in output_dir."""
     disable_tqdm: bool = False
     """Hide the progress bar."""
-
-
-@dataclass
-class DPOArgs:
-    beta: float = 0.1
-    """Strength of the KL constraint to the reference (temperature of the implicit reward)."""
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
-    """One or more preference losses: sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot,
-    aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, simpo, orpo, cpo."""
-    loss_weights: list[float] | None = None
-    """Weights of the losses in --loss_type (default: 1 each), as in MPO."""
-    label_smoothing: float = 0.0
-    """Probability that a label is flipped (conservative DPO, robust DPO)."""
-    simpo_gamma: float = 0.5
-    """Target reward margin of SimPO."""
-    cpo_alpha: float = 1.0
-    """Weight of the NLL term of CPO."""
-    discopop_tau: float = 0.05
-    """Temperature of the DiscoPOP log-ratio modulation."""
-    rpo_alpha: float | None = None
-    """Add rpo_alpha x NLL of the chosen answer (RPO)."""
-    length_normalize: bool = False
-    """Use the mean instead of the sum of completion-token log-probs (MiniMind's DPO)."""
-    f_divergence_type: str = "reverse_kl"
-    """Divergence of f-DPO: reverse_kl, forward_kl, js_divergence or alpha_divergence."""
-    f_alpha_divergence_coef: float = 1.0
-    """Alpha of the alpha divergence."""
-    use_weighting: bool = False
-    """Weight pairs by their policy probability (WPO)."""
-    ld_alpha: float | None = None
-    """LD-DPO: tokens past the shorter completion's length count with this weight."""
-    disable_dropout: bool = True
-    """Turn dropout off in the policy (and reference), as TRL does, so that before the first update policy and
-    reference agree exactly and the implicit rewards are not noise."""
-    precompute_ref_log_probs: bool = False
-    """Compute reference log-probs in one pass before training and cache them on disk."""
-    padding_free: bool = True
-    """Pack pairs without padding into micro-batches (falls back to padding where unsupported)."""
-    share_prompt: bool = True
-    """Run each pair's prompt once for both completions (falls back where unsupported)."""
-    max_tokens_per_batch: int | None = None
-    """Pack micro-batches by this token budget instead of --per_device_train_batch_size pairs (a pair is never split).
-    Default: none, so a micro-batch holds the same pairs as the padded path and the update is the same."""
-
-
-@dataclass
-class DPOConfig(DPOArgs, TrainArgs, DataArgs, ModelArgs):
-    """Configuration of `prefalign dpo`."""
-
-    learning_rate: float = 1e-6
-    """Peak learning rate of AdamW (TRL's DPO default)."""
-
-
-# ---------------------------------------------------------------- help text from attribute docstrings
-
-
-@cache
-def _docstrings(cls: type) -> dict[str, str]:
-    """Attribute docstrings of one class (the string literal right after an annotated assignment)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """Help of every field of a config class; a subclass's docstring overrides its base's."""
-    out: dict[str, str] = {}
-    for base in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(base):
-            out.update(_docstrings(base))
-    return out
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -25,7 +25,6 @@ before the first stage runs, so a typo in the last stage costs no training.
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,21 +32,15 @@ from typing import Any
 
 import yaml
 
+from prefalign.argparsing import make_config
+from prefalign.commands import config_class, runner
+from prefalign.config import PipelineConfig
 from prefalign.errors import PrefalignError
+from prefalign.train.checkpoint import list_checkpoints
+from prefalign.train.setup import is_finished
 
 STAGES = ("train-tokenizer", "init-model", "pretrain", "sft", "rm", "dpo")
 POLICY_STAGES = ("init-model", "pretrain", "sft", "dpo")  # their output is the next stage's policy
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-
-
-@dataclass
-class PipelineConfig:
-    """Configuration of `prefalign pipeline`."""
-
-    recipe: str | None = None
-    """YAML recipe: a list of stages, each with `stage:` and that command's flags, e.g. `- {stage: sft, dataset_name: chat.jsonl, output_dir: out/sft}`."""
-    dry_run: bool = False
-    """Print the resolved stages (with chained paths, skip/resume decisions) and stop."""
 
 
 @dataclass
@@ -88,17 +81,8 @@ def read_recipe(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return data, defaults
 
 
-def _module(name: str) -> Any:
-    from prefalign.cli import COMMANDS
-
-    return importlib.import_module(COMMANDS[name][0])
-
-
-def is_finished(name: str, output_dir: Path) -> bool:
-    """Whether the stage's final result is in output_dir (checkpoints live in sub-directories and do not count)."""
-    if name == "train-tokenizer":
-        return (output_dir / "tokenizer.json").is_file()
-    return any((output_dir / w).is_file() for w in WEIGHTS)
+def _finished(name: str, output_dir: Path) -> bool:
+    return is_finished(output_dir, "tokenizer" if name == "train-tokenizer" else "model")
 
 
 def _policy_source(output_dir: Path, where: str) -> dict[str, str]:
@@ -113,8 +97,6 @@ def _policy_source(output_dir: Path, where: str) -> dict[str, str]:
 
 def plan(recipe: str) -> list[PlannedStage]:
     """Resolve chaining and skip/resume decisions, and validate every stage's flags."""
-    from prefalign.argparsing import make_config
-
     entries, defaults = read_recipe(recipe)
     tokenizer_dir: str | None = None
     policy: dict[str, str] = {}
@@ -123,7 +105,7 @@ def plan(recipe: str) -> list[PlannedStage]:
     for i, entry in enumerate(entries, start=1):
         name = entry["stage"]
         where = f"{recipe} stage {i} ({name})"
-        fields = set(_module(name).CONFIG.__dataclass_fields__)
+        fields = set(config_class(name).__dataclass_fields__)
         values = {k: v for k, v in defaults.items() if k in fields}
         values.update({k: v for k, v in entry.items() if k != "stage"})
         if name == "init-model" and "tokenizer" not in values and tokenizer_dir:
@@ -138,16 +120,14 @@ def plan(recipe: str) -> list[PlannedStage]:
             values["ref_model_name_or_path"] = sft_model
         output_dir = Path(values["output_dir"])
         action = "run"
-        if is_finished(name, output_dir):
+        if _finished(name, output_dir):
             action = "skip"
         elif name not in ("train-tokenizer", "init-model") and "resume_from_checkpoint" not in values:
-            from prefalign.train.checkpoint import list_checkpoints
-
             if list_checkpoints(output_dir):
                 values["resume_from_checkpoint"], action = "latest", "resume"
             elif output_dir.is_dir() and any(output_dir.iterdir()):
                 values["overwrite_output_dir"], action = True, "restart"
-        config = make_config(_module(name).CONFIG, values, source=where)  # every flag checked before anything runs
+        config = make_config(config_class(name), values, source=where)  # every flag checked before anything runs
         if name == "train-tokenizer":
             tokenizer_dir = str(output_dir)
         elif name in POLICY_STAGES:
@@ -162,7 +142,7 @@ def _next_policy(name: str, values: dict[str, Any], where: str) -> dict[str, str
     """Flags that start the next stage from this one's output: read from disk when the stage has finished,
     else predicted from its flags (a LoRA stage saves an adapter, or with merge_adapter also merged/)."""
     output_dir = Path(values["output_dir"])
-    if is_finished(name, output_dir):
+    if _finished(name, output_dir):
         return _policy_source(output_dir, where)
     if values.get("use_peft") and values.get("merge_adapter"):
         return {"model_name_or_path": str(output_dir / "merged")}
@@ -187,13 +167,8 @@ def run_pipeline(cfg: PipelineConfig) -> list[PlannedStage]:
     for st in stages:
         if st.action == "skip":
             continue
-        module = _module(st.name)
-        module.run_command(st.config)
+        runner(st.name)(st.config)
     return stages
-
-
-POSITIONAL = "recipe"  # `prefalign pipeline recipe.yaml` == `prefalign pipeline --recipe recipe.yaml`
-CONFIG = PipelineConfig
 
 
 def run_command(cfg: PipelineConfig) -> None:

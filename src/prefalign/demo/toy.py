@@ -1,4 +1,4 @@
-"""The demo's training stages: each builds the typed config of one real trainer and calls it in-process.
+"""The toy recipe of the demo: each stage builds the typed config of one real trainer and calls it in-process.
 
 Sizes and hyper-parameters live in `Sizes`; `FULL` is what `make demo` runs, `QUICK` a much smaller version for
 the test suite. The values of `FULL` were tuned on the trainers themselves (see the README's demo section).
@@ -10,6 +10,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prefalign.config import (
+    DPOConfig,
+    GRPOConfig,
+    InitModelConfig,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    TrainTokenizerConfig,
+)
+from prefalign.data.tokenizer import train_tokenizer as train_bpe
+from prefalign.demo import task
+from prefalign.model.init import init_model_dir
+from prefalign.rollout.generate import chat_prompt_ids, generate_completions
+from prefalign.stages.causal_lm import train_sft
+from prefalign.stages.dpo import train_dpo
+from prefalign.stages.grpo import train_grpo
+from prefalign.stages.ppo import train_ppo
+from prefalign.stages.rm import train_rm
+from prefalign.train.setup import is_finished
 
 REWARD_FUNCTION = "prefalign.demo.rewards:judge_reward"
 
@@ -62,8 +84,6 @@ def on_policy_pair_rows(prompts: Sequence[str], samples: Sequence[Sequence[str]]
     samples are all right give no pair; empty samples (an immediate EOS, rare) are dropped, since a pair file may
     not hold an empty answer. The reward model thus learns to rank exactly the answers PPO samples.
     """
-    from prefalign.demo import task
-
     rows = []
     for prompt, completions in zip(prompts, samples, strict=True):
         distinct = list(dict.fromkeys(c for c in completions if c.strip()))  # the data loader rejects empty turns
@@ -78,11 +98,6 @@ def on_policy_pair_rows(prompts: Sequence[str], samples: Sequence[Sequence[str]]
 def sample_answers(model_dir: Path, prompts: Sequence[str], num_samples: int, seed: int,
                    max_new_tokens: int = 16, batch_size: int = 512) -> list[list[str]]:
     """`num_samples` completions (text) per prompt from a saved model at temperature 1, reproducible by `seed`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from prefalign.demo.measure import chat_prompt_ids
-    from prefalign.rollout.generate import generate_completions
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     rollout = generate_completions(model, tokenizer, chat_prompt_ids(tokenizer, prompts), num_generations=num_samples,
@@ -94,8 +109,6 @@ def sample_answers(model_dir: Path, prompts: Sequence[str], num_samples: int, se
 def write_rm_pairs(sft_dir: Path, path: Path, sizes: Sizes, seed: int) -> None:
     """The reward model's data: `rm_samples` answers of the SFT model to each of `rm_prompts` fresh training prompts
     (temperature 1), judged, as (right, wrong) pairs in JSON Lines; written under a temporary name, then moved."""
-    from prefalign.demo import task
-
     prompts = task.make_prompts(sizes.rm_prompts, seed + 23, "train")
     task.write_jsonl(path, on_policy_pair_rows(prompts, sample_answers(sft_dir, prompts, sizes.rm_samples, seed + 29)))
 
@@ -103,11 +116,9 @@ def write_rm_pairs(sft_dir: Path, path: Path, sizes: Sizes, seed: int) -> None:
 def is_done(model_dir: Path) -> bool:
     """A stage is finished when its final model (or tokenizer, or data file) was saved; trainers move the files in
     atomically, and so does `write_rm_pairs`."""
-    from prefalign.pipeline import is_finished
-
     if model_dir.suffix == ".jsonl":
         return model_dir.is_file()
-    return is_finished("train-tokenizer" if model_dir.name == "tokenizer" else "sft", model_dir)
+    return is_finished(model_dir, "tokenizer" if model_dir.name == "tokenizer" else "model")
 
 
 def _common(out: Path, seed: int, quiet: bool) -> dict[str, Any]:
@@ -117,24 +128,18 @@ def _common(out: Path, seed: int, quiet: bool) -> dict[str, Any]:
 
 
 def train_tokenizer(corpus: Path, out: Path, sizes: Sizes) -> None:
-    from prefalign.tokenizer_command import TrainTokenizerConfig, train_tokenizer
-
-    train_tokenizer(TrainTokenizerConfig(dataset_name=str(corpus), vocab_size=sizes.vocab_size,
+    train_bpe(TrainTokenizerConfig(dataset_name=str(corpus), vocab_size=sizes.vocab_size,
                                          output_dir=str(out), overwrite_output_dir=True))
 
 
 def init_model(tokenizer_dir: Path, out: Path, seed: int) -> None:
-    from prefalign.model.init_command import InitModelConfig, init_model_command
-
     # Qwen2, hidden 64, 2 layers, 4 heads, tied embeddings: about 112k parameters, trained in about a minute
-    init_model_command(InitModelConfig(tokenizer=str(tokenizer_dir), output_dir=str(out), hidden_size=64,
+    init_model_dir(InitModelConfig(tokenizer=str(tokenizer_dir), output_dir=str(out), hidden_size=64,
                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
                                        overwrite_output_dir=True, seed=seed))
 
 
 def sft(init_dir: Path, data: Path, out: Path, sizes: Sizes, seed: int, quiet: bool) -> Any:
-    from prefalign.train.sft import SFTConfig, train_sft
-
     return train_sft(SFTConfig(
         model_name_or_path=str(init_dir), dataset_name=str(data), max_length=64,
         learning_rate=5e-3, lr_scheduler_type="cosine_with_min_lr", min_lr_rate=0.1, warmup_steps=30,
@@ -143,9 +148,6 @@ def sft(init_dir: Path, data: Path, out: Path, sizes: Sizes, seed: int, quiet: b
 
 
 def dpo(sft_dir: Path, pairs: Path, heldout_pairs: Path, out: Path, sizes: Sizes, seed: int, quiet: bool) -> Any:
-    from prefalign.config import DPOConfig
-    from prefalign.train.dpo import train_dpo
-
     # Plain DPO collapses this tiny model (it stops copying the operands): the RPO term (NLL of the chosen answer)
     # keeps the answer format while the preference term moves probability from the wrong sum to the right one.
     # rpo_alpha 1.0 at lr 2e-4 gave +0.36 / +0.28 over SFT (seeds 0 / 1); 2.0 at lr 3e-4 gave +0.47 / +0.43.
@@ -158,8 +160,6 @@ def dpo(sft_dir: Path, pairs: Path, heldout_pairs: Path, out: Path, sizes: Sizes
 
 def reward_model(sft_dir: Path, pairs: Path, heldout_pairs: Path, out: Path, sizes: Sizes, seed: int,
                  quiet: bool) -> Any:
-    from prefalign.train.rm import RMConfig, train_rm
-
     # lr 1e-3 with cosine decay; see Sizes.rm_steps for what was measured
     return train_rm(RMConfig(
         model_name_or_path=str(sft_dir), dataset_name=str(pairs), eval_dataset_name=str(heldout_pairs),
@@ -169,8 +169,6 @@ def reward_model(sft_dir: Path, pairs: Path, heldout_pairs: Path, out: Path, siz
 
 
 def grpo(sft_dir: Path, prompts: Path, out: Path, sizes: Sizes, seed: int, quiet: bool) -> Any:
-    from prefalign.train.grpo import GRPOConfig, train_grpo
-
     generations = 8
     return train_grpo(GRPOConfig(
         model_name_or_path=str(sft_dir), dataset_name=str(prompts), reward_funcs=[REWARD_FUNCTION],
@@ -181,8 +179,6 @@ def grpo(sft_dir: Path, prompts: Path, out: Path, sizes: Sizes, seed: int, quiet
 
 
 def ppo(sft_dir: Path, rm_dir: Path, prompts: Path, out: Path, sizes: Sizes, seed: int, quiet: bool) -> Any:
-    from prefalign.train.ppo import PPOConfig, train_ppo
-
     # kl_coef 0.6: the reward model's scores spread about 3x wider than the judge's 0/1, and at 0.3 PPO pushed the
     # KL to 2-3 nats into the reward model's blind spots (answers off by +1): seed 0 +0.12 at 0.3, +0.19 at 0.6,
     # +0.18 at 1.0; seed 1 +0.31, +0.21, +0.23 (one reward model per seed, trained on 8 answers per prompt).

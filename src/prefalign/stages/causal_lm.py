@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (and the causal-LM step pretraining shares) on the shared loop.
+"""Supervised fine-tuning and pretraining: one causal-LM step on the shared loop.
 
 A micro-batch is a list of rows; a row is one or more segments (conversations, documents) laid end to end.
 - Unpacked: one segment per row, right-padded, with an attention mask.
@@ -16,6 +16,12 @@ predict a target (`logits_to_keep` with an index tensor), so prompts cost no [T,
 NEFTune (Jain et al. 2023, as TRL offers it): during training, uniform noise in [-a, a] with
 a = alpha / sqrt(L * d) is added to the input embeddings (L the batch's sequence length, d the hidden size);
 evaluation and the saved model are untouched.
+
+Pretraining (`prefalign pretrain`, MiniMind-style from a freshly initialised model): documents are laid end to end
+and cut into blocks (`data.corpus.pack_documents`). By default attention stays inside each document of a block:
+every document (or the piece of one that continues from the previous block) is its own segment with position ids
+from 0, and its first token is not a target, since nothing in its context predicts it. With
+--per_document_attention false a block is one plain sequence (GPT-2 style concatenation).
 """
 
 from __future__ import annotations
@@ -24,93 +30,25 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from prefalign.config import DataArgs, ModelArgs, TrainArgs
-from prefalign.data.sft import TokenizedSample
+from prefalign.config import PretrainConfig, SFTConfig
+from prefalign.config.checks import check_train_args, require
+from prefalign.data.collate import collate_rows
+from prefalign.data.corpus import encode_documents, load_texts, pack_documents
+from prefalign.data.load import split_holdout
+from prefalign.data.packing import next_fit, pack_rows, row_length
+from prefalign.data.sft import load_sft_examples, tokenize_sft
+from prefalign.data.types import Segments
 from prefalign.errors import PrefalignError
-from prefalign.train.loop import shuffled_groups
+from prefalign.train.loop import LoopResult, shuffled_groups
 from prefalign.train.metrics import MetricSums
-from prefalign.train.run import print_summary
+from prefalign.train.setup import Session, open_session, train_and_save, trainable_policy
 
-Row = list[TokenizedSample]  # segments sharing one sequence
-
-
-@dataclass
-class SFTArgs:
-    dataset_text_field: str = "text"
-    """Column holding plain text rows (trained on every token)."""
-    completion_only_loss: bool = True
-    """Train only on assistant turns (conversations) or the completion (prompt/completion rows); false: every token."""
-    packing: bool = False
-    """Pack several samples into each sequence of up to --max_length tokens, without attention between them."""
-    neftune_noise_alpha: float | None = None
-    """NEFTune: add uniform noise of this scale (divided by sqrt(length x hidden size)) to input embeddings in training."""
-
-
-@dataclass
-class SFTConfig(SFTArgs, TrainArgs, DataArgs, ModelArgs):
-    """Configuration of `prefalign sft`."""
-
-    learning_rate: float = 2e-5
-    """Peak learning rate of AdamW (TRL's SFT default)."""
-
-
-# ---------------------------------------------------------------- batches
-
-
-def row_length(row: Row) -> int:
-    return sum(len(s.input_ids) for s in row)
-
-
-def next_fit(lengths: Sequence[int], max_length: int | None) -> list[list[int]]:
-    """Bins of consecutive positions: an item joins the current bin while the bin stays within `max_length`
-    tokens, so the given (shuffled) order is kept and the same input always packs the same way."""
-    bins: list[list[int]] = []
-    used = 0
-    for k, n in enumerate(lengths):
-        if bins and (max_length is None or used + n <= max_length):
-            bins[-1].append(k)
-            used += n
-        else:
-            bins.append([k])
-            used = n
-    return bins
-
-
-def pack_rows(rows: Sequence[Row], max_length: int | None) -> list[Row]:
-    """Rows merged next-fit into sequences of up to `max_length` tokens."""
-    return [[seg for k in b for seg in rows[k]] for b in next_fit([row_length(r) for r in rows], max_length)]
-
-
-def collate_rows(rows: Sequence[Row], pad_token_id: int, segmented: bool) -> dict[str, Any]:
-    """input_ids / labels / position_ids (B, T); `attention_mask` only when not segmented (see module docstring)."""
-    width = max(row_length(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)  # (B, T): -100 = not a target
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for r, row in enumerate(rows):
-        t = 0
-        for seg in row:
-            n = len(seg.input_ids)
-            ids = torch.tensor(seg.input_ids, dtype=torch.long)
-            input_ids[r, t:t + n] = ids
-            labels[r, t:t + n] = torch.where(torch.tensor(seg.loss_mask), ids, -100)
-            # one sequence when not segmented: positions continue across the row's segments
-            position_ids[r, t:t + n] = torch.arange(n) if segmented else torch.arange(t, t + n)
-            t += n
-        attention_mask[r, :t] = 1
-        position_ids[r, t:] = torch.arange(width - t)  # the padding: a segment of its own
-    batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                             "num_tokens": int(attention_mask.sum())}
-    if not segmented:
-        batch["attention_mask"] = attention_mask
-    return batch
+SHOWN = ("loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy")  # the closing line's metrics
 
 
 def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -150,7 +88,7 @@ class CausalLMStage:
     example_unit = "samples"
     progress_keys = {"loss": "loss", "mean_token_accuracy": "acc"}
 
-    def __init__(self, train: list[Row], eval_: list[Row] | None, pad_token_id: int, *, batch_size: int,
+    def __init__(self, train: list[Segments], eval_: list[Segments] | None, pad_token_id: int, *, batch_size: int,
                  eval_batch_size: int, seed: int, pack: bool, segmented: bool, max_length: int | None) -> None:
         self.data = {"train": train, "eval": eval_ or []}
         self.pad_token_id = pad_token_id
@@ -199,53 +137,46 @@ def add_neftune(model: torch.nn.Module, alpha: float) -> Any:
     return model.get_input_embeddings().register_forward_hook(hook)
 
 
-# ---------------------------------------------------------------- driver shared with pretraining
+# ---------------------------------------------------------------- the two drivers
 
 
-def check_lm_config(cfg: Any) -> None:
+def check_lm_config(cfg: SFTConfig | PretrainConfig) -> None:
     """Everything that can be checked before loading a model or data."""
-    from prefalign.train.run import check_train_args, require
-
     require(cfg, "model_name_or_path", "dataset_name")
     if cfg.max_length is not None and cfg.max_length < 2:
         raise PrefalignError(f"must be at least 2, got {cfg.max_length}", "--max_length")
     if getattr(cfg, "neftune_noise_alpha", None) is not None and cfg.neftune_noise_alpha < 0:
         raise PrefalignError(f"must not be negative, got {cfg.neftune_noise_alpha}", "--neftune_noise_alpha")
+    if isinstance(cfg, PretrainConfig) and cfg.max_length is None:
+        raise PrefalignError("pretraining needs a block size", "--max_length")
     check_train_args(cfg)
 
 
-def run_lm_training(cfg: Any, name: str, build_stage: Callable[[Any, Any], CausalLMStage]) -> Any:
-    """tokenizer → stage (data) → model → loop → final model; `build_stage(tokenizer, accelerator)`."""
-    from prefalign.model.load import load_policy, load_tokenizer
-    from prefalign.train.run import make_accelerator, train_and_save
-
+def run_lm_training(cfg: SFTConfig | PretrainConfig, name: str,
+                    build_stage: Callable[[Session], CausalLMStage]) -> LoopResult:
+    """tokenizer → stage (data) → model → loop → final model; `build_stage(session)`."""
     check_lm_config(cfg)
-    accelerator = make_accelerator(cfg)
-    tokenizer = load_tokenizer(cfg)
-    stage = build_stage(tokenizer, accelerator)
-    model = load_policy(cfg, gradient_checkpointing=cfg.gradient_checkpointing).to(accelerator.device)
+    session = open_session(cfg)
+    stage = build_stage(session)
+    model = trainable_policy(cfg, session)
     if getattr(cfg, "neftune_noise_alpha", None):
         add_neftune(model, cfg.neftune_noise_alpha)
+    return train_and_save(stage, model, cfg, session, name)
 
-    return train_and_save(stage, model, tokenizer, cfg, accelerator, name)
 
-
-def train_sft(cfg: SFTConfig) -> Any:
+def train_sft(cfg: SFTConfig) -> LoopResult:
     """Run SFT end to end: rows → token ids with loss masks → loop → final model in cfg.output_dir."""
-    from prefalign.data.sft import load_sft_examples, tokenize_sft
-    from prefalign.data.templates import resolve_chat_template
 
-    def build(tokenizer: Any, accelerator: Any) -> CausalLMStage:
-        resolve_chat_template(tokenizer, cfg.chat_template)
+    def build(session: Session) -> CausalLMStage:
         train_rows, eval_rows = load_sft_examples(cfg)
-        train, stats = tokenize_sft(train_rows, tokenizer, cfg)
-        accelerator.print(f"train: {stats.summary()}")
+        train, stats = tokenize_sft(train_rows, session.tokenizer, cfg)
+        session.print(f"train: {stats.summary()}")
         eval_ = None
         if eval_rows:
-            eval_, eval_stats = tokenize_sft(eval_rows, tokenizer, cfg)
-            accelerator.print(f"eval: {eval_stats.summary()}")
+            eval_, eval_stats = tokenize_sft(eval_rows, session.tokenizer, cfg)
+            session.print(f"eval: {eval_stats.summary()}")
         return CausalLMStage(
-            [[s] for s in train], [[s] for s in eval_] if eval_ else None, tokenizer.pad_token_id,
+            [[s] for s in train], [[s] for s in eval_] if eval_ else None, session.tokenizer.pad_token_id,
             batch_size=cfg.per_device_train_batch_size, eval_batch_size=cfg.per_device_eval_batch_size,
             seed=cfg.seed, pack=cfg.packing, segmented=cfg.packing, max_length=cfg.max_length,
         )
@@ -253,12 +184,28 @@ def train_sft(cfg: SFTConfig) -> Any:
     return run_lm_training(cfg, "sft", build)
 
 
-SHOWN = ("loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy")
+def _blocks(name: str, cfg: PretrainConfig, tokenizer: Any, config: str | None, split: str) -> list[Segments]:
+    texts = [t for t, _ in load_texts(name, config, split, cfg.dataset_text_field)]
+    return pack_documents(encode_documents(texts, tokenizer), cfg.max_length, cfg.per_document_attention)
 
 
-CONFIG = SFTConfig
+def train_pretrain(cfg: PretrainConfig) -> LoopResult:
+    """Run pretraining end to end: documents → blocks → loop → final model in cfg.output_dir."""
 
+    def build(session: Session) -> CausalLMStage:
+        train = _blocks(cfg.dataset_name, cfg, session.tokenizer, cfg.dataset_config, cfg.dataset_split)
+        eval_ = None
+        if cfg.eval_dataset_name:
+            eval_ = _blocks(cfg.eval_dataset_name, cfg, session.tokenizer, cfg.eval_dataset_config,
+                            cfg.eval_dataset_split)
+        elif cfg.eval_split_ratio:
+            train, eval_ = split_holdout(train, cfg.eval_split_ratio, cfg.seed)
+        tokens = sum(len(s.input_ids) for b in train for s in b)
+        session.print(f"train: {len(train)} blocks of up to {cfg.max_length} tokens ({tokens} tokens)")
+        return CausalLMStage(
+            train, eval_, session.tokenizer.pad_token_id, batch_size=cfg.per_device_train_batch_size,
+            eval_batch_size=cfg.per_device_eval_batch_size, seed=cfg.seed, pack=False,
+            segmented=cfg.per_document_attention, max_length=cfg.max_length,
+        )
 
-def run_command(cfg: SFTConfig) -> None:
-    """`prefalign sft`."""
-    print_summary("sft", train_sft(cfg), cfg.output_dir, SHOWN)
+    return run_lm_training(cfg, "pretrain", build)

@@ -1,5 +1,6 @@
-"""What every training command does around the loop: check the config and the output directory before anything
-heavy happens, set up Accelerate and seeds, and save the final model atomically."""
+"""What every training command does around the loop, written once: check the output directory before anything
+heavy happens, set up Accelerate, seeds and the tokenizer (`open_session`), load the policy to train, and after
+the loop save the final model atomically (`train_and_save`) and print one closing line (`print_summary`)."""
 
 from __future__ import annotations
 
@@ -8,47 +9,36 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefalign.config import TrainArgs
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+
+from prefalign.config import ModelArgs, TrainArgs
+from prefalign.data.templates import resolve_chat_template
 from prefalign.errors import PrefalignError
+from prefalign.model.load import load_policy, load_tokenizer, save_model
+from prefalign.model.weights import is_main_process, load_weights_into
+from prefalign.train.distributed import check_launch, shard_plan
+from prefalign.train.loop import LoopResult, Stage, train_loop
 
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
-FINAL_MARKERS = ("config.json", "adapter_config.json", "model.safetensors", "adapter_model.safetensors")
+# What a finished run leaves in its output_dir (checkpoints live in sub-directories and do not count); the
+# tokenizer of `train-tokenizer` is finished with its tokenizer.json.
+FINAL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+# What marks a directory as holding an earlier run, finished or not.
+RUN_MARKERS = (*FINAL_WEIGHTS, "config.json", "adapter_config.json", "metrics.jsonl")
 
 
-def require(cfg: Any, *flags: str) -> None:
-    """Flags a command cannot run without, named in a one-line error."""
-    for flag in flags:
-        if not getattr(cfg, flag):
-            raise PrefalignError("is required", f"--{flag}")
-
-
-def check_train_args(args: TrainArgs) -> None:
-    """Reject bad values before any model is loaded."""
-    if not args.output_dir:
-        raise PrefalignError("is required", "--output_dir")
-    if args.lr_scheduler_type not in SCHEDULERS:
-        raise PrefalignError(f"unknown schedule {args.lr_scheduler_type!r}; choose one of {', '.join(SCHEDULERS)}",
-                             "--lr_scheduler_type")
-    if args.bf16 and args.fp16:
-        raise PrefalignError("choose one of --bf16 and --fp16", "--bf16")
-    positive = {"per_device_train_batch_size": args.per_device_train_batch_size,
-                "per_device_eval_batch_size": args.per_device_eval_batch_size,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps, "logging_steps": args.logging_steps}
-    for name, value in positive.items():
-        if value < 1:
-            raise PrefalignError(f"must be at least 1, got {value}", f"--{name}")
-    if args.learning_rate < 0:
-        raise PrefalignError("must not be negative", "--learning_rate")
-    if args.max_steps <= 0 and args.num_train_epochs <= 0:
-        raise PrefalignError("give a positive --num_train_epochs or --max_steps", "--num_train_epochs")
-    unknown = set(args.report_to) - {"none", "tensorboard", "wandb", "all"}
-    if unknown:
-        raise PrefalignError(f"unknown destination {sorted(unknown)[0]!r}; choose none, tensorboard or wandb",
-                             "--report_to")
-    check_output_dir(args)
+def is_finished(output_dir: str | Path, what: str = "model") -> bool:
+    """Whether `output_dir` holds a finished model (or, with what="tokenizer", a saved tokenizer)."""
+    out = Path(output_dir)
+    if what == "tokenizer":
+        return (out / "tokenizer.json").is_file()
+    return any((out / name).is_file() for name in FINAL_WEIGHTS)
 
 
 def check_output_dir(args: TrainArgs) -> None:
@@ -58,7 +48,7 @@ def check_output_dir(args: TrainArgs) -> None:
         raise PrefalignError("exists and is not a directory", f"--output_dir {out}")
     if args.resume_from_checkpoint or args.overwrite_output_dir or not out.is_dir():
         return
-    earlier = [m for m in (*FINAL_MARKERS, "metrics.jsonl") if (out / m).exists()]
+    earlier = [m for m in RUN_MARKERS if (out / m).exists()]
     earlier += [p.name for p in out.glob("checkpoint-*")][:1]
     if earlier:
         raise PrefalignError(
@@ -68,13 +58,7 @@ def check_output_dir(args: TrainArgs) -> None:
         )
 
 
-def make_accelerator(args: TrainArgs) -> Any:
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from prefalign.train.distributed import check_launch
-
+def make_accelerator(args: TrainArgs) -> Accelerator:
     check_launch()
     mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
     log_with = [r for r in args.report_to if r != "none"] or None
@@ -84,15 +68,58 @@ def make_accelerator(args: TrainArgs) -> Any:
     # Accelerate keeps its settings in a process-wide singleton; a second run in the same process (the Python API,
     # `prefalign pipeline`) with another mixed precision would be refused. Reset those settings but keep the process
     # group (PartialState), which must outlive the run under torchrun.
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=args.output_dir, cpu=cpu_only)
     set_seed(args.seed)
     return accelerator
 
 
-def start_run(args: TrainArgs, accelerator: Any, run_name: str) -> None:
+@dataclass
+class Session:
+    """A training command once set up: its Accelerator and its tokenizer, chat template resolved."""
+
+    accelerator: Accelerator
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def print(self, *args: Any) -> None:
+        self.accelerator.print(*args)
+
+
+def open_session(cfg: Any) -> Session:
+    """The prologue every training command shares, after its own config checks: output directory, Accelerate and
+    seeds, tokenizer and chat template."""
+    check_output_dir(cfg)
+    accelerator = make_accelerator(cfg)
+    tokenizer = load_tokenizer(cfg)
+    resolve_chat_template(tokenizer, cfg.chat_template)
+    return Session(accelerator, tokenizer)
+
+
+def trainable_policy(cfg: ModelArgs, session: Session, *, no_dropout: bool = False) -> torch.nn.Module:
+    """The policy to train (full weights, LoRA, continued adapter or QLoRA) on the session's device; with
+    `no_dropout` every dropout is zeroed (see `disable_dropout`)."""
+    model = load_policy(cfg, gradient_checkpointing=getattr(cfg, "gradient_checkpointing", False))
+    model = model.to(session.device)
+    if no_dropout:
+        disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout (TRL's default for preference and RL training): nn.Dropout modules, LoRA's included, and
+    attention-dropout rates stored as floats, so that policy and reference agree exactly before the first update."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def start_run(args: TrainArgs, accelerator: Accelerator, run_name: str) -> None:
     """Create output_dir, start trackers and write the resolved config (`args`, the command's whole config)
     beside the results."""
     out = Path(args.output_dir)
@@ -109,8 +136,6 @@ def start_run(args: TrainArgs, accelerator: Any, run_name: str) -> None:
 def save_final(output_dir: str | Path, write: Callable[[Path], None]) -> None:
     """Write the final model into a temporary directory, then move its files into output_dir. Every process calls
     this (`write` may gather sharded weights); the main process writes."""
-    from prefalign.model.weights import is_main_process
-
     out = Path(output_dir)
     tmp = out / f".tmp-final-{os.getpid()}"
     if is_main_process():
@@ -128,17 +153,13 @@ def save_final(output_dir: str | Path, write: Callable[[Path], None]) -> None:
     tmp.rmdir()
 
 
-def train_and_save(stage: Any, model: Any, tokenizer: Any, cfg: Any, accelerator: Any, run_name: str, *,
+def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Session, run_name: str, *,
                    final_model: Any = None, save: Callable[[Path], None] | None = None,
-                   load: Callable[[Path], None] | None = None) -> Any:
+                   load: Callable[[Path], None] | None = None) -> LoopResult:
     """The common tail of every training command: start the run (output_dir, config, trackers), the loop with
     Hugging Face-format checkpoints, then the final model (`final_model`, default `model`) and tokenizer saved
     atomically into output_dir by the main process."""
-    from prefalign.model.load import save_model
-    from prefalign.model.weights import load_weights_into
-    from prefalign.train.distributed import shard_plan
-    from prefalign.train.loop import train_loop
-
+    accelerator, tokenizer = session.accelerator, session.tokenizer
     plan = shard_plan(accelerator)
     if plan is not None and getattr(cfg, "merge_adapter", False) and hasattr(final_model or model, "peft_config"):
         raise PrefalignError("cannot merge a sharded (FSDP) model; merge the saved adapter afterwards",
@@ -156,22 +177,11 @@ def train_and_save(stage: Any, model: Any, tokenizer: Any, cfg: Any, accelerator
     return result
 
 
-def print_summary(name: str, result: Any, output_dir: str, shown: tuple[str, ...], what: str = "model") -> None:
-    """One closing line (from rank 0 only under torchrun): steps, the chosen metrics, where the result is."""
-    if os.environ.get("RANK", "0") != "0":
+def print_summary(name: str, result: LoopResult, output_dir: str, shown: tuple[str, ...],
+                  what: str = "model") -> None:
+    """One closing line (from the main process only): steps, the chosen metrics, where the result is."""
+    if not is_main_process():
         return
     metrics = {**result.last_metrics, **result.eval_metrics}
     values = ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
     print(f"{name}: {result.state.global_step} steps, {values}; {what} saved to {output_dir}")
-
-
-def disable_dropout(model: Any) -> None:
-    """Zero every dropout (TRL's default for preference and RL training): nn.Dropout modules, LoRA's included, and
-    attention-dropout rates stored as floats, so that policy and reference agree exactly before the first update."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0

@@ -1,9 +1,10 @@
-"""On-policy RL objectives (GRPO and its variants, RLOO) and the KL / masked statistics PPO shares, as pure
-functions of tensors; PPO's own rewards, GAE and loss are in `losses.ppo`.
+"""GRPO and its variants, and RLOO's advantages, as pure functions of tensors; the KL estimators and masked
+statistics they use are in `losses.stats`, PPO's objective in `losses.ppo`.
 
-Nothing here touches a model, a device or a process group: the trainers compute log-probs and rewards, then call
-these functions. Hyperparameters use TRL's names (`beta`, `epsilon`, `epsilon_high`, `delta`, `loss_type`,
-`scale_rewards`, ...) and the formulas follow TRL's GRPOTrainer and RLOOTrainer.
+Nothing here touches a model, a device, a process group or a flag: the stages compute log-probs and rewards,
+validate the options (naming the flag at fault) and call these functions, which raise ValueError on options a
+stage should never pass. Hyperparameters use TRL's names (`beta`, `epsilon`, `epsilon_high`, `delta`,
+`loss_type`, `scale_rewards`, ...) and the formulas follow TRL's GRPOTrainer and RLOOTrainer.
 
 Shapes: B completions (= prompts x num_generations, grouped so that rows g*G .. g*G+G-1 share a prompt),
 T completion tokens. Masks are 1 on real completion tokens (up to and including EOS), 0 on padding.
@@ -17,74 +18,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from prefalign.errors import PrefalignError
-
-# ----------------------------------------------------------------------------------------------- KL, entropy
-
-
-def _k1(logps: Tensor, ref_logps: Tensor) -> Tensor:
-    return logps - ref_logps
-
-
-def _k2(logps: Tensor, ref_logps: Tensor) -> Tensor:
-    return 0.5 * (logps - ref_logps) ** 2
-
-
-def _k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
-    # Schulman's unbiased, always non-negative estimator of KL(policy || ref) from samples of the policy.
-    log_ratio = ref_logps - logps
-    return torch.exp(log_ratio) - log_ratio - 1
-
-
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}
-
-
-def kl_divergence(logps: Tensor, ref_logps: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token KL(policy || ref) estimate from sampled tokens. `logps`, `ref_logps`: (B, T) -> (B, T).
-
-    k1 = logp - ref (unbiased, can be negative), k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1.
-    """
-    if estimator not in KL_ESTIMATORS:
-        raise PrefalignError(f"unknown KL estimator {estimator!r}; choose one of {sorted(KL_ESTIMATORS)}", "--kl_estimator")
-    return KL_ESTIMATORS[estimator](logps, ref_logps)
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `values` where `mask` is 1 (0 when the mask is empty)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of `values` where `mask` is 1, with Bessel's correction as TRL applies it."""
-    mask = mask.to(values.dtype)
-    centered = values - masked_mean(values, mask)
-    variance = masked_mean(centered**2, mask)
-    count = mask.sum()
-    if unbiased and count > 1:
-        variance = variance * count / (count - 1)
-    return variance
-
-
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """(values - mean) / sqrt(var + 1e-8) over masked entries; `shift_mean=False` adds the mean back (only scales)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    return whitened if shift_mean else whitened + mean
-
+from prefalign.losses.stats import kl_divergence, masked_mean, nanstd
 
 # ------------------------------------------------------------------------------------------------ advantages
 
 SCALE_REWARDS = ("group", "batch", "none")
-
-
-def nanstd(values: Tensor, dim: int | None = None) -> Tensor:
-    """Unbiased std ignoring nan; nan where fewer than 2 values are present (TRL's nanstd)."""
-    mean = torch.nanmean(values, dim=dim, keepdim=True)
-    variance = torch.nanmean((values - mean) ** 2, dim=dim)
-    count = (~torch.isnan(values)).sum(dim=dim).to(values.dtype)
-    correction = torch.where(count > 1, count / (count - 1), torch.full_like(count, float("nan")))
-    return torch.sqrt(variance * correction)
 
 
 def group_advantages(
@@ -101,7 +39,7 @@ def group_advantages(
     """
     scale = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)  # type: ignore[call-overload]
     if scale not in SCALE_REWARDS:
-        raise PrefalignError(f"scale_rewards must be one of {list(SCALE_REWARDS)}, got {scale_rewards!r}", "--scale_rewards")
+        raise ValueError(f"scale_rewards must be one of {list(SCALE_REWARDS)}, got {scale_rewards!r}")
     rewards = rewards.float()
     grouped = rewards.view(-1, num_generations)  # (P, G)
     advantages = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).view(-1)  # (B,)
@@ -181,7 +119,7 @@ def _token_mean(per_token: Tensor, mask: Tensor, **_: object) -> Tensor:
 
 def _fixed_length(per_token: Tensor, mask: Tensor, *, max_completion_length: int | None, **_: object) -> Tensor:
     if max_completion_length is None:
-        raise PrefalignError("loss_type dr_grpo divides by max_completion_length; set it", "--max_completion_length")
+        raise ValueError("loss_type dr_grpo divides by max_completion_length, which is None")
     return (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
 
 
@@ -209,9 +147,7 @@ def _importance_log_weights(log_ratio: Tensor, mask: Tensor, level: str) -> Tens
         return log_ratio  # (B, T)
     if level == "sequence":  # GSPO: one ratio per sequence, from the mean token log-ratio
         return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
-    raise PrefalignError(
-        f"importance_sampling_level must be token or sequence, got {level!r}", "--importance_sampling_level"
-    )
+    raise ValueError(f"importance_sampling_level must be token or sequence, got {level!r}")
 
 
 def grpo_loss(
@@ -246,7 +182,7 @@ def grpo_loss(
     `num_items_in_batch` (dapo) is the real-token count of the global accumulated batch.
     """
     if loss_type not in GRPO_NORMALIZERS:
-        raise PrefalignError(f"unknown loss_type {loss_type!r}; choose one of {sorted(GRPO_NORMALIZERS)}", "--loss_type")
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {sorted(GRPO_NORMALIZERS)}")
     mask = completion_mask.to(per_token_logps.dtype)  # (B, T)
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
     old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps

@@ -1,0 +1,100 @@
+"""`prefalign chat`: talk to a model in the terminal, replies streamed token by token (`rollout.generate.generate_reply`).
+
+A directory with adapter_config.json is a LoRA adapter: its base model (adapter_config's
+base_model_name_or_path, or --base_model_name_or_path) is loaded and the adapter applied with peft
+(`model.load.load_model_for_inference`). `chat_loop` is the interactive session, usable with any loaded model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from prefalign.config import ChatConfig
+from prefalign.data.types import Message
+from prefalign.errors import PrefalignError
+from prefalign.model.load import load_model_for_inference
+from prefalign.rollout.generate import generate_reply
+
+
+def _check(cfg: ChatConfig) -> None:
+    if cfg.temperature < 0:
+        raise PrefalignError(f"must be >= 0, got {cfg.temperature}", "--temperature")
+    if not 0 < cfg.top_p <= 1:
+        raise PrefalignError(f"must be in (0, 1], got {cfg.top_p}", "--top_p")
+    if cfg.max_new_tokens < 1:
+        raise PrefalignError(f"must be at least 1, got {cfg.max_new_tokens}", "--max_new_tokens")
+
+
+HELP = "Commands: /reset clears the conversation, /exit (or end of input) quits."
+
+
+def chat_loop(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    input_fn: Callable[[str], str] = input,
+    output: TextIO | None = None,
+    system_prompt: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    prompt: str = ">>> ",
+) -> list[Message]:
+    """Read user turns from `input_fn` until /exit or EOF, streaming each reply to `output`; returns the history.
+
+    The history keeps every turn since the last /reset, so each reply sees the whole conversation.
+    """
+    out = output if output is not None else sys.stdout
+    start: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    history: list[Message] = list(start)
+    out.write(HELP + "\n")
+    while True:
+        try:
+            line = input_fn(prompt)
+        except EOFError:
+            out.write("\n")
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = list(start)
+            out.write("(conversation cleared)\n")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        reply = generate_reply(
+            model, tokenizer, history, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stream=out
+        )
+        out.write("\n")
+        history.append({"role": "assistant", "content": reply})
+    return history
+
+
+def run_chat(cfg: ChatConfig, input_fn: Any = input, output: Any = None) -> list[dict[str, str]]:
+    """One answer (--prompt) or an interactive session; returns the conversation."""
+    _check(cfg)
+    model, tokenizer = load_model_for_inference(cfg.model_name_or_path, cfg.base_model_name_or_path,
+                                                cfg.tokenizer_name_or_path)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    out = output if output is not None else sys.stdout
+    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+    if cfg.prompt is not None:
+        messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
+        messages.append({"role": "user", "content": cfg.prompt})
+        reply = generate_reply(model, tokenizer, messages, stream=out, **sampling)
+        out.write("\n")
+        return [*messages, {"role": "assistant", "content": reply}]
+    return chat_loop(model, tokenizer, input_fn=input_fn, output=out, system_prompt=cfg.system_prompt, **sampling)
+
+
+def run_command(cfg: ChatConfig) -> None:
+    """`prefalign chat`."""
+    run_chat(cfg)

@@ -1,0 +1,26 @@
+"""Typed configs of every command, torch-free so that `prefalign <command> --help` stays instant.
+
+`common` holds the groups the training commands share (model, data, training loop); `preference`, `causal_lm`,
+`rollout` and `tools` each command's own; `fields` turns attribute docstrings into help text; `checks` validates
+what can be validated before anything is loaded.
+"""
+
+from prefalign.config.causal_lm import PretrainConfig, SFTConfig
+from prefalign.config.common import DataArgs, ModelArgs, TrainArgs
+from prefalign.config.fields import field_help
+from prefalign.config.preference import DPOArgs, DPOConfig, RMConfig
+from prefalign.config.rollout import GRPOConfig, PPOConfig, RLOOConfig
+from prefalign.config.tools import (
+    ChatConfig,
+    DemoConfig,
+    EvalConfig,
+    InitModelConfig,
+    InspectConfig,
+    PipelineConfig,
+    PlotConfig,
+    TrainTokenizerConfig,
+)
+
+__all__ = ["ChatConfig", "DPOArgs", "DPOConfig", "DataArgs", "DemoConfig", "EvalConfig", "GRPOConfig", "InitModelConfig",
+           "InspectConfig", "ModelArgs", "PPOConfig", "PipelineConfig", "PlotConfig", "PretrainConfig", "RLOOConfig",
+           "RMConfig", "SFTConfig", "TrainArgs", "TrainTokenizerConfig", "field_help"]

@@ -1,0 +1,55 @@
+"""Checks of a config that need nothing loaded: required flags, ranges, names. Each failure is one PrefalignError
+naming the flag. Commands run them first, and `prefalign pipeline` runs every stage's before the first one trains."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefalign.config.common import DataArgs, TrainArgs
+from prefalign.errors import PrefalignError
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+
+def require(cfg: Any, *flags: str) -> None:
+    """Flags a command cannot run without, named in a one-line error."""
+    for flag in flags:
+        if not getattr(cfg, flag):
+            raise PrefalignError("is required", f"--{flag}")
+
+
+def check_train_args(args: TrainArgs) -> None:
+    """The training loop's flags."""
+    if not args.output_dir:
+        raise PrefalignError("is required", "--output_dir")
+    if args.lr_scheduler_type not in SCHEDULERS:
+        raise PrefalignError(f"unknown schedule {args.lr_scheduler_type!r}; choose one of {', '.join(SCHEDULERS)}",
+                             "--lr_scheduler_type")
+    if args.bf16 and args.fp16:
+        raise PrefalignError("choose one of --bf16 and --fp16", "--bf16")
+    positive = {"per_device_train_batch_size": args.per_device_train_batch_size,
+                "per_device_eval_batch_size": args.per_device_eval_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps, "logging_steps": args.logging_steps}
+    for name, value in positive.items():
+        if value < 1:
+            raise PrefalignError(f"must be at least 1, got {value}", f"--{name}")
+    if args.learning_rate < 0:
+        raise PrefalignError("must not be negative", "--learning_rate")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise PrefalignError("give a positive --num_train_epochs or --max_steps", "--num_train_epochs")
+    unknown = set(args.report_to) - {"none", "tensorboard", "wandb", "all"}
+    if unknown:
+        raise PrefalignError(f"unknown destination {sorted(unknown)[0]!r}; choose none, tensorboard or wandb",
+                             "--report_to")
+
+
+def check_truncation(args: DataArgs) -> None:
+    """--truncation_mode and the three length limits."""
+    if args.truncation_mode not in TRUNCATION_MODES:
+        raise PrefalignError(f"must be keep_end or keep_start, got '{args.truncation_mode}'", where="--truncation_mode")
+    for flag in ("max_length", "max_prompt_length", "max_completion_length"):
+        value = getattr(args, flag)
+        least = 2 if flag == "max_length" else 1
+        if value is not None and value < least:
+            raise PrefalignError(f"must be at least {least}, got {value}", where=f"--{flag}")

@@ -1,0 +1,72 @@
+"""Configs of the offline preference stages: DPO (and its variants) and the Bradley-Terry reward model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefalign.config.common import DataArgs, ModelArgs, TrainArgs
+
+
+@dataclass
+class DPOArgs:
+    beta: float = 0.1
+    """Strength of the KL constraint to the reference (temperature of the implicit reward)."""
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    """One or more preference losses: sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot,
+    aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, simpo, orpo, cpo."""
+    loss_weights: list[float] | None = None
+    """Weights of the losses in --loss_type (default: 1 each), as in MPO."""
+    label_smoothing: float = 0.0
+    """Probability that a label is flipped (conservative DPO, robust DPO)."""
+    simpo_gamma: float = 0.5
+    """Target reward margin of SimPO."""
+    cpo_alpha: float = 1.0
+    """Weight of the NLL term of CPO."""
+    discopop_tau: float = 0.05
+    """Temperature of the DiscoPOP log-ratio modulation."""
+    rpo_alpha: float | None = None
+    """Add rpo_alpha x NLL of the chosen answer (RPO)."""
+    length_normalize: bool = False
+    """Use the mean instead of the sum of completion-token log-probs (MiniMind's DPO)."""
+    f_divergence_type: str = "reverse_kl"
+    """Divergence of f-DPO: reverse_kl, forward_kl, js_divergence or alpha_divergence."""
+    f_alpha_divergence_coef: float = 1.0
+    """Alpha of the alpha divergence."""
+    use_weighting: bool = False
+    """Weight pairs by their policy probability (WPO)."""
+    ld_alpha: float | None = None
+    """LD-DPO: tokens past the shorter completion's length count with this weight."""
+    disable_dropout: bool = True
+    """Turn dropout off in the policy (and reference), as TRL does, so that before the first update policy and
+    reference agree exactly and the implicit rewards are not noise."""
+    precompute_ref_log_probs: bool = False
+    """Compute reference log-probs in one pass before training and cache them on disk."""
+    padding_free: bool = True
+    """Pack pairs without padding into micro-batches (falls back to padding where unsupported)."""
+    share_prompt: bool = True
+    """Run each pair's prompt once for both completions (falls back where unsupported)."""
+    max_tokens_per_batch: int | None = None
+    """Pack micro-batches by this token budget instead of --per_device_train_batch_size pairs (a pair is never split).
+    Default: none, so a micro-batch holds the same pairs as the padded path and the update is the same."""
+
+
+@dataclass
+class DPOConfig(DPOArgs, TrainArgs, DataArgs, ModelArgs):
+    """Configuration of `prefalign dpo`."""
+
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW (TRL's DPO default)."""
+
+
+@dataclass
+class RMArgs:
+    center_rewards_coefficient: float | None = None
+    """Add this x (r_chosen + r_rejected)^2 to the loss, so that rewards stay centred on 0."""
+
+
+@dataclass
+class RMConfig(RMArgs, TrainArgs, DataArgs, ModelArgs):
+    """Configuration of `prefalign rm`."""
+
+    learning_rate: float = 1e-4
+    """Peak learning rate of AdamW (TRL's RewardConfig default)."""

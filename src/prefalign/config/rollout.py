@@ -1,0 +1,139 @@
+"""Configs of the on-policy stages: sampling, rewards, and GRPO / RLOO / PPO on top of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefalign.config.common import DataArgs, ModelArgs, TrainArgs
+
+
+@dataclass
+class GenerationArgs:
+    num_generations: int = 8
+    """Completions sampled per prompt: the group whose rewards are compared."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int | None = None
+    """Keep only the k most likely tokens when sampling (default: no limit)."""
+    mask_truncated_completions: bool = False
+    """Completions that hit --max_completion_length without EOS add no loss (DAPO)."""
+    use_vllm: bool = False
+    """Generate with vLLM (GPU only; needs the vllm package)."""
+    disable_dropout: bool = True
+    """Switch dropout off in the policy, so that rollouts and updates see the same function."""
+
+
+@dataclass
+class RewardArgs:
+    reward_funcs: list[str] = field(default_factory=list)
+    """Reward functions: exact_match, exact_match:number, regex:PATTERN, length:N, module:function or
+    file.py:function (called as fn(prompts=..., completions=..., **dataset_columns) -> list[float | None])."""
+    reward_weights: list[float] | None = None
+    """Weight of each reward (functions first, then the reward model); default 1 each."""
+    reward_model_name_or_path: str | None = None
+    """A sequence-classification reward model (e.g. from `prefalign rm`) scoring prompt + completion."""
+
+
+@dataclass
+class GRPOArgs:
+    beta: float = 0.0
+    """Weight of the per-token k3 KL to the reference in the loss; 0 loads no reference."""
+    loss_type: str = "dapo"
+    """How per-token losses are averaged: grpo (per completion, then over completions), bnpo, dr_grpo
+    (divide by max_completion_length) or dapo (over every token of the step)."""
+    scale_rewards: str = "group"
+    """Divide advantages by the std of the group, of the whole batch, or none (Dr. GRPO)."""
+    epsilon: float = 0.2
+    """Lower clipping bound of the importance ratio: 1 - epsilon."""
+    epsilon_high: float | None = None
+    """Upper clipping bound 1 + epsilon_high (DAPO's clip-higher; default: epsilon)."""
+    delta: float | None = None
+    """Also cap the ratio at delta in the unclipped term (two-sided clipping); must be > 1 + epsilon_high."""
+    importance_sampling_level: str = "token"
+    """Importance ratio per token, or per sequence from the mean token log-ratio (GSPO)."""
+    num_iterations: int = 1
+    """Optimizer steps on each rollout (μ of the GRPO paper); > 1 computes old-policy log-probs."""
+    top_entropy_quantile: float = 1.0
+    """Train only on the completion tokens in this top fraction of entropy (0.2 = the "80/20" paper)."""
+
+
+@dataclass
+class OnPolicyArgs(RewardArgs, GenerationArgs, TrainArgs, DataArgs, ModelArgs):
+    """What every on-policy command shares: prompts, sampling, rewards and the training loop."""
+
+    per_device_eval_batch_size: int = 8
+    """Prompts per evaluation batch (one sampled completion each)."""
+    max_prompt_length: int | None = 512
+    """Longest prompt in tokens; longer prompts are cut per --truncation_mode."""
+
+
+@dataclass
+class GRPOConfig(GRPOArgs, OnPolicyArgs):
+    """Configuration of `prefalign grpo`."""
+
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW (TRL's GRPO default)."""
+    per_device_train_batch_size: int = 8
+    """Completions (prompts x generations) per micro-batch on each device."""
+    max_completion_length: int | None = 256
+    """Most tokens sampled per completion."""
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """Configuration of `prefalign rloo`."""
+
+    num_generations: int = 2
+    """Completions sampled per prompt (the leave-one-out group; TRL's RLOO default)."""
+    beta: float = 0.05
+    """Weight of the KL penalty subtracted from each completion's reward; 0 loads no reference."""
+    normalize_advantages: bool = False
+    """Standardise the leave-one-out advantages over the batch."""
+
+
+@dataclass
+class PPOArgs:
+    value_model_name_or_path: str | None = None
+    """Value model, a sequence-classification checkpoint (default: initialised from the reward model)."""
+    shared_value_head: bool = False
+    """Use a linear value head on the policy's backbone instead of a separate value model."""
+    kl_coef: float = 0.05
+    """Weight of the per-token KL penalty in the reward."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1 (log-ratio) or k3 (always non-negative)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of completions that reach --max_completion_length without EOS."""
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """Lambda of GAE (bias/variance trade-off of the advantage estimate)."""
+    whiten_rewards: bool = False
+    """Scale the per-token rewards to unit variance over the rollout before GAE."""
+    cliprange: float = 0.2
+    """Clipping range of the policy ratio."""
+    cliprange_value: float = 0.2
+    """Clipping range of the value update around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    num_ppo_epochs: int = 4
+    """Passes over each rollout."""
+    num_mini_batches: int = 1
+    """Mini-batches (optimizer steps) per pass over a rollout."""
+
+
+@dataclass
+class PPOConfig(PPOArgs, OnPolicyArgs):
+    """Configuration of `prefalign ppo`."""
+
+    learning_rate: float = 3e-6
+    """Peak learning rate of AdamW (TRL's PPO default)."""
+    per_device_train_batch_size: int = 8
+    """Prompts (one completion each) per micro-batch on each device."""
+    num_generations: int = 1
+    """Completions per prompt (PPO samples one)."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs are computed at the same temperature (TRL's PPO default)."""
+    max_completion_length: int | None = 53
+    """Most tokens sampled per completion (TRL's response_length)."""

@@ -1,0 +1,101 @@
+"""Raw text corpora: documents for pretraining and tokenizer training, and pretraining's blocks.
+
+Documents (non-empty lines of .txt files, or a `text` column) are encoded without special tokens, each followed
+by EOS, laid end to end and cut into blocks of --max_length tokens; a document longer than a block continues in
+the next one (see `pack_documents`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from prefalign.data.load import load_rows
+from prefalign.data.tokenize import encode_texts
+from prefalign.data.types import Segments, TokenizedSample
+from prefalign.errors import PrefalignError
+
+
+def _txt_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*.txt") if not any(part.startswith(".") for part in p.parts))
+
+
+def load_texts(name: str, config: str | None = None, split: str = "train", text_field: str = "text",
+               conversations: bool = False) -> list[tuple[str, str]]:
+    """(text, source) documents: non-empty lines of .txt files, or the `text_field` column of any format
+    `load_rows` reads. With `conversations`, rows without that column contribute the contents of their
+    messages / prompt / completion / chosen / rejected columns (for training a tokenizer)."""
+    path = Path(name).expanduser()
+    txt = _txt_files(path) if path.suffix == ".txt" or path.is_dir() else []  # a directory without any: []
+    if path.suffix == ".txt" and not path.is_file():
+        raise PrefalignError("no such file", name)
+    if txt:
+        docs = []
+        for f in txt:
+            lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
+            docs += [(line, f"{f}:{i}") for i, line in enumerate(lines, start=1) if line.strip()]
+        if not docs:
+            raise PrefalignError("no non-empty lines", name)
+        return docs
+    out: list[tuple[str, str]] = []
+    for row, source in load_rows(name, config, split):
+        value = row.get(text_field)
+        if isinstance(value, str):
+            if value.strip():
+                out.append((value, source))
+            continue
+        pieces = list(_row_strings(row)) if conversations else []
+        if not pieces:
+            present = ", ".join(sorted(row)) or "none"
+            raise PrefalignError(f"no '{text_field}' column with a string (columns present: {present})", source)
+        out += [(p, source) for p in pieces]
+    return out
+
+
+def _row_strings(row: dict[str, Any]) -> Iterable[str]:
+    for column in ("messages", "prompt", "completion", "chosen", "rejected"):
+        value = row.get(column)
+        if isinstance(value, str) and value:
+            yield value
+        elif isinstance(value, list):
+            yield from (m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str))
+
+
+def pack_documents(docs: list[list[int]], block_size: int, per_document: bool) -> list[Segments]:
+    """Blocks of `block_size` tokens from the documents laid end to end (the last block may be shorter).
+
+    per_document: a block is a list of segments, one per document piece, each starting untargeted;
+    otherwise one segment per block whose first token is the only untargeted one.
+    """
+    blocks: list[Segments] = []
+    current: Segments = []
+    used = 0
+    for doc in docs:
+        start = 0
+        while start < len(doc):
+            take = min(len(doc) - start, block_size - used)
+            piece = doc[start:start + take]
+            current.append(TokenizedSample(piece, [False] + [True] * (len(piece) - 1)))
+            used += take
+            start += take
+            if used == block_size:
+                blocks.append(current)
+                current, used = [], 0
+    if current:
+        blocks.append(current)
+    if not per_document:
+        blocks = [[TokenizedSample(ids, [False] + [True] * (len(ids) - 1))]
+                  for ids in ([t for seg in block for t in seg.input_ids] for block in blocks)]
+    # a block without targets (say, a trailing single token) would give a step of weight 0: leave it out
+    return [b for b in blocks if any(seg.num_loss_tokens for seg in b)]
+
+
+def encode_documents(texts: list[str], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each document with EOS appended (no other special tokens)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise PrefalignError("the tokenizer has no EOS token to separate documents", "--tokenizer_name_or_path")
+    return [ids + [eos] for ids in encode_texts(tokenizer, texts)]

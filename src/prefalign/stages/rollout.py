@@ -1,0 +1,225 @@
+"""The one on-policy stage GRPO, RLOO and PPO share, and the algorithm objects composed into it.
+
+A rollout is a batch of prompts, each sampled `num_generations` times (`rollout.sampling`), scored by the reward
+functions and/or reward model, and handed to an `Algorithm`, which adds what it needs (old-policy and reference
+log-probs, advantages, values) and later computes the loss of each micro-batch. The stage owns what every
+algorithm shares: which prompts each rollout samples (a (seed, epoch, rollout)-seeded plan, `rollout.schedule`),
+the loop hook where a rollout is sampled (`begin_step`, called by the loop before it weighs an optimizer step's
+micro-batches), the micro-batches' weights and the metrics tail.
+
+An algorithm is an object, not a subclass: GRPO (`stages.grpo`), RLOO (`stages.rloo`) and PPO (`stages.ppo`)
+each say how a rollout's rows split into micro-batches over its optimizer steps, what to compute from a scored
+rollout, and the loss.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from prefalign.config.checks import check_train_args, require
+from prefalign.config.rollout import OnPolicyArgs
+from prefalign.errors import PrefalignError
+from prefalign.model.load import save_model
+from prefalign.model.reference import Reference, build_reference
+from prefalign.model.weights import load_weights_into
+from prefalign.rollout.generate import mask_truncated_completions
+from prefalign.rollout.rewards import load_reward_functions
+from prefalign.rollout.sampling import (
+    RolloutSampler,
+    Sampled,
+    completion_metrics,
+    load_samplers,
+    score,
+    take_rows,
+)
+from prefalign.rollout.schedule import RolloutPlan, RolloutRows, rollout_seed
+from prefalign.train.loop import LoopResult, sequential_groups
+from prefalign.train.metrics import MetricSums, to_host
+from prefalign.train.setup import Session, open_session, train_and_save, trainable_policy
+
+
+class Algorithm(Protocol):
+    """What an on-policy algorithm adds to the shared rollout stage."""
+
+    model: nn.Module  # what the loop optimises (the policy, or PPO's policy + value)
+    policy: nn.Module  # what samples, and what is saved as the final model
+    num_generations: int  # completions per prompt
+    per_token: bool  # micro-batches weigh their real loss tokens (False: their completions)
+    progress_keys: dict[str, str]
+    eval_reward_name: str  # the metric name of the held-out reward
+
+    def rollout_rows(self, step_rows: int) -> int: ...  # completions per rollout, given one optimizer step's
+
+    def micro_batches(self, epoch: int, r: int, rows: int) -> list[tuple[int, ...]]:
+        """Row tuples of rollout r's micro-batches in loop order, over all of its optimizer steps."""
+        ...
+
+    def prepare(self, batch: dict[str, Tensor], rewards: Tensor, sampled: Sampled,
+                loss_mask: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Tensors to keep with the rollout (advantages, old / reference log-probs, ...) and rollout metrics."""
+        ...
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The micro-batch's loss, a mean over its loss tokens (per_token) or completions, and token metrics."""
+        ...
+
+    def save_extra(self, directory: Path) -> None: ...  # what a checkpoint holds besides the policy
+
+    def load_extra(self, directory: Path) -> None: ...
+
+
+class RolloutStage:
+    """The loop stage of every on-policy algorithm (see train.loop.Stage): training micro-batches are rows of
+    rollouts, sampled at `begin_step`; evaluation batches are held-out prompts, one sampled completion each."""
+
+    example_unit = "completions"
+
+    def __init__(self, cfg: OnPolicyArgs, algorithm: Algorithm, train: RolloutSampler,
+                 eval_: RolloutSampler | None, reward_fns: list, num_processes: int = 1) -> None:
+        self.cfg, self.algorithm, self.reward_fns = cfg, algorithm, reward_fns
+        self.samplers = {"train": train, "eval": eval_}
+        step_rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
+        self.rows = algorithm.rollout_rows(step_rows)
+        self.plan = RolloutPlan(len(train.examples), self.rows // algorithm.num_generations, cfg.seed)
+        self.progress_keys = algorithm.progress_keys
+        self._current: tuple[tuple[int, int], dict[str, Any]] | None = None
+
+    # ---------------------------------------------------------------- the loop's hooks
+    def train_groups(self, epoch: int) -> list[RolloutRows]:
+        return [RolloutRows(epoch, r, rows) for r in range(len(self.plan(epoch)))
+                for rows in self.algorithm.micro_batches(epoch, r, self.rows)]
+
+    def eval_groups(self) -> list[list[int]]:
+        eval_ = self.samplers["eval"]
+        return sequential_groups(len(eval_.examples) if eval_ else 0, self.cfg.per_device_eval_batch_size)
+
+    def begin_step(self, groups: Sequence[RolloutRows]) -> None:
+        """Sample and score the rollout this optimizer step's micro-batches come from, unless it is the current one
+        (a rollout spans several optimizer steps)."""
+        key = (groups[0].epoch, groups[0].rollout)
+        if self._current is None or self._current[0] != key:
+            self._current = (key, self._sample(*key))
+
+    def batch_weight(self, group: Any, split: str) -> float:
+        if split != "train" or not self.algorithm.per_token:
+            return float(len(group))
+        rollout = self._current[1]
+        if rollout["total_tokens"] == 0:  # every completion masked: the loss is 0, any positive weight will do
+            return 1.0
+        return float(rollout["loss_mask"][list(group.rows)].sum())
+
+    def make_batch(self, group: Any, split: str) -> dict[str, Any]:
+        if split != "train":
+            return {"indices": list(group)}
+        rollout = self._current[1]
+        batch = take_rows(rollout["tensors"], group.rows)
+        batch["num_tokens"] = int(batch["attention_mask"].sum())
+        batch["rollout_metrics"] = rollout["metrics"]
+        return batch
+
+    def step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, MetricSums]:
+        loss, token_metrics = self.algorithm.loss(model, batch)
+        mask = batch["loss_mask"]  # (b, Tc)
+        tokens_t = mask.sum().to(loss.dtype)
+        rows = float(mask.size(0))
+        # undo the micro-batch normalisation: the loop divides by the step's weight
+        loss_sum = loss * (tokens_t if self.algorithm.per_token else rows)
+        host = to_host({"tokens": tokens_t, "loss": loss_sum, **token_metrics})
+        tokens = host.pop("tokens")
+        metrics: MetricSums = {"loss": (host.pop("loss"), tokens if self.algorithm.per_token else rows)}
+        metrics.update({k: (v * tokens, tokens) for k, v in host.items()})
+        metrics.update({k: (v, 1.0) for k, v in batch["rollout_metrics"].items()})
+        return loss_sum, metrics
+
+    def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> MetricSums:
+        return eval_rewards(self.samplers["eval"], self.algorithm.policy, batch["indices"], self.reward_fns,
+                            self.cfg, self.algorithm.eval_reward_name)
+
+    # ---------------------------------------------------------------- one rollout
+    def _sample(self, epoch: int, r: int) -> dict[str, Any]:
+        """Rollout r of the epoch, sampled by the policy, scored, and prepared by the algorithm."""
+        cfg = self.cfg
+        s = self.samplers["train"].sample(self.algorithm.policy, self.plan(epoch)[r],  # type: ignore[union-attr]
+                                          self.algorithm.num_generations, rollout_seed(cfg.seed, epoch, r))
+        batch = {k: v.to(s.token_mask.device) if isinstance(v, Tensor) else v for k, v in s.batch.items()}
+        rewards, metrics = score(self.reward_fns, cfg.reward_weights, s)
+        loss_mask = s.token_mask
+        if cfg.mask_truncated_completions:
+            loss_mask = mask_truncated_completions(loss_mask, s.is_truncated)
+        kept, algorithm_metrics = self.algorithm.prepare(batch, rewards.to(s.token_mask.device), s, loss_mask)
+        metrics.update(algorithm_metrics)
+        metrics.update(completion_metrics(s.token_mask, s.is_truncated))
+        loss_mask_host = loss_mask.cpu()
+        return {"tensors": {**batch, "loss_mask": loss_mask, **kept}, "loss_mask": loss_mask_host,
+                "total_tokens": int(loss_mask_host.sum()), "metrics": metrics}
+
+
+def eval_rewards(sampler: RolloutSampler, model: nn.Module, indices: list[int], reward_fns: list, cfg: Any,
+                 reward_name: str = "reward") -> MetricSums:
+    """One sampled completion per held-out prompt, scored by the training rewards."""
+    s = sampler.sample(model, indices, 1, rollout_seed(cfg.seed, -1, indices[0]))
+    rewards, per_fn = score(reward_fns, cfg.reward_weights, s)
+    n = float(len(indices))
+    out: MetricSums = {reward_name: (float(torch.nansum(rewards)), float((~torch.isnan(rewards)).sum()))}
+    out.update({k: (v * n, n) for k, v in per_fn.items() if k.endswith("/mean")})
+    out["completions/mean_length"] = (float(s.token_mask.sum()), n)
+    return out
+
+
+# ---------------------------------------------------------------- checks and the driver every algorithm uses
+
+
+def check_rl_config(cfg: OnPolicyArgs, needs_rewards: bool = True) -> None:
+    """What every on-policy command can check before loading anything."""
+    require(cfg, "model_name_or_path", "dataset_name")
+    if not cfg.max_completion_length or cfg.max_completion_length < 1:
+        raise PrefalignError("must be a positive number of tokens", "--max_completion_length")
+    if cfg.temperature <= 0:
+        raise PrefalignError(f"must be > 0 for sampling, got {cfg.temperature}", "--temperature")
+    if not 0 < cfg.top_p <= 1:
+        raise PrefalignError(f"must be in (0, 1], got {cfg.top_p}", "--top_p")
+    if cfg.use_vllm:
+        check_vllm()
+    if needs_rewards and not cfg.reward_funcs and not cfg.reward_model_name_or_path:
+        raise PrefalignError("give --reward_funcs and/or --reward_model_name_or_path", "--reward_funcs")
+    check_train_args(cfg)
+
+
+def check_vllm() -> None:
+    if not torch.cuda.is_available():
+        raise PrefalignError("vLLM generation needs a CUDA GPU and none is available; drop --use_vllm", "--use_vllm")
+    if importlib.util.find_spec("vllm") is None:
+        raise PrefalignError("vLLM is not installed (pip install vllm); or drop --use_vllm", "--use_vllm")
+    raise PrefalignError("the vLLM backend is not part of this version yet; drop --use_vllm", "--use_vllm")
+
+
+AlgorithmFactory = Callable[[nn.Module, Reference | None, Session], Algorithm]
+
+
+def train_online(cfg: OnPolicyArgs, make_algorithm: AlgorithmFactory, run_name: str,
+                 needs_reference: bool) -> LoopResult:
+    """An on-policy run end to end, after its checks: prompts → policy and reference → the algorithm → rollouts on
+    the loop → final policy in cfg.output_dir."""
+    session = open_session(cfg)
+    train, eval_ = load_samplers(cfg, session.tokenizer, session.print)
+    reward_fns = load_reward_functions(cfg, session.device)
+    policy = trainable_policy(cfg, session, no_dropout=cfg.disable_dropout)
+    reference = build_reference(policy, cfg, needs_reference)
+    algorithm = make_algorithm(policy, reference, session)
+    stage = RolloutStage(cfg, algorithm, train, eval_, reward_fns, session.accelerator.num_processes)
+
+    def save(directory: Path) -> None:
+        save_model(policy, session.tokenizer, directory, False)
+        algorithm.save_extra(directory)
+
+    def load(directory: Path) -> None:
+        load_weights_into(policy, directory)
+        algorithm.load_extra(directory)
+
+    return train_and_save(stage, algorithm.model, cfg, session, run_name, final_model=policy, save=save, load=load)
