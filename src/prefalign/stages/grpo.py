@@ -20,7 +20,6 @@ Log-probs are those of the temperature-scaled logits (TRL's choice), so the poli
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -31,7 +30,7 @@ from prefalign.losses.grpo import GRPO_NORMALIZERS, SCALE_REWARDS, group_advanta
 from prefalign.model.logprobs import completion_logps
 from prefalign.model.reference import Reference
 from prefalign.rollout.sampling import Sampled, rollout_logps
-from prefalign.stages.rollout import check_rl_config, train_online
+from prefalign.stages.rollout import RepeatedPasses, check_rl_config, train_online
 from prefalign.train.loop import LoopResult
 from prefalign.train.setup import Session
 
@@ -69,12 +68,7 @@ class GRPO:
         self.cfg, self.policy, self.model, self.reference = cfg, policy, policy, reference
         self.num_generations = cfg.num_generations
         self.per_token = cfg.loss_type in ("dapo", "bnpo")
-
-    def rollout_rows(self, step_rows: int) -> int:
-        return step_rows
-
-    def micro_batches(self, epoch: int, r: int, rows: int) -> list[tuple[int, ...]]:
-        return repeated_passes(rows, self.cfg.per_device_train_batch_size, self.cfg.num_iterations)
+        self.batching = RepeatedPasses(cfg.per_device_train_batch_size, cfg.num_iterations)
 
     def prepare(self, batch: dict[str, Tensor], rewards: Tensor, sampled: Sampled,
                 loss_mask: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
@@ -91,18 +85,6 @@ class GRPO:
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         return clipped_surrogate(self.cfg, model, batch, beta=self.cfg.beta)
-
-    def save_extra(self, directory: Path) -> None:
-        pass  # the policy is the whole state
-
-    def load_extra(self, directory: Path) -> None:
-        pass
-
-
-def repeated_passes(rows: int, batch_size: int, passes: int) -> list[tuple[int, ...]]:
-    """Micro-batches of `batch_size` consecutive rows, the whole rollout `passes` times (num_iterations)."""
-    one_pass = [tuple(range(k, k + batch_size)) for k in range(0, rows, batch_size)]
-    return one_pass * passes
 
 
 def clipped_surrogate(cfg: GRPOConfig, model: nn.Module, batch: dict[str, Any],

@@ -37,8 +37,7 @@ from prefalign.model.logprobs import completion_logps, left_align
 from prefalign.model.reference import Reference, inference
 from prefalign.model.weights import full_state_dict, is_main_process, load_weights_into
 from prefalign.rollout.sampling import Sampled, rollout_logps, take_rows
-from prefalign.rollout.schedule import rollout_seed
-from prefalign.stages.rollout import check_rl_config, train_online
+from prefalign.stages.rollout import ShuffledMiniBatches, check_rl_config, train_online
 from prefalign.train.loop import LoopResult
 from prefalign.train.setup import Session, disable_dropout
 
@@ -135,18 +134,8 @@ class PPO:
     def __init__(self, cfg: PPOConfig, wrapper: PolicyAndValue, reference: Reference) -> None:
         self.cfg, self.wrapper, self.reference = cfg, wrapper, reference
         self.model, self.policy = wrapper, wrapper.policy
-
-    def rollout_rows(self, step_rows: int) -> int:
-        return step_rows * self.cfg.num_mini_batches  # one optimizer step per mini-batch
-
-    def micro_batches(self, epoch: int, r: int, rows: int) -> list[tuple[int, ...]]:
-        cfg, b = self.cfg, self.cfg.per_device_train_batch_size
-        out = []
-        for ppo_epoch in range(cfg.num_ppo_epochs):  # each pass reshuffles the rollout into mini-batches
-            generator = torch.Generator().manual_seed(rollout_seed(cfg.seed, epoch, r) + ppo_epoch)
-            order = torch.randperm(rows, generator=generator).tolist()
-            out += [tuple(order[k : k + b]) for k in range(0, len(order), b)]
-        return out
+        self.batching = ShuffledMiniBatches(cfg.per_device_train_batch_size, cfg.num_mini_batches, cfg.num_ppo_epochs,
+                                            cfg.seed)
 
     def prepare(self, batch: dict[str, Tensor], scores: Tensor, sampled: Sampled,
                 loss_mask: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:

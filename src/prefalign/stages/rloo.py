@@ -11,7 +11,6 @@ Two differences from GRPO, both in the advantages:
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -21,8 +20,8 @@ from prefalign.losses.grpo import kl_penalized_rewards, rloo_advantages
 from prefalign.losses.stats import nanstd
 from prefalign.model.reference import Reference
 from prefalign.rollout.sampling import Sampled, rollout_logps
-from prefalign.stages.grpo import check_grpo_config, clipped_surrogate, repeated_passes
-from prefalign.stages.rollout import train_online
+from prefalign.stages.grpo import check_grpo_config, clipped_surrogate
+from prefalign.stages.rollout import RepeatedPasses, train_online
 from prefalign.train.loop import LoopResult
 from prefalign.train.setup import Session
 
@@ -37,12 +36,7 @@ class RLOO:
         self.cfg, self.policy, self.model, self.reference = cfg, policy, policy, reference
         self.num_generations = cfg.num_generations
         self.per_token = cfg.loss_type in ("dapo", "bnpo")
-
-    def rollout_rows(self, step_rows: int) -> int:
-        return step_rows
-
-    def micro_batches(self, epoch: int, r: int, rows: int) -> list[tuple[int, ...]]:
-        return repeated_passes(rows, self.cfg.per_device_train_batch_size, self.cfg.num_iterations)
+        self.batching = RepeatedPasses(cfg.per_device_train_batch_size, cfg.num_iterations)
 
     def prepare(self, batch: dict[str, Tensor], rewards: Tensor, sampled: Sampled,
                 loss_mask: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
@@ -60,12 +54,6 @@ class RLOO:
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         return clipped_surrogate(self.cfg, model, batch, beta=0.0)  # the KL is in the reward
-
-    def save_extra(self, directory: Path) -> None:
-        pass  # the policy is the whole state
-
-    def load_extra(self, directory: Path) -> None:
-        pass
 
 
 def rloo_advantage_fn(cfg: RLOOConfig) -> Callable[..., tuple[Tensor, dict[str, float]]]:

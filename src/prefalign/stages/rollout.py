@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,21 +45,64 @@ from prefalign.train.metrics import MetricSums, to_host
 from prefalign.train.setup import Session, open_session, train_and_save, trainable_policy
 
 
-class Algorithm(Protocol):
-    """What an on-policy algorithm adds to the shared rollout stage."""
-
-    model: nn.Module  # what the loop optimises (the policy, or PPO's policy + value)
-    policy: nn.Module  # what samples, and what is saved as the final model
-    num_generations: int  # completions per prompt
-    per_token: bool  # micro-batches weigh their real loss tokens (False: their completions)
-    progress_keys: dict[str, str]
-    eval_reward_name: str  # the metric name of the held-out reward
+class Batching(Protocol):
+    """How a rollout's rows are split into micro-batches over its optimizer steps."""
 
     def rollout_rows(self, step_rows: int) -> int: ...  # completions per rollout, given one optimizer step's
 
     def micro_batches(self, epoch: int, r: int, rows: int) -> list[tuple[int, ...]]:
         """Row tuples of rollout r's micro-batches in loop order, over all of its optimizer steps."""
         ...
+
+
+@dataclass(frozen=True)
+class RepeatedPasses:
+    """One optimizer step per pass over the rollout, `passes` passes (GRPO's num_iterations), rows in order."""
+
+    batch_size: int
+    passes: int = 1
+
+    def rollout_rows(self, step_rows: int) -> int:
+        return step_rows
+
+    def micro_batches(self, epoch: int, r: int, rows: int) -> list[tuple[int, ...]]:
+        one_pass = [tuple(range(k, k + self.batch_size)) for k in range(0, rows, self.batch_size)]
+        return one_pass * self.passes
+
+
+@dataclass(frozen=True)
+class ShuffledMiniBatches:
+    """PPO's schedule: `epochs` passes over the rollout, each a fresh (seed, epoch, rollout, pass) shuffle split
+    into `mini_batches` optimizer steps."""
+
+    batch_size: int
+    mini_batches: int
+    epochs: int
+    seed: int
+
+    def rollout_rows(self, step_rows: int) -> int:
+        return step_rows * self.mini_batches  # one optimizer step per mini-batch
+
+    def micro_batches(self, epoch: int, r: int, rows: int) -> list[tuple[int, ...]]:
+        out = []
+        for ppo_epoch in range(self.epochs):
+            generator = torch.Generator().manual_seed(rollout_seed(self.seed, epoch, r) + ppo_epoch)
+            order = torch.randperm(rows, generator=generator).tolist()
+            out += [tuple(order[k : k + self.batch_size]) for k in range(0, len(order), self.batch_size)]
+        return out
+
+
+class Algorithm(Protocol):
+    """What an on-policy algorithm adds to the shared rollout stage. Optionally also `save_extra(directory)` /
+    `load_extra(directory)`: what a checkpoint holds besides the policy (PPO's value model)."""
+
+    model: nn.Module  # what the loop optimises (the policy, or PPO's policy + value)
+    policy: nn.Module  # what samples, and what is saved as the final model
+    num_generations: int  # completions per prompt
+    per_token: bool  # micro-batches weigh their real loss tokens (False: their completions)
+    batching: Batching
+    progress_keys: dict[str, str]
+    eval_reward_name: str  # the metric name of the held-out reward
 
     def prepare(self, batch: dict[str, Tensor], rewards: Tensor, sampled: Sampled,
                 loss_mask: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
@@ -68,10 +112,6 @@ class Algorithm(Protocol):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """The micro-batch's loss, a mean over its loss tokens (per_token) or completions, and token metrics."""
         ...
-
-    def save_extra(self, directory: Path) -> None: ...  # what a checkpoint holds besides the policy
-
-    def load_extra(self, directory: Path) -> None: ...
 
 
 class RolloutStage:
@@ -85,7 +125,7 @@ class RolloutStage:
         self.cfg, self.algorithm, self.reward_fns = cfg, algorithm, reward_fns
         self.samplers = {"train": train, "eval": eval_}
         step_rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
-        self.rows = algorithm.rollout_rows(step_rows)
+        self.rows = algorithm.batching.rollout_rows(step_rows)
         self.plan = RolloutPlan(len(train.examples), self.rows // algorithm.num_generations, cfg.seed)
         self.progress_keys = algorithm.progress_keys
         self._current: tuple[tuple[int, int], dict[str, Any]] | None = None
@@ -93,7 +133,7 @@ class RolloutStage:
     # ---------------------------------------------------------------- the loop's hooks
     def train_groups(self, epoch: int) -> list[RolloutRows]:
         return [RolloutRows(epoch, r, rows) for r in range(len(self.plan(epoch)))
-                for rows in self.algorithm.micro_batches(epoch, r, self.rows)]
+                for rows in self.algorithm.batching.micro_batches(epoch, r, self.rows)]
 
     def eval_groups(self) -> list[list[int]]:
         eval_ = self.samplers["eval"]
@@ -214,12 +254,16 @@ def train_online(cfg: OnPolicyArgs, make_algorithm: AlgorithmFactory, run_name: 
     algorithm = make_algorithm(policy, reference, session)
     stage = RolloutStage(cfg, algorithm, train, eval_, reward_fns, session.accelerator.num_processes)
 
+    save_extra, load_extra = getattr(algorithm, "save_extra", None), getattr(algorithm, "load_extra", None)
+
     def save(directory: Path) -> None:
         save_model(policy, session.tokenizer, directory, False)
-        algorithm.save_extra(directory)
+        if save_extra is not None:
+            save_extra(directory)
 
     def load(directory: Path) -> None:
         load_weights_into(policy, directory)
-        algorithm.load_extra(directory)
+        if load_extra is not None:
+            load_extra(directory)
 
     return train_and_save(stage, algorithm.model, cfg, session, run_name, final_model=policy, save=save, load=load)
