@@ -1,7 +1,7 @@
 """Checkpoints are complete or absent.
 
 A checkpoint is written into a hidden temporary directory beside its final place and renamed into
-`checkpoint-STEP` only when every file is on disk, so a crash at any moment leaves either the previous set of
+`checkpoint-STEP` only when every file is on disk (`train.files`), so a crash at any moment leaves either the previous set of
 checkpoints or the new one, never a half-written directory that `latest` could pick. `trainer_state.json` is
 written last inside the temporary directory and is what marks a directory as a checkpoint.
 """
@@ -9,7 +9,6 @@ written last inside the temporary directory and is what marks a directory as a c
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -23,6 +22,7 @@ import torch
 
 from prefalign.errors import PrefalignError
 from prefalign.train.distributed import load_optimizer_state
+from prefalign.train.files import publish_dir, staging_dir
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -90,11 +90,7 @@ def save_checkpoint(
     Every process calls this (`save_model` may gather sharded weights, a collective); only `main` writes."""
     root = Path(output_dir)
     final = root / f"checkpoint-{state.global_step}"
-    tmp = root / f".tmp-checkpoint-{state.global_step}-{os.getpid()}"
-    if main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = staging_dir(root, f"checkpoint-{state.global_step}", main)
     save_model(tmp)
     if not main:
         return final
@@ -103,13 +99,7 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / "rng_state.pt")
     payload = {**asdict(state), **(extra or {})}
     (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2))
-    if final.exists():  # same step saved again (e.g. Ctrl-C right after a save): replace it atomically
-        old = root / f".old-checkpoint-{state.global_step}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    publish_dir(tmp, final)  # the same step saved again (Ctrl-C right after a save) is replaced whole
     if save_total_limit:
         for stale in list_checkpoints(root)[:-save_total_limit]:
             shutil.rmtree(stale, ignore_errors=True)

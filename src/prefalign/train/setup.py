@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from prefalign.errors import PrefalignError
 from prefalign.model.load import load_policy, load_tokenizer, save_model
 from prefalign.model.weights import is_main_process, load_weights_into
 from prefalign.train.distributed import check_launch, shard_plan
+from prefalign.train.files import publish_into, staging_dir
 from prefalign.train.loop import LoopResult, Stage, train_loop
 
 # What a finished run leaves in its output_dir (checkpoints live in sub-directories and do not count); the
@@ -137,20 +136,10 @@ def save_final(output_dir: str | Path, write: Callable[[Path], None]) -> None:
     """Write the final model into a temporary directory, then move its files into output_dir. Every process calls
     this (`write` may gather sharded weights); the main process writes."""
     out = Path(output_dir)
-    tmp = out / f".tmp-final-{os.getpid()}"
-    if is_main_process():
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = staging_dir(out, "final", is_main_process())
     write(tmp)
-    if not is_main_process():
-        return
-    for item in tmp.iterdir():
-        target = out / item.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    tmp.rmdir()
+    if is_main_process():
+        publish_into(tmp, out)
 
 
 def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Session, run_name: str, *,
