@@ -6,6 +6,7 @@ Ctrl-C exits with 130 after the loop has saved a resumable checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -35,6 +36,9 @@ def _quiet_libraries() -> None:
     import datasets
     import transformers
 
+    # bitsandbytes (imported by peft when installed) warns at import that an optional faster CPU kernel package is
+    # missing; its own CPU kernels are used instead, so the warning says nothing a user must act on.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # datasets logs a failed JSON parse at ERROR level before raising; our own error names the file and line.
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
     datasets.disable_progress_bars()
