@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from prefalign.config import DataArgs, DPOConfig, EvalConfig, ModelArgs
+from prefalign.config import DataArgs, DPOConfig, EvalConfig, ModelSource
 from prefalign.data.load import load_rows, normalize_rows
 from prefalign.data.templates import resolve_chat_template
 from prefalign.errors import PrefalignError
@@ -103,7 +103,7 @@ def _load(cfg: EvalConfig) -> tuple[Any, Any, Any]:
 
 
 def _dpo_config(cfg: EvalConfig) -> DPOConfig:
-    shared = {k: getattr(cfg, k) for k in {**DataArgs.__dataclass_fields__, **ModelArgs.__dataclass_fields__}}
+    shared = {k: getattr(cfg, k) for k in {**DataArgs.__dataclass_fields__, **ModelSource.__dataclass_fields__}}
     return DPOConfig(**shared, beta=cfg.beta, per_device_eval_batch_size=cfg.per_device_eval_batch_size)
 
 

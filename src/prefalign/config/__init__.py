@@ -6,7 +6,16 @@ what can be validated before anything is loaded.
 """
 
 from prefalign.config.causal_lm import PretrainConfig, SFTConfig
-from prefalign.config.common import DataArgs, ModelArgs, TrainArgs
+from prefalign.config.common import (
+    DataArgs,
+    DatasetArgs,
+    LengthArgs,
+    ModelArgs,
+    ModelSource,
+    PairArgs,
+    PromptArgs,
+    TrainArgs,
+)
 from prefalign.config.fields import field_help
 from prefalign.config.preference import DPOArgs, DPOConfig, RMConfig
 from prefalign.config.rollout import GRPOConfig, PPOConfig, RLOOConfig
@@ -21,6 +30,6 @@ from prefalign.config.tools import (
     TrainTokenizerConfig,
 )
 
-__all__ = ["ChatConfig", "DPOArgs", "DPOConfig", "DataArgs", "DemoConfig", "EvalConfig", "GRPOConfig", "InitModelConfig",
-           "InspectConfig", "ModelArgs", "PPOConfig", "PipelineConfig", "PlotConfig", "PretrainConfig", "RLOOConfig",
+__all__ = ["ChatConfig", "DPOArgs", "DPOConfig", "DataArgs", "DatasetArgs", "DemoConfig", "EvalConfig", "GRPOConfig", "InitModelConfig",
+           "InspectConfig", "LengthArgs", "ModelArgs", "ModelSource", "PairArgs", "PPOConfig", "PipelineConfig", "PlotConfig", "PretrainConfig", "PromptArgs", "RLOOConfig",
            "RMConfig", "SFTConfig", "TrainArgs", "TrainTokenizerConfig", "field_help"]

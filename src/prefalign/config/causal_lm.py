@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefalign.config.common import DataArgs, ModelArgs, TrainArgs
+from prefalign.config.common import DatasetArgs, ModelArgs, PromptArgs, TrainArgs
 
 
 @dataclass
@@ -17,10 +17,12 @@ class SFTArgs:
     """Pack several samples into each sequence of up to --max_length tokens, without attention between them."""
     neftune_noise_alpha: float | None = None
     """NEFTune: add uniform noise of this scale (divided by sqrt(length x hidden size)) to input embeddings in training."""
+    max_length: int | None = 1024
+    """Longest sample in tokens; longer samples lose their end."""
 
 
 @dataclass
-class SFTConfig(SFTArgs, TrainArgs, DataArgs, ModelArgs):
+class SFTConfig(SFTArgs, TrainArgs, PromptArgs, DatasetArgs, ModelArgs):
     """Configuration of `prefalign sft`."""
 
     learning_rate: float = 2e-5
@@ -37,7 +39,7 @@ class PretrainArgs:
 
 
 @dataclass
-class PretrainConfig(PretrainArgs, TrainArgs, DataArgs, ModelArgs):
+class PretrainConfig(PretrainArgs, TrainArgs, DatasetArgs, ModelArgs):
     """Configuration of `prefalign pretrain`."""
 
     learning_rate: float = 5e-4

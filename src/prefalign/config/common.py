@@ -11,15 +11,23 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class ModelArgs:
+class ModelSource:
+    """Which model (and tokenizer) a command reads."""
+
     model_name_or_path: str | None = None
     """Policy to train: a local directory in Hugging Face format or a hub id."""
-    ref_model_name_or_path: str | None = None
-    """Reference model (default: a frozen copy of the initial policy; with --use_peft, the base with the adapter disabled)."""
     tokenizer_name_or_path: str | None = None
     """Tokenizer to use (default: the policy's own)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint to run. Off by default: only enable it for checkpoints you trust."""
+
+
+@dataclass
+class ModelArgs(ModelSource):
+    """The model a training command trains: how it is loaded, adapted, and what its reference is."""
+
+    ref_model_name_or_path: str | None = None
+    """Reference model (default: a frozen copy of the initial policy; with --use_peft, the base with the adapter disabled)."""
     attn_implementation: str | None = None
     """Attention kernel passed to transformers: eager, sdpa, flash_attention_2, ... (default: transformers' choice)."""
     dtype: str = "float32"
@@ -44,7 +52,9 @@ class ModelArgs:
 
 
 @dataclass
-class DataArgs:
+class DatasetArgs:
+    """Where the rows come from."""
+
     dataset_name: str | None = None
     """Training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset id."""
     dataset_config: str | None = None
@@ -59,21 +69,39 @@ class DataArgs:
     """Split of --eval_dataset_name to evaluate on."""
     eval_split_ratio: float = 0.0
     """Hold out this fraction of the training rows for evaluation (when no --eval_dataset_name is given)."""
+    skip_invalid_rows: bool = False
+    """Skip malformed rows (and report how many) instead of stopping at the first one."""
+
+
+@dataclass
+class PromptArgs:
+    """How prompts are read and rendered."""
+
     prompt_column: str = "prompt"
     """Column holding the prompt."""
-    chosen_column: str = "chosen"
-    """Column holding the preferred answer (or the whole preferred conversation)."""
-    rejected_column: str = "rejected"
-    """Column holding the dispreferred answer (or the whole dispreferred conversation)."""
     prompt_template: str | None = None
     """Format string applied to string prompts, e.g. "Question: {prompt}\\n\\nAnswer: "."""
     system_prompt: str | None = None
     """System message added to conversations that have none."""
-    skip_invalid_rows: bool = False
-    """Skip malformed rows (and report how many) instead of stopping at the first one."""
     chat_template: str | None = None
     """Chat template: a built-in name (chatml, llama3, mistral, gemma, phi3, deepseek, plain) or a .jinja file
     (default: the tokenizer's own)."""
+
+
+@dataclass
+class PairArgs:
+    """The two answers of a preference pair."""
+
+    chosen_column: str = "chosen"
+    """Column holding the preferred answer (or the whole preferred conversation)."""
+    rejected_column: str = "rejected"
+    """Column holding the dispreferred answer (or the whole dispreferred conversation)."""
+
+
+@dataclass
+class LengthArgs:
+    """The length limits of prompt + completion sequences (see data.tokenize.Truncation)."""
+
     max_length: int | None = 1024
     """Longest prompt + completion in tokens; longer pairs are truncated."""
     max_prompt_length: int | None = None
@@ -82,6 +110,11 @@ class DataArgs:
     """Longest completion in tokens; longer completions lose their end."""
     truncation_mode: str = "keep_end"
     """How an over-long prompt is cut: keep_end keeps its end (drops the oldest context), keep_start its start."""
+
+
+@dataclass
+class DataArgs(LengthArgs, PairArgs, PromptArgs, DatasetArgs):
+    """Preference data: rows, prompt, the two answers and the length limits."""
 
 
 @dataclass

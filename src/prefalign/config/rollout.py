@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prefalign.config.common import DataArgs, ModelArgs, TrainArgs
+from prefalign.config.common import DatasetArgs, ModelArgs, PromptArgs, TrainArgs
 
 
 @dataclass
@@ -60,13 +60,17 @@ class GRPOArgs:
 
 
 @dataclass
-class OnPolicyArgs(RewardArgs, GenerationArgs, TrainArgs, DataArgs, ModelArgs):
+class OnPolicyArgs(RewardArgs, GenerationArgs, TrainArgs, PromptArgs, DatasetArgs, ModelArgs):
     """What every on-policy command shares: prompts, sampling, rewards and the training loop."""
 
     per_device_eval_batch_size: int = 8
     """Prompts per evaluation batch (one sampled completion each)."""
     max_prompt_length: int | None = 512
     """Longest prompt in tokens; longer prompts are cut per --truncation_mode."""
+    max_completion_length: int | None = 256
+    """Most tokens sampled per completion."""
+    truncation_mode: str = "keep_end"
+    """How an over-long prompt is cut: keep_end keeps its end (the question), keep_start its start."""
 
 
 @dataclass
@@ -77,8 +81,6 @@ class GRPOConfig(GRPOArgs, OnPolicyArgs):
     """Peak learning rate of AdamW (TRL's GRPO default)."""
     per_device_train_batch_size: int = 8
     """Completions (prompts x generations) per micro-batch on each device."""
-    max_completion_length: int | None = 256
-    """Most tokens sampled per completion."""
 
 
 @dataclass

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prefalign.config.common import DataArgs, ModelArgs
+from prefalign.config.common import DataArgs, ModelSource
 
 DEMO_STAGES = ("dpo", "grpo", "ppo")  # what the demo can run after SFT, in this order
 
 
 @dataclass
-class EvalConfig(DataArgs, ModelArgs):
+class EvalConfig(DataArgs, ModelSource):
     """Configuration of `prefalign eval`."""
 
+    ref_model_name_or_path: str | None = None
+    """Reference model (default: the model the policy was trained from, as its prefalign_config.json records; for
+    a LoRA adapter, its base with the adapter disabled)."""
     beta: float = 0.1
     """Beta of the implicit reward beta x (log pi - log pi_ref); use the value the policy was trained with."""
     reward_model_name_or_path: str | None = None
@@ -61,7 +64,7 @@ class ChatConfig:
 
 
 @dataclass
-class InspectConfig(DataArgs, ModelArgs):
+class InspectConfig(DataArgs, ModelSource):
     row: int | None = None
     """Show this row (0-based) in detail (default: the first)."""
 

@@ -94,7 +94,7 @@ def open_session(cfg: Any) -> Session:
     check_output_dir(cfg)
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer(cfg)
-    resolve_chat_template(tokenizer, cfg.chat_template)
+    resolve_chat_template(tokenizer, getattr(cfg, "chat_template", None))  # pretraining reads raw text
     return Session(accelerator, tokenizer)
 
 
