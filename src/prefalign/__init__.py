@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "DPOConfig": "prefalign.config",
     "train_dpo": "prefalign.stages.dpo",
+    "KTOConfig": "prefalign.config",
+    "train_kto": "prefalign.stages.kto",
     "PrefalignError": "prefalign.errors",
 }
 __all__ = sorted(_LAZY)

@@ -230,6 +230,8 @@ def test_weight_count_mismatch_names_loss_weights():
         ({"loss_type": ["aot"], "use_weighting": True}, "--use_weighting"),
         ({"loss_type": ["sigmoid"], "beta": 0.0}, "--beta"),
         ({"loss_type": []}, "--loss_type"),
+        ({"loss_type": ["sigmoid"], "dpop_lambda": -1.0}, "--dpop_lambda"),
+        ({"loss_type": ["simpo"], "dpop_lambda": 5.0}, "--dpop_lambda"),
     ],
 )
 def test_invalid_settings_raise_with_the_flag(cfg, flag):
@@ -242,3 +244,23 @@ def test_reference_loss_without_reference_is_an_error():
     # an invariant of the stage (it computes a reference whenever the objective needs one), not a user error
     with pytest.raises(ValueError, match="needs a reference"):
         run("sigmoid", make_inputs(with_ref=False))
+
+
+def test_dpop_penalty_inside_the_sigmoid():
+    """DPOP (Smaug Eq. 3) with λ = 2: pair 0's chosen log-ratio is +1, so no penalty and the loss is DPO's sp(−0.15);
+    pair 1's is −1 (s_ref,c − s_c = −3 − (−4) = 1), so Δ' = −2 − 2·1 = −4 and the loss is sp(−β·Δ') = sp(0.4).
+    The penalty carries the chosen gradient: dℓ₁/ds_c = −σ(−z)·β(1 + λ) with z = −0.4. Rewards stay DPO's."""
+    x = make_inputs(chosen_logps=torch.tensor([-1.0, -4.0], requires_grad=True))
+    out = run("sigmoid", x, dpop_lambda=2.0)
+    close(out.losses, [sp(-0.15), sp(0.4)])
+    close(out.chosen_rewards, [0.1, -0.1])
+    close(out.rejected_rewards, [-0.05, 0.1])
+    out.losses.sum().backward()
+    close(x.chosen_logps.grad, [-sig(-0.15) * 0.1, -sig(0.4) * 0.3])
+    close(run("sigmoid", dpop_lambda=0.0).losses, run("sigmoid").losses.tolist())  # λ = 0 is DPO
+
+
+def test_dpop_applies_to_the_chosen_score_of_other_losses():
+    """IPO on per-token log-ratios with λ = 2: pair 0 is unpenalised, (1/2 − (−0.5/4) − 5)² = (0.625 − 5)²;
+    pair 1's chosen score −1 − 2 = −3 over 1 token, rejected 1/2: (−3.5 − 5)² = 72.25."""
+    close(run("ipo", dpop_lambda=2.0).losses, [(0.625 - 5) ** 2, 72.25])

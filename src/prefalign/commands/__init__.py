@@ -29,6 +29,7 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("sft", "SFTConfig", "Supervised fine-tuning on conversations, prompt/completion or text."),
     "rm": Command("rm", "RMConfig", "Train a Bradley-Terry reward model on preference pairs."),
     "dpo": Command("dpo", "DPOConfig", "Direct preference optimisation (and its variants) on preference pairs."),
+    "kto": Command("kto", "KTOConfig", "KTO on unpaired thumbs-up/down feedback (preference pairs are unpaired)."),
     "grpo": Command("grpo", "GRPOConfig", "Group relative policy optimisation with reward functions or models."),
     "rloo": Command("rloo", "RLOOConfig", "REINFORCE leave-one-out: GRPO's machinery with a leave-one-out baseline."),
     "ppo": Command("ppo", "PPOConfig", "PPO with a reward model, a value model and GAE."),

@@ -53,3 +53,19 @@ def check_truncation(args: DataArgs) -> None:
         least = 2 if flag == "max_length" else 1
         if value is not None and value < least:
             raise PrefalignError(f"must be at least {least}, got {value}", where=f"--{flag}")
+
+
+def check_ref_sync(cfg: Any) -> None:
+    """TR-DPO's flags (config.preference.RefSyncArgs), refused where there is no separate reference to move."""
+    if not cfg.sync_ref_model:
+        return
+    if not 0.0 < cfg.ref_model_mixup_alpha <= 1.0:
+        raise PrefalignError(f"must lie in (0, 1], got {cfg.ref_model_mixup_alpha}", "--ref_model_mixup_alpha")
+    if cfg.ref_model_sync_steps < 1:
+        raise PrefalignError(f"must be at least 1, got {cfg.ref_model_sync_steps}", "--ref_model_sync_steps")
+    if cfg.use_peft or cfg.peft_adapter_path or cfg.load_in_4bit:
+        raise PrefalignError("a LoRA policy's reference is its own base (adapter disabled, or a frozen adapter), not a "
+                             "separate model to move; train full weights or drop --sync_ref_model", "--sync_ref_model")
+    if cfg.precompute_ref_log_probs:
+        raise PrefalignError("precomputed reference log-probs would go stale once the reference moves; drop one of "
+                             "--sync_ref_model and --precompute_ref_log_probs", "--sync_ref_model")

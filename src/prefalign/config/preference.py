@@ -1,4 +1,5 @@
-"""Configs of the offline preference stages: DPO (and its variants) and the Bradley-Terry reward model."""
+"""Configs of the offline preference stages: DPO (and its variants), KTO on unpaired feedback, and the Bradley-Terry
+reward model."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class DPOArgs:
     """Temperature of the DiscoPOP log-ratio modulation."""
     rpo_alpha: float | None = None
     """Add rpo_alpha x NLL of the chosen answer (RPO)."""
+    dpop_lambda: float | None = None
+    """DPO-Positive (Smaug): subtract dpop_lambda x max(0, ref logp(chosen) - logp(chosen)) from the chosen
+    log-ratio the loss reads, so that with sigmoid the loss is -log sigmoid(beta x (margin - penalty)) (paper Eq. 3)."""
     length_normalize: bool = False
     """Use the mean instead of the sum of completion-token log-probs (MiniMind's DPO)."""
     f_divergence_type: str = "reverse_kl"
@@ -51,11 +55,65 @@ class DPOArgs:
 
 
 @dataclass
-class DPOConfig(DPOArgs, TrainArgs, DataArgs, ModelArgs):
+class RefSyncArgs:
+    """TR-DPO: move the reference towards the policy during training (TRL's SyncRefModelCallback)."""
+
+    sync_ref_model: bool = False
+    """Every --ref_model_sync_steps optimizer steps set reference = alpha x policy + (1 - alpha) x reference (TR-DPO).
+    Needs a separate reference model (not with LoRA or precomputed reference log-probs)."""
+    ref_model_mixup_alpha: float = 0.6
+    """Alpha of the reference update (1 = copy the policy)."""
+    ref_model_sync_steps: int = 512
+    """Optimizer steps between two reference updates."""
+
+
+@dataclass
+class DPOConfig(DPOArgs, RefSyncArgs, TrainArgs, DataArgs, ModelArgs):
     """Configuration of `prefalign dpo`."""
 
     learning_rate: float = 1e-6
     """Peak learning rate of AdamW (TRL's DPO default)."""
+
+
+@dataclass
+class UnpairedArgs:
+    """The columns of unpaired (thumbs-up/down) feedback."""
+
+    completion_column: str = "completion"
+    """Column holding the completion of unpaired rows."""
+    label_column: str = "label"
+    """Column holding the label of unpaired rows: true/false, 1/0/-1, or up/down, thumbs_up/thumbs_down, good/bad, ...
+    Rows without it that have the chosen/rejected columns are preference pairs, unpaired (chosen desirable)."""
+
+
+@dataclass
+class KTOArgs:
+    loss_type: str = "kto"
+    """kto (KTO), apo_zero_unpaired (APO-zero on unpaired data) or bco (BCO, with a running reward shift)."""
+    beta: float = 0.1
+    """Temperature of the implicit reward beta x (log pi - log pi_ref)."""
+    desirable_weight: float = 1.0
+    """Weight of the desirable (thumbs-up) examples' losses."""
+    undesirable_weight: float = 1.0
+    """Weight of the undesirable (thumbs-down) examples' losses."""
+    disable_dropout: bool = True
+    """Turn dropout off in the policy (and reference), as TRL does."""
+    precompute_ref_log_probs: bool = False
+    """Compute reference log-probs (of the completions and of the KL pairs) before training and cache them on disk."""
+    padding_free: bool = True
+    """Pack each micro-batch into one row without padding; the reference scores completion and KL completion with
+    one pass over their shared prompt (falls back to padding where unsupported)."""
+    train_sampling_strategy: str = "random"
+    """Order of the training examples: random (shuffled every epoch, seeded) or sequential (file order, as TRL's
+    KTOTrainer)."""
+
+
+@dataclass
+class KTOConfig(KTOArgs, RefSyncArgs, UnpairedArgs, TrainArgs, DataArgs, ModelArgs):
+    """Configuration of `prefalign kto`."""
+
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW (TRL's KTO default)."""
 
 
 @dataclass

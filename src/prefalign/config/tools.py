@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefalign.config.common import DataArgs, ModelSource
+from prefalign.config.preference import UnpairedArgs
 
 DEMO_STAGES = ("dpo", "grpo", "ppo")  # what the demo can run after SFT, in this order
 
@@ -64,7 +65,7 @@ class ChatConfig:
 
 
 @dataclass
-class InspectConfig(DataArgs, ModelSource):
+class InspectConfig(UnpairedArgs, DataArgs, ModelSource):
     row: int | None = None
     """Show this row (0-based) in detail (default: the first)."""
 

@@ -22,25 +22,37 @@ def collate_padded(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, A
     """Stack `pairs` into one right-padded batch of 2B rows (chosen rows first, then rejected rows)."""
     if not pairs:
         raise ValueError("collate_padded needs at least one pair")
-    prompts = [p.prompt_ids for p in pairs]
-    completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    rows = [list(prompt) + list(completion) for prompt, completion in zip(prompts + prompts, completions)]
+    batch = collate_padded_completions([(p.prompt_ids, (p.chosen_ids, p.rejected_ids)) for p in pairs], pad_token_id)
+    batch["num_pairs"] = len(pairs)
+    return batch
+
+
+def collate_padded_completions(items: Sequence[tuple[list[int], Sequence[list[int]]]],
+                               pad_token_id: int) -> dict[str, Any]:
+    """Right-padded rows prompt + completion for `items` of (prompt ids, K completions): K·B rows, completion-major
+    (row k·B + i is item i's k-th completion), so that pairs give chosen rows first, then rejected rows."""
+    if not items:
+        raise ValueError("collate_padded_completions needs at least one item")
+    k = len(items[0][1])
+    if any(len(c) != k for _, c in items):
+        raise ValueError("every item needs the same number of completions")
+    prompts = [list(p) for p, _ in items] * k
+    completions = [list(c[j]) for j in range(k) for _, c in items]
+    rows = [prompt + completion for prompt, completion in zip(prompts, completions)]
     width = max(len(r) for r in rows)
 
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (2B, T)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (2B, T)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (2B, T)
-    for i, (prompt, completion) in enumerate(zip(prompts + prompts, completions)):
-        n_prompt, n_total = len(prompt), len(prompt) + len(completion)
-        input_ids[i, :n_total] = torch.tensor(rows[i], dtype=torch.long)
-        attention_mask[i, :n_total] = 1
-        completion_mask[i, n_prompt:n_total] = 1
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (K·B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (K·B, T)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (K·B, T)
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, :len(row)] = 1
+        completion_mask[i, len(prompt):len(row)] = 1
     return {
         "layout": "padded",
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
-        "num_pairs": len(pairs),
     }
 
 

@@ -4,6 +4,10 @@ For one row: where it came from, its format, the text the template renders, ever
 (completion) tokens marked, and what truncation cut. For the whole file: how many rows are valid, length
 percentiles before truncation, how many pairs truncation touches or drops and why, and warnings about the
 things that make DPO misbehave (everything truncated, chosen systematically longer than rejected).
+
+Unpaired feedback (rows with a label column, for KTO) gets the same report per example: label counts (with TRL's
+warning when they are unbalanced for the default weights), prompt and completion lengths, truncation, and one row's
+examples with their scored tokens (a preference pair in the same file is shown as its two unpaired examples).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from prefalign.config import DataArgs
 from prefalign.data.formats import FORMAT_NAMES, detect_format, normalize_pair
 from prefalign.data.load import load_rows
 from prefalign.data.templates import resolve_chat_template
-from prefalign.data.tokenize import DROP_REASONS, Encoded, Truncated, Truncation, encode_pairs, truncate
-from prefalign.data.types import Pair
+from prefalign.data.tokenize import DROP_REASONS, Encoded, Truncated, Truncation, cut, encode_pairs, truncate
+from prefalign.data.types import Pair, UnpairedExample
+from prefalign.data.unpaired import balance_advice, encode_unpaired, label_summary, normalize_feedback
 from prefalign.errors import PrefalignError
 
 _GREEN, _RED, _DIM, _BOLD, _RESET = "\x1b[42;30m", "\x1b[41;30m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
@@ -39,6 +44,9 @@ def inspect_dataset(args: DataArgs, tokenizer: Any, row: int | None = None, colo
     if not 0 <= index < len(rows):
         raise PrefalignError(f"row {index} is out of range (the data has {len(rows)} rows, 0-{len(rows) - 1})",
                              where="--row")
+    label_column = getattr(args, "label_column", None)
+    if label_column and any(isinstance(r, dict) and label_column in r for r, _ in rows):
+        return _inspect_unpaired(args, tokenizer, rows, index, limits, color)
     pairs: list[tuple[int, Pair]] = []
     errors: dict[int, PrefalignError] = {}
     formats: Counter = Counter()
@@ -168,3 +176,85 @@ def _mark(context: str, scored: str, paint: str, color: bool) -> str:
     if color:
         return (f"{_DIM}{context}{_RESET}" if context else "") + f"{paint}{scored}{_RESET}"
     return f"{context}[[{scored}]]"
+
+
+# ---------------------------------------------------------------- unpaired feedback (KTO)
+
+
+def _inspect_unpaired(args: DataArgs, tokenizer: Any, rows: list, index: int, limits: Truncation,
+                      color: bool) -> str:
+    examples: list[tuple[int, UnpairedExample]] = []
+    errors: dict[int, PrefalignError] = {}
+    for i, (raw, source) in enumerate(rows):
+        try:
+            examples += [(i, e) for e in normalize_feedback(raw, source, args)]
+        except PrefalignError as e:
+            errors[i] = e
+    lines = [f"== {args.dataset_name}: {len(rows)} rows, {len(rows) - len(errors)} valid, {len(errors)} invalid =="]
+    if errors:
+        lines.append(f"first invalid row: {next(iter(errors.values()))}")
+    valid = len({i for i, _ in examples})
+    pairs = len(examples) - valid  # a pair row gives two examples
+    lines.append(f"unpaired feedback: {valid - pairs} rows, preference pairs: {pairs} (2 examples each) -> "
+                 f"{len(examples)} examples, {label_summary([e for _, e in examples])}")
+    encoded = encode_unpaired([e for _, e in examples], tokenizer)
+    cuts = [cut(p, [c], limits) for p, c, _ in encoded]
+    if any(e.is_conversational for _, e in examples):
+        lines.append(f"chat template: {args.chat_template or 'the tokenizer’s own'}")
+    if examples:
+        lines += _unpaired_summary(args, examples, encoded, cuts)
+    detail = [k for k, (i, _) in enumerate(examples) if i == index]
+    if not detail:
+        return "\n".join(lines) + f"\n\n== row {index}: invalid ==\n{errors[index]}"
+    sections = ["\n".join(lines)]
+    for k in detail:
+        sections.append(_example_detail(index, examples[k][1], encoded[k], cuts[k], tokenizer, color))
+    return "\n\n".join(sections)
+
+
+def _unpaired_summary(args: DataArgs, examples: list, encoded: list, cuts: list) -> list[str]:
+    lines = ["tokens before truncation   p50    p90    p99    max"]
+    for name, values in (("prompt", [len(p) for p, _, _ in encoded]), ("completion", [len(c) for _, c, _ in encoded]),
+                         ("prompt + completion", [len(p) + len(c) for p, c, _ in encoded])):
+        lines.append(f"  {name:<24}" + "".join(f"{v:>7}" for v in _percentiles(values)))
+    kept = [(enc, (p, cs)) for enc, (p, cs) in zip(encoded, cuts) if cs[0]]
+    limits = (f"max_length={args.max_length}, max_prompt_length={args.max_prompt_length}, "
+              f"max_completion_length={args.max_completion_length}, {args.truncation_mode}")
+    lines.append(f"truncation ({limits}): prompt cut in {sum(len(p) < len(e[0]) for e, (p, _) in kept)}, "
+                 f"completion cut in {sum(len(cs[0]) < len(e[1]) for e, (_, cs) in kept)} of {len(kept)} kept examples")
+    dropped = len(encoded) - len(kept)
+    reason = DROP_REASONS["no_completion"].format(max_length=args.max_length)
+    lines.append(f"dropped: {dropped}" + (f" ({reason}: {dropped})" if dropped else ""))
+    mismatch = sum(m for _, _, m in encoded)
+    if mismatch:
+        lines.append(f"warning: in {mismatch} examples the template tokenizes the prompt differently once an answer "
+                     "follows; the split falls where the tokens diverge")
+    desirable = sum(e.label for _, e in examples)
+    advice = balance_advice(desirable, len(examples) - desirable)
+    if advice:
+        lines.append(f"warning: {advice}")
+    return lines
+
+
+def _example_detail(index: int, example: UnpairedExample, enc: tuple, kept: tuple, tokenizer: Any,
+                    color: bool) -> str:
+    """One example of row `index`: label, lengths, what truncation cut, the text with its scored tokens marked."""
+    label = "desirable" if example.label else "undesirable"
+    kind = "" if example.is_conversational else "; raw text: no chat template, EOS appended"
+    (prompt, completion, mismatch), (kept_prompt, (kept_completion,)) = enc, kept
+    lines = [f"== row {index}: {example.source} ({label}{kind}) ==",
+             f"tokens: prompt {len(kept_prompt)}, completion {len(kept_completion)}"]
+    for name, before, after in (("prompt", prompt, kept_prompt), ("completion", completion, kept_completion)):
+        if len(after) < len(before):
+            lines.append(f"truncated: {name} {len(before)} -> {len(after)} tokens")
+    if not kept_completion:
+        lines.append("DROPPED: no completion token left (the prompt fills --max_length)")
+    if mismatch:
+        lines.append("note: the template tokenizes this prompt differently once an answer follows")
+    paint = _GREEN if example.label else _RED
+    lines.append(f"-- text: prompt + completion, scored tokens {'colored' if color else 'in [[ ]]'} --")
+    lines.append(_mark(tokenizer.decode(kept_prompt), tokenizer.decode(kept_completion), paint, color))
+    lines.append("-- token id:piece --")
+    lines.append("prompt:     " + _ids(tokenizer, kept_prompt))
+    lines.append("completion: " + _mark("", _ids(tokenizer, kept_completion), paint, color))
+    return "\n".join(lines)

@@ -62,48 +62,63 @@ def pack_pairs(pairs: list[TokenizedPair], *, max_tokens_per_batch: int, share_p
     return batches
 
 
-def _sequences(pair: TokenizedPair, share_prompt: bool) -> list[tuple[list[int], int, int, int]]:
-    """The pair as attention blocks `(tokens, position_start, prefix_offset, prefix_len)` relative to its start.
+def _sequences(prompt: list[int], completions: Sequence[list[int]],
+               share_prompt: bool) -> list[tuple[list[int], int, int, int]]:
+    """One item as attention blocks `(tokens, position_start, prefix_offset, prefix_len)` relative to its start.
 
-    `prefix_offset` / `prefix_len` locate the fully visible prefix inside the pair's own span.
+    `prefix_offset` / `prefix_len` locate the fully visible prefix inside the item's own span.
     """
-    prompt, chosen, rejected = list(pair.prompt_ids), list(pair.chosen_ids), list(pair.rejected_ids)
+    first, *rest = [list(c) for c in completions]
     if share_prompt:
-        return [(prompt + chosen, 0, 0, 0), (rejected, len(prompt), 0, len(prompt))]
-    return [(prompt + chosen, 0, 0, 0), (prompt + rejected, 0, 0, 0)]
+        return [(prompt + first, 0, 0, 0)] + [(c, len(prompt), 0, len(prompt)) for c in rest]
+    return [(prompt + c, 0, 0, 0) for c in (first, *rest)]
 
 
 def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, share_prompt: bool) -> dict[str, Any]:
     """One padding-free row holding every pair of the micro-batch (see the module docstring for the keys)."""
     if not pairs:
         raise ValueError("collate_packed needs at least one pair")
-    num_pairs = len(pairs)
-    width = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)  # Tc
-    logit_index = torch.zeros((2 * num_pairs, width), dtype=torch.long)  # (2B, Tc)
-    target_ids = torch.full((2 * num_pairs, width), pad_token_id, dtype=torch.long)  # (2B, Tc)
-    target_mask = torch.zeros((2 * num_pairs, width), dtype=torch.bool)  # (2B, Tc)
+    items = [(p.prompt_ids, (p.chosen_ids, p.rejected_ids), p.source) for p in pairs]
+    batch = collate_packed_completions(items, pad_token_id, share_prompt)
+    batch["num_pairs"] = len(pairs)
+    return batch
+
+
+def collate_packed_completions(items: Sequence[tuple[list[int], Sequence[list[int]], str]], pad_token_id: int,
+                               share_prompt: bool) -> dict[str, Any]:
+    """The packed row of `items` (prompt ids, K completions, source): with `share_prompt`, completions after the first
+    attend to the item's prompt as a prefix. Rows of `logit_index` / `target_*` are completion-major (row k·B + i is
+    item i's k-th completion), so pairs give chosen rows first, then rejected rows."""
+    num_items = len(items)
+    k = len(items[0][1])
+    if any(len(c) != k for _, c, _ in items):
+        raise ValueError("every item needs the same number of completions")
+    width = max(len(c) for _, cs, _ in items for c in cs)  # Tc
+    logit_index = torch.zeros((k * num_items, width), dtype=torch.long)  # (K·B, Tc)
+    target_ids = torch.full((k * num_items, width), pad_token_id, dtype=torch.long)  # (K·B, Tc)
+    target_mask = torch.zeros((k * num_items, width), dtype=torch.bool)  # (K·B, Tc)
 
     tokens: list[int] = []
     positions: list[int] = []
     blocks: list[tuple[int, int, int, int]] = []
-    for i, pair in enumerate(pairs):
+    for i, (prompt, completions, source) in enumerate(items):
         start = len(tokens)
-        n_prompt = len(pair.prompt_ids)
+        n_prompt = len(prompt)
         if n_prompt == 0:
             # Same rule as the padded layout: nothing would predict the first completion token.
             raise PrefalignError("the prompt is empty, so no token predicts the first completion token",
-                                 pair.source or "batch")
-        for j, (seq, pos0, prefix_off, prefix_len) in enumerate(_sequences(pair, share_prompt)):
+                                 source or "batch")
+        for j, (seq, pos0, prefix_off, prefix_len) in enumerate(_sequences(list(prompt), completions, share_prompt)):
             q_start = len(tokens)
             tokens += seq
             positions += range(pos0, pos0 + len(seq))
             prefix_start = start + prefix_off if prefix_len else q_start  # an empty prefix sits at the block
             blocks.append((q_start, len(tokens), prefix_start, prefix_start + prefix_len))
-            completion = pair.chosen_ids if j == 0 else pair.rejected_ids
+            completion = completions[j]
             # Row position of the token right before completion token 0 in this sequence's own context.
             first = len(tokens) - len(completion)  # position of completion token 0
-            before_first = start + n_prompt - 1 if (share_prompt and j == 1) else first - 1
-            row, n = (i if j == 0 else num_pairs + i), len(completion)
+            before_first = start + n_prompt - 1 if (share_prompt and j > 0) else first - 1
+            row, n = j * num_items + i, len(completion)
             if n:  # whole-row slices: this runs for every micro-batch, a per-token loop cost ~50 ms a batch
                 logit_index[row, :n] = torch.arange(first - 1, first + n - 1)
                 logit_index[row, 0] = before_first
@@ -120,7 +135,6 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, share_prompt: 
         "target_mask": target_mask,
         "share_prompt": share_prompt,
         "num_tokens": len(tokens),
-        "num_pairs": num_pairs,
     }
 
 

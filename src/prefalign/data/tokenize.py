@@ -69,6 +69,7 @@ class TokenizeStats:
     prefix_mismatch: int = 0  # conversational pairs whose prompt tokens were not a prefix of the full ones
     dropped: Counter = field(default_factory=Counter)
     max_length: int | None = None
+    unit: str = "pairs"  # what was tokenized, as the summary names it
 
     @property
     def num_dropped(self) -> int:
@@ -79,7 +80,7 @@ class TokenizeStats:
 
     def summary(self) -> str:
         """One line, e.g. 'tokenized 12 pairs: kept 10, prompt truncated 3, ... dropped 2 (identical: 2)'."""
-        parts = [f"tokenized {self.total} pairs: kept {self.kept}",
+        parts = [f"tokenized {self.total} {self.unit}: kept {self.kept}",
                  f"prompt truncated {self.prompt_truncated}", f"completion truncated {self.completion_truncated}"]
         if self.prefix_mismatch:
             parts.append(f"template prefix mismatch {self.prefix_mismatch}")
@@ -166,23 +167,29 @@ def _split_completions(prompt: list[int], full_chosen: list[int], full_rejected:
     return Encoded(full_chosen[:k], full_chosen[k:], full_rejected[k:], prefix_mismatch=True)
 
 
-def truncate(enc: Encoded, limits: Truncation) -> Truncated:
-    """Apply --max_prompt_length, --max_completion_length and --max_length (see the module docstring)."""
-    prompt, chosen, rejected = enc.prompt_ids, enc.chosen_ids, enc.rejected_ids
+def cut(prompt: list[int], completions: list[list[int]], limits: Truncation) -> tuple[list[int], list[list[int]]]:
+    """`prompt` and its `completions` (both answers of a pair, or one unpaired completion) cut to the limits (see the
+    module docstring); the longest completion decides how much prompt a keep_end cut keeps."""
     keep_end, max_length = limits.keep_end, limits.max_length
     if limits.max_prompt_length is not None and len(prompt) > limits.max_prompt_length:
         n = limits.max_prompt_length
         prompt = prompt[len(prompt) - n:] if keep_end else prompt[:n]
     if limits.max_completion_length is not None:
-        chosen, rejected = chosen[:limits.max_completion_length], rejected[:limits.max_completion_length]
+        completions = [c[:limits.max_completion_length] for c in completions]
     if max_length is not None:
-        longest = max(len(chosen), len(rejected))
+        longest = max(len(c) for c in completions)
         if keep_end and len(prompt) + longest > max_length:
             keep = max(1, max_length - longest)
             prompt = prompt[max(0, len(prompt) - keep):]
         room = max(0, max_length - len(prompt))
         prompt = prompt[:max_length]  # keep_start with a prompt longer than max_length
-        chosen, rejected = chosen[:room], rejected[:room]
+        completions = [c[:room] for c in completions]
+    return prompt, completions
+
+
+def truncate(enc: Encoded, limits: Truncation) -> Truncated:
+    """Apply --max_prompt_length, --max_completion_length and --max_length (see the module docstring)."""
+    prompt, (chosen, rejected) = cut(enc.prompt_ids, [enc.chosen_ids, enc.rejected_ids], limits)
     drop = None
     if not chosen or not rejected:
         drop = "no_completion"

@@ -64,6 +64,38 @@ class TokenizedPair:
 
 
 @dataclass(frozen=True)
+class UnpairedExample:
+    """One piece of unpaired feedback (KTO): a completion of a prompt, labelled desirable (thumbs up) or not.
+
+    Conversational: `prompt` a list of messages, `completion` the assistant turn(s) that follow it; raw text: two
+    strings, tokenized without a chat template. A preference pair becomes two of these (chosen desirable, rejected
+    undesirable) with the same prompt."""
+
+    prompt: list[Message] | str
+    completion: list[Message] | str
+    label: bool
+    source: str = ""
+
+    @property
+    def is_conversational(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+
+@dataclass
+class TokenizedUnpaired:
+    """Token ids of one unpaired example: the prompt, and the completion without the prompt."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    source: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+@dataclass(frozen=True)
 class PromptExample:
     """One validated prompt and the row's other columns."""
 

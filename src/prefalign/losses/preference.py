@@ -17,10 +17,17 @@ so values match TRL on the same inputs, with these deliberate differences:
   tokens of the batch (identical when the chosen completions have equal lengths). Ours does not depend on how
   pairs are grouped into batches, so gradient accumulation stays exact.
 - ORPO's NLL covers completion tokens only (TRL's ORPO trainer also scores the prompt).
+
+DPO-Positive (DPOP, Pal et al. 2024, "Smaug", Eq. 3; not in TRL) is a penalty the Objective applies before the
+losses (`dpop_lambda`): the chosen log-prob each loss reads is lowered by λ·max(0, s_ref,c − s_c), so the chosen
+log-ratio becomes r_c − λ·relu(−r_c) and `sigmoid` computes −log σ(β·(Δ − λ·relu(s_ref,c − s_c))), the penalty inside
+the sigmoid and scaled by β as in the paper. It is active only where the chosen answer fell below the reference; with
+other reference losses the same penalty enters their margin. Logged rewards stay DPO's β·r.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,14 +81,16 @@ class LossParams:
 
 @dataclass(frozen=True)
 class Objective:
-    """A validated preference objective: which losses with which weights, their parameters, the RPO term, and how
-    token log-probs are aggregated per completion (length_normalize in `params`, ld_alpha, WPO weighting)."""
+    """A validated preference objective: which losses with which weights, their parameters, the RPO term, DPOP's
+    penalty, and how token log-probs are aggregated per completion (length_normalize in `params`, ld_alpha, WPO
+    weighting)."""
 
     losses: tuple[tuple[str, float], ...] = (("sigmoid", 1.0),)
     params: LossParams = LossParams()
     rpo_alpha: float | None = None
     use_weighting: bool = False
     ld_alpha: float | None = None
+    dpop_lambda: float | None = None
 
     @property
     def needs_reference(self) -> bool:
@@ -346,16 +355,26 @@ def cpo(x: PreferenceInputs, p: LossParams) -> LossOutput:
 # ---------------------------------------------------------------- combination
 
 
+def dpop_penalised(x: PreferenceInputs, dpop_lambda: float) -> PreferenceInputs:
+    """`x` with the chosen log-prob lowered by λ·max(0, s_ref,c − s_c) (DPOP; see the module docstring)."""
+    if x.ref_chosen_logps is None:
+        raise ValueError("DPOP needs reference log-probs but PreferenceInputs has none")
+    penalty = dpop_lambda * torch.relu(x.ref_chosen_logps.detach() - x.chosen_logps)  # (B,)
+    return dataclasses.replace(x, chosen_logps=x.chosen_logps - penalty)
+
+
 def compute_preference_loss(inputs: PreferenceInputs, objective: Objective) -> LossOutput:
-    """Σ_k weight_k · loss_k (+ rpo_alpha · NLL), times the WPO pair weight; rewards of the first loss."""
+    """Σ_k weight_k · loss_k (+ rpo_alpha · NLL), times the WPO pair weight; rewards of the first loss. With DPOP the
+    losses read the penalised chosen log-probs and the rewards are DPO's, from the unpenalised ones."""
     if not objective.losses:
         raise ValueError("an Objective needs at least one loss")
+    scored = inputs if objective.dpop_lambda is None else dpop_penalised(inputs, objective.dpop_lambda)
     total: Tensor | None = None
     first: LossOutput | None = None
     for name, weight in objective.losses:
         if not LOSS_TRAITS[name].reference_free and inputs.ref_chosen_logps is None:
             raise ValueError(f"loss {name!r} needs a reference model but none was computed")
-        out = LOSSES[name](inputs, objective.params)
+        out = LOSSES[name](scored, objective.params)
         total = weight * out.losses if total is None else total + weight * out.losses
         first = first or out
     assert total is not None and first is not None
@@ -363,4 +382,6 @@ def compute_preference_loss(inputs: PreferenceInputs, objective: Objective) -> L
         total = total + objective.rpo_alpha * inputs.chosen_nll
     if objective.use_weighting:
         total = total * inputs.policy_weights
+    if objective.dpop_lambda is not None:
+        return LossOutput(total, *_dpo_rewards(inputs, objective.params))
     return LossOutput(total, first.chosen_rewards, first.rejected_rewards)

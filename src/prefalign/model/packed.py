@@ -160,7 +160,8 @@ def supports_packing(model: nn.Module) -> tuple[bool, str]:
 
 
 def packed_logps(
-    model: nn.Module, batch: dict[str, Any], *, with_wpo: bool = False, chunk_size: int = 1024
+    model: nn.Module, batch: dict[str, Any], *, with_wpo: bool = False, chunk_size: int = 1024,
+    with_entropy: bool = False,
 ) -> CompletionLogps:
     """CompletionLogps of a `collate_packed` batch: one forward of the packed row, LM head on completions only."""
     install_packed_attention(model)
@@ -181,7 +182,7 @@ def packed_logps(
     positions = batch["logit_index"][rows, slots]
     scores = score_positions(
         model, forward_kwargs, torch.zeros_like(positions), positions, batch["target_ids"][rows, slots],
-        with_wpo=with_wpo, chunk_size=chunk_size,
+        with_wpo=with_wpo, chunk_size=chunk_size, with_entropy=with_entropy,
     )  # fmt: skip
     return gather_scores(scores, rows, slots, *target_mask.shape)  # its mask equals the left-aligned target_mask
 

@@ -14,6 +14,9 @@ adapter and every parameter's `requires_grad` are restored afterwards: peft's `s
 leave the policy adapter frozen. Gradient checkpointing needs no special handling: transformers only
 checkpoints in train mode.
 
+`ReferenceSync` is TR-DPO: every few optimizer steps the frozen reference model moves towards the policy,
+θ_ref ← (1 − α)·θ_ref + α·θ_policy, and checkpoints keep the moved reference so that a resumed run continues it.
+
 `precompute_reference` runs the reference once over the data and caches per-pair token log-probs on disk
 (safetensors) under a fingerprint of model + data + tokenization, so the reference can be dropped for training.
 """
@@ -38,8 +41,10 @@ from torch import Tensor, nn
 
 from prefalign.config import ModelArgs
 from prefalign.data.types import TokenizedPair
+from prefalign.errors import PrefalignError
 from prefalign.model.load import REFERENCE_ADAPTER, load_pretrained
 from prefalign.model.logprobs import CompletionLogps, completion_logps
+from prefalign.model.weights import full_state_dict, is_main_process, load_weights_into
 
 
 class Reference:
@@ -135,6 +140,45 @@ def build_reference(policy: nn.Module, model_args: ModelArgs, loss_needs_referen
             return AdapterReference(policy, REFERENCE_ADAPTER)
         return DisabledAdapterReference(policy)
     return FrozenModelReference(copy.deepcopy(policy))
+
+
+# ---------------------------------------------------------------- TR-DPO: moving the reference
+
+
+def mix_into_reference(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
+    """θ_ref ← (1 − α)·θ_ref + α·θ_policy for every parameter, in place and without autograd (buffers untouched)."""
+    with torch.no_grad():
+        for ref_param, param in zip(reference.parameters(), policy.parameters(), strict=True):
+            ref_param.lerp_(param.to(ref_param.dtype), alpha)
+
+
+class ReferenceSync:
+    """Moves a separate reference model towards the policy after every `every`-th optimizer step (TR-DPO,
+    TRL's SyncRefModelCallback: the first update after step `every`, from the weights that step produced)."""
+
+    def __init__(self, reference: Reference, policy: nn.Module, alpha: float, every: int) -> None:
+        if not isinstance(reference, FrozenModelReference):
+            raise PrefalignError("needs a separate reference model to move", "--sync_ref_model")
+        policy = extract_model_from_parallel(policy)
+        ref_shapes = [tuple(p.shape) for p in reference.model.parameters()]
+        if ref_shapes != [tuple(p.shape) for p in policy.parameters()]:
+            raise PrefalignError("the reference's parameters do not match the policy's one to one, so it cannot be "
+                                 "mixed with it (--sync_ref_model)", "--ref_model_name_or_path")
+        self.model, self.policy, self.alpha, self.every = reference.model, policy, alpha, every
+
+    def after_step(self, global_step: int) -> None:
+        if global_step % self.every == 0:
+            mix_into_reference(self.model, self.policy, self.alpha)
+
+    def save(self, directory: Path) -> None:
+        """The moved reference in `directory/reference` (Hugging Face format). Every process calls this (sharded weights
+        are gathered); the main process writes."""
+        state = full_state_dict(self.model)  # None unless sharded
+        if is_main_process():
+            self.model.save_pretrained(Path(directory) / "reference", state_dict=state)
+
+    def load(self, directory: Path) -> None:
+        load_weights_into(self.model, Path(directory) / "reference")
 
 
 # ---------------------------------------------------------------- precomputed reference log-probs
@@ -252,3 +296,28 @@ def _read_cache(path: Path) -> list[CachedPair]:
     chosen = torch.split(t["chosen"], t["chosen_lengths"].tolist())
     rejected = torch.split(t["rejected"], t["rejected_lengths"].tolist())
     return list(zip(chosen, rejected))
+
+
+def precompute_sequence_logps(
+    reference: Reference,
+    items: Sequence[tuple[list[int], list[int]]],
+    collate_fn: Callable[[Sequence[tuple[list[int], list[int]]]], dict[str, Any]],
+    batch_size: int,
+    cache_dir: Path,
+    fingerprint: str,
+) -> Tensor:
+    """Reference log-probs summed over each completion of `items` (prompt ids, completion ids), in order, float32 on
+    CPU; read from `cache_dir` when this fingerprint was computed before (unpaired stages need no per-token values)."""
+    path = Path(cache_dir) / f"seq_logps-{fingerprint}.safetensors"
+    if path.exists():
+        cached = load_file(str(path))["logps"]
+        if len(cached) == len(items):
+            return cached
+    parts = [reference.logps(collate_fn(items[start:start + batch_size])).token_logps.float().sum(-1).cpu()
+             for start in range(0, len(items), batch_size)]
+    logps = torch.cat(parts) if parts else torch.zeros(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"logps": logps.contiguous()}, str(tmp), metadata={"fingerprint": fingerprint})
+    os.replace(tmp, path)  # complete or absent
+    return logps

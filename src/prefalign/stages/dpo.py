@@ -21,7 +21,7 @@ from peft import PeftModel
 from torch import nn
 
 from prefalign.config import DPOArgs, DPOConfig
-from prefalign.config.checks import check_train_args, require
+from prefalign.config.checks import check_ref_sync, check_train_args, require
 from prefalign.data.collate import collate_padded
 from prefalign.data.packing import collate_packed, pack_pairs
 from prefalign.data.tokenize import Truncation, load_tokenized_pairs, tokenize_pairs
@@ -35,19 +35,23 @@ from prefalign.losses.preference import (
     LossParams,
     Objective,
     compute_preference_loss,
+    needs_reference,
 )
+from prefalign.model.load import save_model
 from prefalign.model.logprobs import CompletionLogps, completion_logps
 from prefalign.model.packed import supports_packing  # importing it registers the "packed" layout
 from prefalign.model.reference import (
     DisabledAdapterReference,
     FrozenModelReference,
     Reference,
+    ReferenceSync,
     build_reference,
     cached_logps,
     fingerprint,
     precompute_reference,
     reference_sources,
 )
+from prefalign.model.weights import load_weights_into
 from prefalign.train.loop import LoopResult, accumulate_eval, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums
 from prefalign.train.setup import open_session, train_and_save, trainable_policy
@@ -75,7 +79,7 @@ def preference_objective(cfg: DPOArgs) -> Objective:
                         cpo_alpha=cfg.cpo_alpha, discopop_tau=cfg.discopop_tau, f_divergence_type=cfg.f_divergence_type,
                         f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, length_normalize=cfg.length_normalize)
     return Objective(tuple(zip(names, weights)), params, rpo_alpha=cfg.rpo_alpha, use_weighting=cfg.use_weighting,
-                     ld_alpha=cfg.ld_alpha)
+                     ld_alpha=cfg.ld_alpha, dpop_lambda=cfg.dpop_lambda)
 
 
 def _check_loss_options(names: list[str], cfg: DPOArgs) -> None:
@@ -97,6 +101,12 @@ def _check_loss_options(names: list[str], cfg: DPOArgs) -> None:
                              "--use_weighting")
     if cfg.ld_alpha is not None and not 0.0 <= cfg.ld_alpha <= 1.0:
         raise PrefalignError(f"ld_alpha must lie in [0, 1], got {cfg.ld_alpha}", "--ld_alpha")
+    if cfg.dpop_lambda is not None:
+        if cfg.dpop_lambda < 0:
+            raise PrefalignError(f"must not be negative, got {cfg.dpop_lambda}", "--dpop_lambda")
+        if not needs_reference(names):
+            raise PrefalignError(f"DPOP penalises the chosen log-ratio to the reference, which {', '.join(names)} "
+                                 "never reads", "--dpop_lambda")
 
 
 def resolve_dpo_config(cfg: DPOConfig) -> tuple[Objective, Truncation]:
@@ -104,6 +114,10 @@ def resolve_dpo_config(cfg: DPOConfig) -> tuple[Objective, Truncation]:
     require(cfg, "model_name_or_path", "dataset_name")
     limits = Truncation.of(cfg)
     objective = preference_objective(cfg)
+    check_ref_sync(cfg)
+    if cfg.sync_ref_model and not objective.needs_reference:
+        raise PrefalignError(f"{', '.join(cfg.loss_type)} use no reference model, so there is none to move",
+                             "--sync_ref_model")
     check_train_args(cfg)
     return objective, limits
 
@@ -140,8 +154,10 @@ class DPOStage:
 
     def __init__(self, cfg: DPOConfig, objective: Objective, train: list[TokenizedPair],
                  eval_: list[TokenizedPair] | None, pad_token_id: int, reference: Reference | None = None,
-                 ref_cache: dict[str, ReferenceCache] | None = None, packed: bool = False) -> None:
+                 ref_cache: dict[str, ReferenceCache] | None = None, packed: bool = False,
+                 ref_sync: ReferenceSync | None = None) -> None:
         self.cfg, self.objective = cfg, objective
+        self.ref_sync = ref_sync  # TR-DPO: the reference moves towards the policy after some optimizer steps
         self.packed = packed  # padding-free layout (shared prompt with cfg.share_prompt); else padded rows
         self.data = {"train": train, "eval": eval_ or []}
         self.pad_token_id = pad_token_id
@@ -212,8 +228,36 @@ class DPOStage:
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> MetricSums:
         return self._forward(model, batch)[1]
 
+    def end_step(self, global_step: int, metrics: dict[str, float]) -> None:
+        if self.ref_sync is not None:
+            self.ref_sync.after_step(global_step)
+
 
 # ---------------------------------------------------------------- building the stage
+
+
+def reference_sync(cfg: Any, reference: Reference | None, policy: nn.Module) -> ReferenceSync | None:
+    """TR-DPO's reference update when --sync_ref_model is on (its flags were checked by check_ref_sync)."""
+    if not cfg.sync_ref_model or reference is None:
+        return None
+    return ReferenceSync(reference, policy, cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps)
+
+
+def checkpoint_io(model: nn.Module, tokenizer: Any, sync: ReferenceSync | None) -> dict[str, Any]:
+    """train_and_save's save/load of checkpoints: the policy, and with TR-DPO the moved reference beside it (without
+    it a resumed run would restart from the initial reference)."""
+    if sync is None:
+        return {}
+
+    def save(directory: Path) -> None:
+        save_model(model, tokenizer, directory, merge_adapter=False)
+        sync.save(directory)
+
+    def load(directory: Path) -> None:
+        load_weights_into(model, directory)
+        sync.load(directory)
+
+    return {"save": save, "load": load}
 
 
 def default_cache_dir() -> Path:
@@ -252,8 +296,10 @@ def train_dpo(cfg: DPOConfig) -> LoopResult:
     packed, notice = use_packing(cfg, [model] + ([reference.model] if reference is not None else []))
     if notice:
         session.print(notice)
-    stage = DPOStage(cfg, objective, train, eval_, session.tokenizer.pad_token_id, reference, ref_cache, packed=packed)
-    return train_and_save(stage, model, cfg, session, "dpo")
+    sync = reference_sync(cfg, reference, model)
+    stage = DPOStage(cfg, objective, train, eval_, session.tokenizer.pad_token_id, reference, ref_cache, packed=packed,
+                     ref_sync=sync)
+    return train_and_save(stage, model, cfg, session, "dpo", **checkpoint_io(model, session.tokenizer, sync))
 
 
 def pair_metrics(policy: nn.Module, reference: nn.Module | None, tokenizer: Any, pairs: list[Pair],

@@ -59,6 +59,11 @@ class Stage(Protocol):
     # Optional hooks:
     # - `begin_step(groups)`: called with an optimizer step's micro-batches (this process's and the others')
     #   before any of them is weighed or built; online stages sample the rollout they come from here.
+    # - `end_step(global_step, metrics)`: called on every process right after an optimizer step with the step's
+    #   reduced metrics (names starting with "_" are kept for it and never logged): TR-DPO moves its reference there,
+    #   BCO its running reward mean, before the step is logged, evaluated or checkpointed.
+    # - `finish_metrics(metrics) -> metrics`: the reduced metrics of a step or an evaluation, as logged; a stage may
+    #   derive some from others (KTO's margins) or drop what is undefined for this batch.
     # - `reference`, a model.reference.Reference; under FSDP its separate frozen model is sharded too.
 
 
@@ -148,7 +153,12 @@ def evaluate(stage: Stage, model: torch.nn.Module, accelerator: Any) -> dict[str
         return {}
     shares = distributed.pad_groups(groups, accelerator.process_index, accelerator.num_processes)
     acc = accumulate_eval(stage, model, shares, accelerator.device, accelerator.autocast)
-    return {f"eval_{k}": v for k, v in acc.reduce(accelerator).items()}
+    return {f"eval_{k}": v for k, v in _stage_metrics(stage, acc.reduce(accelerator)).items()}
+
+
+def _stage_metrics(stage: Stage, metrics: dict[str, float]) -> dict[str, float]:
+    finish = getattr(stage, "finish_metrics", None)
+    return metrics if finish is None else finish(metrics)
 
 
 class _Run:
@@ -208,6 +218,9 @@ class _Run:
         state.micro_index += len(step_groups)
         if state.micro_index >= len(self.groups):
             state.epoch, state.micro_index = state.epoch + 1, 0
+        end = getattr(self.stage, "end_step", None)
+        if end is not None:  # after the update, before this step is logged, evaluated or checkpointed
+            end(state.global_step, metrics)
         last = _finish_metrics(metrics, self.stage, state, len(self.groups), max(time.perf_counter() - start, 1e-9))
         if metrics["_tokens"]:
             self.seen_tokens += metrics["_tokens"]
@@ -304,7 +317,7 @@ def _optimizer_step(stage: Stage, model: torch.nn.Module, params: list[torch.nn.
 
 def _finish_metrics(metrics: dict[str, Any], stage: Stage, state: TrainState, groups_in_epoch: int,
                     elapsed: float) -> dict[str, float]:
-    out = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    out = _stage_metrics(stage, {k: v for k, v in metrics.items() if not k.startswith("_")})
     out["epoch"] = state.epoch + state.micro_index / max(groups_in_epoch, 1)
     out[f"{stage.example_unit}/s"] = metrics["_examples"] / elapsed
     if metrics["_tokens"]:
