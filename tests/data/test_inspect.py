@@ -106,3 +106,31 @@ def test_named_template_is_applied_and_reported(data, tok):
 def test_percentiles():
     assert _percentiles(list(range(1, 101))) == [50, 90, 99, 100]
     assert _percentiles([7]) == [7, 7, 7, 7]
+
+
+def test_unpaired_feedback_report(tmp_path, tok):
+    """Unpaired rows and a preference pair in one file: examples, labels, TRL's balance warning, one row's examples.
+    Raw rows: "hello" = 'he' 'llo' = 2 prompt tokens, " no" + EOS and " yes" + EOS = 2 completion tokens each."""
+    from prefalign.config import InspectConfig
+
+    rows = [{"prompt": "hello", "completion": " no", "label": "down"},
+            {"prompt": "hello", "completion": " yes", "label": "up"},
+            {"prompt": "hello", "completion": " yes", "label": True},
+            {"prompt": "hello", "chosen": " yes", "rejected": " no"},
+            {"prompt": "hello", "completion": " yes", "label": "perhaps"}]
+    path = tmp_path / "fb.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = inspect_dataset(InspectConfig(dataset_name=str(path)), tok, row=3, color=False)
+    lines = out.splitlines()
+    assert lines[0] == f"== {path}: 5 rows, 4 valid, 1 invalid =="
+    assert "must be true/false" in lines[1] and f"{path}:5" in lines[1]
+    assert lines[2] == ("unpaired feedback: 3 rows, preference pairs: 1 (2 examples each) -> 5 examples, "
+                        "3 desirable, 2 undesirable")
+    table = [line.split()[-4:] for line in lines if line.startswith("  ")]
+    assert table == [["2"] * 4, ["2"] * 4, ["4"] * 4]  # prompt, completion, prompt + completion
+    # TRL's ranges for 3:2 at weights 1: desirable [2/3, 1.33·2/3], undesirable [3/2/1.33, 3/2]
+    assert any(line.startswith("warning: 3 desirable and 2 undesirable examples") and "[0.67, 0.89]" in line
+               and "[1.13, 1.5]" in line for line in lines)
+    # row 3 is the pair: shown as its two examples, chosen desirable, rejected undesirable
+    assert out.count(f"== row 3: {path}:4 (desirable") == 1 and out.count(f"== row 3: {path}:4 (undesirable") == 1
+    assert "hello[[ yes<|im_end|>]]" in out and "hello[[ no<|im_end|>]]" in out

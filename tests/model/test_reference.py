@@ -23,12 +23,16 @@ from prefalign.model.reference import (
     AdapterReference,
     DisabledAdapterReference,
     FrozenModelReference,
+    ReferenceSync,
     build_reference,
     cached_logps,
     fingerprint,
+    mix_into_reference,
     precompute_reference,
+    precompute_sequence_logps,
     reference_sources,
 )
+from prefalign.errors import PrefalignError
 
 PAIRS = [
     TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12, 13]),
@@ -226,3 +230,44 @@ def test_reference_pass_leaves_policy_training_intact(tiny_model_dir, use_peft) 
     loss.backward()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for p in trainable)
+
+
+def test_tr_dpo_mix_by_hand_and_only_every_n_steps(tiny_model_dir, tiny_llama_dir) -> None:
+    """θ_ref ← (1 − α)·θ_ref + α·θ_policy: with θ_ref = 1, θ_policy = 3 and α = 0.6 every entry becomes 2.2; the sync
+    runs after optimizer steps 2, 4, ... (TRL's global_step % ref_model_sync_steps == 0)."""
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reference = FrozenModelReference(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.fill_(3.0)
+        for p in reference.model.parameters():
+            p.fill_(1.0)
+    sync = ReferenceSync(reference, policy, alpha=0.6, every=2)
+    sync.after_step(1)
+    assert all(bool((p == 1.0).all()) for p in reference.model.parameters())
+    sync.after_step(2)
+    assert all(torch.allclose(p, torch.full_like(p, 2.2)) for p in reference.model.parameters())
+    assert not any(p.requires_grad for p in reference.model.parameters())
+    mix_into_reference(reference.model, policy, 1.0)  # α = 1: the paper's hard update copies the policy
+    assert all(bool((p == 3.0).all()) for p in reference.model.parameters())
+    other = FrozenModelReference(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32))
+    other.model.model.layers = other.model.model.layers[:1]  # a reference of another shape cannot be mixed
+    with pytest.raises(PrefalignError, match="do not match the policy"):
+        ReferenceSync(other, policy, 0.6, 2)
+    with pytest.raises(PrefalignError, match="separate reference"):
+        ReferenceSync(DisabledAdapterReference(policy), policy, 0.6, 2)
+
+
+def test_sequence_logps_are_sums_and_cached(tiny_model_dir, tmp_path) -> None:
+    from prefalign.data.collate import collate_padded_completions
+
+    reference = FrozenModelReference(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    items = [(p.prompt_ids, p.chosen_ids) for p in PAIRS]
+    collate = lambda chunk: collate_padded_completions([(p, [c]) for p, c in chunk], 0)  # noqa: E731
+    values = precompute_sequence_logps(reference, items, collate, 2, tmp_path, "k")
+    expected = reference.logps(collate(items)).token_logps.sum(-1)
+    torch.testing.assert_close(values, expected)
+    (file,) = tmp_path.glob("seq_logps-k.safetensors")
+    stamp = file.stat().st_mtime_ns
+    torch.testing.assert_close(precompute_sequence_logps(reference, items, collate, 2, tmp_path, "k"), values)
+    assert file.stat().st_mtime_ns == stamp  # read, not recomputed

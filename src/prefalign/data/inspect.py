@@ -45,7 +45,7 @@ def inspect_dataset(args: DataArgs, tokenizer: Any, row: int | None = None, colo
         raise PrefalignError(f"row {index} is out of range (the data has {len(rows)} rows, 0-{len(rows) - 1})",
                              where="--row")
     label_column = getattr(args, "label_column", None)
-    if label_column and any(isinstance(r, dict) and label_column in r for r, _ in rows):
+    if label_column and any(isinstance(r, dict) and r.get(label_column) is not None for r, _ in rows):
         return _inspect_unpaired(args, tokenizer, rows, index, limits, color)
     pairs: list[tuple[int, Pair]] = []
     errors: dict[int, PrefalignError] = {}

@@ -67,12 +67,15 @@ def normalize_feedback(row: dict[str, Any], source: str, args: Any) -> list[Unpa
     """The examples of one raw row: one for an unpaired row, two for a preference pair; PrefalignError if bad."""
     if not isinstance(row, dict):
         raise PrefalignError(f"a row must be an object with columns, got {kind(row)}", source)
-    if args.label_column in row:
+    # Arrow gives a mixed file's rows every column, None where a row has none: a None label is no label.
+    if row.get(args.label_column) is not None:
         return [_unpaired_row(row, source, args)]
-    if args.chosen_column in row or args.rejected_column in row:
+    if row.get(args.chosen_column) is not None or row.get(args.rejected_column) is not None:
         pair = normalize_pair(row, source, args)
         return [UnpairedExample(pair.prompt, pair.chosen, True, source),
                 UnpairedExample(pair.prompt, pair.rejected, False, source)]
+    if args.label_column in row:
+        raise PrefalignError(f"column '{args.label_column}' is empty (null)", source)
     present = ", ".join(sorted(row)) or "none"
     raise PrefalignError(f"missing column '{args.label_column}' (columns present: {present}); unpaired rows need "
                          f"'{args.prompt_column}', '{args.completion_column}' and '{args.label_column}', preference "

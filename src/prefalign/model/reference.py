@@ -300,14 +300,15 @@ def _read_cache(path: Path) -> list[CachedPair]:
 
 def precompute_sequence_logps(
     reference: Reference,
-    items: Sequence[tuple[list[int], list[int]]],
-    collate_fn: Callable[[Sequence[tuple[list[int], list[int]]]], dict[str, Any]],
+    items: Sequence[Any],
+    collate_fn: Callable[[Sequence[Any]], dict[str, Any]],
     batch_size: int,
     cache_dir: Path,
     fingerprint: str,
 ) -> Tensor:
-    """Reference log-probs summed over each completion of `items` (prompt ids, completion ids), in order, float32 on
-    CPU; read from `cache_dir` when this fingerprint was computed before (unpaired stages need no per-token values)."""
+    """Reference log-probs summed over the completion of each of `items` (one completion each, batched by
+    `collate_fn`), in order, float32 on CPU; read from `cache_dir` when this fingerprint was computed before
+    (unpaired stages need no per-token values)."""
     path = Path(cache_dir) / f"seq_logps-{fingerprint}.safetensors"
     if path.exists():
         cached = load_file(str(path))["logps"]
