@@ -129,6 +129,10 @@ def test_failed_start_keeps_earlier_run(tiny_model_dir, pairs_file, tmp_path, ca
         (["--loss_type", "sigmod"], "unknown"),
         (["--beta", "x"], "--beta: expected a number"),
         (["--model_name_or_path", "/no/such/model"], "/no/such/model"),
+        (["--sync_ref_model", "--use_peft"], "--sync_ref_model: a LoRA policy's reference is its own base"),
+        (["--sync_ref_model", "--precompute_ref_log_probs"], "--sync_ref_model: precomputed reference log-probs"),
+        (["--sync_ref_model", "--loss_type", "simpo"], "--sync_ref_model: simpo use no reference model"),
+        (["--dpop_lambda", "1", "--loss_type", "orpo"], "--dpop_lambda: DPOP penalises the chosen log-ratio"),
     ],
 )
 def test_bad_config_is_one_line_error_before_training(tiny_model_dir, pairs_file, tmp_path, capsys, extra, message):
@@ -256,3 +260,31 @@ def test_fast_path_is_default_and_equals_padded(tiny_model_dir, tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (name, a["step"], key)
     # The shared layout processes fewer tokens per pair: tokens/s counts unique tokens, the prompt once.
     assert _run(tiny_model_dir, data, tmp_path / "budget", "--max_steps", 2, "--max_tokens_per_batch", 160) == 0
+
+
+def test_tr_dpo_moves_the_reference_and_resumes_with_it(tiny_model_dir, pairs_file, tmp_path):
+    """TR-DPO with τ = 2, α = 0.6 (and DPOP on top): after optimizer step 2 the reference saved in checkpoint-2 is
+    0.6 · the policy of checkpoint-2 + 0.4 · the initial policy (the reference it started from), parameter by
+    parameter; a run resumed from checkpoint-2 continues with that reference and repeats the uninterrupted curve."""
+    from safetensors.torch import load_file
+
+    common = ["--max_steps", 4, "--save_steps", 2, "--per_device_train_batch_size", 2, "--sync_ref_model",
+              "--ref_model_sync_steps", 2, "--ref_model_mixup_alpha", 0.6, "--dpop_lambda", 5]
+    full = tmp_path / "full"
+    assert _run(tiny_model_dir, pairs_file, full, *common) == 0
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    policy = load_file(full / "checkpoint-2" / "model.safetensors")
+    reference = load_file(full / "checkpoint-2" / "reference" / "model.safetensors")
+    assert set(reference) == set(policy)
+    for name, value in reference.items():
+        torch.testing.assert_close(value, 0.6 * policy[name] + 0.4 * initial[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(policy[n], initial[n]) for n in policy)  # the case says something
+    records = read_metrics(full / "metrics.jsonl")
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # no DPOP penalty before the first update
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    assert _run(tiny_model_dir, pairs_file, resumed, *common, "--resume_from_checkpoint", "latest") == 0
+    for ra, rb in zip(records[2:], read_metrics(resumed / "metrics.jsonl")):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)

@@ -193,8 +193,7 @@ class KTOStage:
                 if ref_kl is not None:
                     step_kl = self._kl_sum("train", group, partner, ref_kl)  # padding groups run, for collectives
                     kl_sum += step_kl.double() if counts else 0.0
-                if counts:
-                    self._ref.update(zip(group, ref_main.float().cpu().tolist()))
+                self._ref.update(zip(group, ref_main.float().cpu().tolist()))  # a padding batch is built too
         if self.uses_kl:
             if self.accelerator.num_processes > 1:
                 kl_sum = self.accelerator.reduce(kl_sum, reduction="sum")
