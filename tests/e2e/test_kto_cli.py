@@ -7,7 +7,6 @@ import math
 import shutil
 
 import pytest
-import torch
 
 from helpers import conv, run_cli, write_jsonl
 from prefalign.train.metrics import read_metrics
@@ -122,7 +121,7 @@ def test_resume_reproduces_the_uninterrupted_curve(tiny_model_dir, pairs_file, t
 def test_padding_free_equals_padded(tiny_model_dir, pairs_file, tmp_path):
     curves = {}
     for name, extra in {"packed": [], "padded": ["--padding_free", "false"]}.items():
-        assert _run(tiny_model_dir, pairs_file, tmp_path / name, "--max_steps", 3) == 0
+        assert _run(tiny_model_dir, pairs_file, tmp_path / name, "--max_steps", 3, *extra) == 0
         curves[name] = read_metrics(tmp_path / name / "metrics.jsonl")
     _same(curves["padded"], curves["packed"], abs_=1e-6)
 

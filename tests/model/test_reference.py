@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from prefalign.config import ModelArgs
 from prefalign.data.collate import collate_padded
 from prefalign.data.types import TokenizedPair
+from prefalign.errors import PrefalignError
 from prefalign.model.load import POLICY_ADAPTER, REFERENCE_ADAPTER, load_policy, save_model
 from prefalign.model.logprobs import completion_logps
 from prefalign.model.reference import (
@@ -32,7 +33,6 @@ from prefalign.model.reference import (
     precompute_sequence_logps,
     reference_sources,
 )
-from prefalign.errors import PrefalignError
 
 PAIRS = [
     TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12, 13]),
