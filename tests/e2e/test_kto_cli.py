@@ -158,6 +158,11 @@ def test_precomputed_reference_matches_live_and_is_reused(tiny_model_dir, pairs_
     live, pre = read_metrics(tmp_path / "live" / "metrics.jsonl"), read_metrics(tmp_path / "pre" / "metrics.jsonl")
     assert len(live) == len(pre) == 6  # 5 steps and one evaluation
     _same(live, pre, (*STEP_KEYS, "eval_loss", "eval_kl", "eval_rewards/chosen"), abs_=1e-6)
+    apo = ["--max_steps", 2, "--loss_type", "apo_zero_unpaired"]  # no KL pairs to cache
+    assert _run(tiny_model_dir, pairs_file, tmp_path / "apo_live", *apo) == 0
+    assert _run(tiny_model_dir, pairs_file, tmp_path / "apo_pre", *apo, "--precompute_ref_log_probs") == 0
+    _same(read_metrics(tmp_path / "apo_live" / "metrics.jsonl"), read_metrics(tmp_path / "apo_pre" / "metrics.jsonl"),
+          abs_=1e-6)
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -162,9 +162,11 @@ class KTOStage:
         the precomputed values."""
         if split in self.cached:
             cache = self.cached[split]
-            main = torch.tensor([cache[(i, i)] for i in group], device=self.accelerator.device)
-            kl = torch.tensor([cache[(i, partner[i])] for i in group], device=self.accelerator.device)
-            return main, (kl if self.uses_kl else None)
+            device = self.accelerator.device
+            main = torch.tensor([cache[(i, i)] for i in group], device=device)
+            if not self.uses_kl:
+                return main, None
+            return main, torch.tensor([cache[(i, partner[i])] for i in group], device=device)
         data = self.data[split]
         items = [(data[i].prompt_ids, [data[i].completion_ids] + ([data[partner[i]].completion_ids]
                                                                   if self.uses_kl else [])) for i in group]
