@@ -10,7 +10,16 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from prefalign.config import DataArgs, DPOArgs, KTOArgs, ModelArgs, RefSyncArgs, TrainArgs, UnpairedArgs, field_help
+from prefalign.config import (
+    DataArgs,
+    DPOArgs,
+    KTOArgs,
+    ModelArgs,
+    RefSyncArgs,
+    TrainArgs,
+    UnpairedArgs,
+    field_help,
+)
 
 GROUPS = [("Model", ModelArgs), ("Data", DataArgs), ("Training", TrainArgs), ("DPO", DPOArgs),
           ("Reference syncing (TR-DPO; dpo and kto)", RefSyncArgs), ("KTO", KTOArgs),
