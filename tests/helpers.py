@@ -6,9 +6,24 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
 from prefalign.config.tools import ModelShape
 from prefalign.data.tokenizer import train_bpe_tokenizer
 from prefalign.model.init import init_model
+from prefalign.model.processor import image_only
 
 WORDS = " ".join([
     "the a an what is how why who when where which answer question user assistant system hello world",
@@ -55,3 +70,95 @@ def run_cli(command: str, model_dir, data, out, *extra) -> int:
 
     return main([command, "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
                  "--logging_steps", "1", "--disable_tqdm", "--report_to", "none", *map(str, extra)])
+
+
+# ---------------------------------------------------------------- tiny vision-language models
+
+# ChatML that renders string contents and content parts; an image part becomes the family's placeholder, which the
+# processor expands to the image's tokens. It tests part['type'] only (Arrow gives text parts an "image": None).
+VLM_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- 'IMAGE_PLACEHOLDER' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+TEXT_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+
+
+def build_vlm(out_dir: Path, family: str = "qwen2_vl", seed: int = 0):
+    """A tiny random VLM of `family` (qwen2_vl or llava) and its processor, assembled offline from our BPE tokenizer
+    and an image-processor config (PIL backend: no torchvision), saved in Hugging Face format. A 64x64 image takes
+    16 tokens in both."""
+    tok = train_bpe_tokenizer(corpus(), vocab_size=400)
+    if family == "qwen2_vl":
+        tok.add_tokens(QWEN_VL_TOKENS, special_tokens=True)
+        ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_TOKENS}
+        tok.chat_template = VLM_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<|vision_start|><|image_pad|><|vision_end|>")
+        config = Qwen2VLConfig(
+            text_config=dict(vocab_size=len(tok), **TEXT_SIZES, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id,
+                             # (t, h, w) sections sum to head_dim / 2 = 4
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+            vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=8,
+                               spatial_merge_size=2, temporal_patch_size=2),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+        images = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
+                                          max_pixels=64 * 64)
+        processor = image_only(Qwen2VLProcessor)(image_processor=images, tokenizer=tok, chat_template=tok.chat_template)
+    elif family == "llava":
+        tok.add_tokens(["<image>"], special_tokens=True)
+        tok.chat_template = VLM_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<image>")
+        config = LlavaConfig(
+            text_config=dict(model_type="qwen2", vocab_size=len(tok), **TEXT_SIZES, bos_token_id=None,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+            vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16),
+            image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+            vision_feature_select_strategy="default", image_seq_length=16, tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+        images = LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=tok.chat_template)
+    else:
+        raise ValueError(family)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return model, processor
+
+
+def make_image(seed: int, size: tuple[int, int] = (64, 64)):
+    """A reproducible RGB noise image."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+QUESTIONS = ["what is in this image", "describe the picture", "what colour is it", "how many are there"]
+GOOD = ["it is a cat", "a red sky", "it is blue", "there are two"]
+BAD = ["it is a dog", "no", "it is green", "there is one"]
+
+
+def vlm_rows(image_dir: Path, n: int = 4) -> list[dict]:
+    """Rows in the issue's layout: a system message, a user message with an image part then a text part, and
+    chosen / rejected assistant answers. Images are PNG files next to the data, given by relative path."""
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        make_image(i).save(image_dir / f"img{i}.png")
+        rows.append({
+            "prompt": [{"role": "system", "content": "you are a helpful assistant"},
+                       {"role": "user", "content": [{"type": "image", "image": f"{image_dir.name}/img{i}.png"},
+                                                    {"type": "text", "text": QUESTIONS[i % 4]}]}],
+            "chosen": [{"role": "assistant", "content": GOOD[i % 4]}],
+            "rejected": [{"role": "assistant", "content": BAD[i % 4]}],
+        })
+    return rows

@@ -115,7 +115,7 @@ def _error(row: dict, args: DataArgs | None = None) -> PrefalignError:
         ({"chosen": conv(("human", "x"), ("assistant", "y")), "rejected": REJECTED},
          "'chosen' message 0 has unknown role 'human' (allowed: system, user, assistant, tool)"),
         ({"chosen": [{"role": "assistant", "content": ["a"]}], "rejected": REJECTED},
-         "'chosen' message 0 content must be a string, got a list"),
+         "'chosen' message 0 part 0 must be an object with a 'type', got str"),
         ({"chosen": conv(("user", "x")), "rejected": conv(("user", "x"))},
          "the final turn of 'chosen' is from 'user', not the assistant"),
         ({"chosen": conv(("user", "x"), ("assistant", " ")), "rejected": conv(("user", "x"), ("assistant", "y"))},

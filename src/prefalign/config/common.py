@@ -49,6 +49,9 @@ class ModelArgs(ModelSource):
     """QLoRA: load the base model 4-bit quantized with bitsandbytes (needs a CUDA GPU)."""
     merge_adapter: bool = False
     """With --use_peft: also save the adapter merged into full weights (output_dir/merged)."""
+    freeze_vision_tower: bool = True
+    """Vision-language models: keep the vision encoder's weights fixed, so LoRA adapts the language model only and full
+    fine-tuning leaves the encoder as it was; false trains it too."""
 
 
 @dataclass

@@ -56,6 +56,13 @@ def collate_padded_completions(items: Sequence[tuple[list[int], Sequence[list[in
     }
 
 
+def padded_row_images(pairs: list[TokenizedPair]) -> list[Any]:
+    """The images of a padded batch in the order their tokens appear: each prompt sits in a chosen and a rejected
+    row, so every image comes twice (chosen rows' images, then the same for the rejected rows), as TRL feeds them."""
+    images = [image for p in pairs for image in p.images]
+    return images + images
+
+
 def collate_rows(rows: Sequence[Segments], pad_token_id: int, segmented: bool) -> dict[str, Any]:
     """input_ids / labels / position_ids (B, T); `attention_mask` only when not segmented (see module docstring)."""
     width = max(sum(len(s.input_ids) for s in row) for row in rows)

@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from prefalign.config import DataArgs
+from prefalign.data.content import images_of, normalize_content, text_of
 from prefalign.data.types import ROLES, Message, Pair, with_system_prompt
 from prefalign.errors import PrefalignError
 
@@ -134,7 +135,10 @@ def _chat_pair(prompt: Any, chosen: list, rejected: list, *, row: dict, source: 
             raise PrefalignError(
                 f"the final turn of '{name}' is from '{conv[-1]['role']}', not the assistant; only a final "
                 "assistant turn can be scored", where=source)
-        if not conv[-1]["content"].strip():
+        if images_of(conv[-1:]):
+            raise PrefalignError(f"the final assistant turn of '{name}' holds an image; only text answers can be "
+                                 "scored", where=source)
+        if not text_of(conv[-1]["content"]).strip():
             raise PrefalignError(f"the final assistant turn of '{name}' is empty", where=source)
     history = chosen[:-1]
     if rejected[:-1] != history:
@@ -160,10 +164,10 @@ def _messages(value: list, column: str, source: str) -> list[Message]:
         if msg["role"] not in ROLES:
             raise PrefalignError(
                 f"{where} has unknown role '{msg['role']}' (allowed: {', '.join(ROLES)})", where=source)
-        if not isinstance(msg["content"], str):
-            raise PrefalignError(f"{where} content must be a string, got {_kind(msg['content'])}", where=source)
         # Arrow fills keys that other rows' messages have with None; drop them so equal messages compare equal.
-        out.append({k: v for k, v in msg.items() if v is not None})
+        msg = {k: v for k, v in msg.items() if v is not None}
+        msg["content"] = normalize_content(msg["content"], where, source)
+        out.append(msg)
     return out
 
 

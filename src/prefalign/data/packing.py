@@ -138,6 +138,13 @@ def collate_packed_completions(items: Sequence[tuple[list[int], Sequence[list[in
     }
 
 
+def packed_row_images(pairs: list[TokenizedPair], share_prompt: bool) -> list[Any]:
+    """The images of a packed row in the order their tokens appear: each once with a shared prompt, else twice
+    per pair (its prompt opens both of its sequences)."""
+    repeat = 1 if share_prompt else 2
+    return [image for p in pairs for _ in range(repeat) for image in p.images]
+
+
 # ---------------------------------------------------------------- causal-LM rows (SFT --packing, pretraining)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefalign.config import DataArgs
+from prefalign.data.content import normalize_content
 from prefalign.data.load import load_examples
 from prefalign.data.templates import render, require_chat_template
 from prefalign.data.tokenize import common_prefix, encode_texts, with_eos
@@ -59,7 +60,8 @@ class SFTTokenizeStats:
 
 
 def check_messages(value: Any, column: str, source: str) -> list[Message]:
-    """A list of {role, content} with known roles and string contents, or a PrefalignError naming the row."""
+    """A list of {role, content} with known roles and valid contents (strings or content parts, see data.content),
+    or a PrefalignError naming the row."""
     if not isinstance(value, list) or not value:
         raise PrefalignError(f"column '{column}' must be a non-empty list of messages, got {_kind(value)}", source)
     out: list[Message] = []
@@ -69,9 +71,11 @@ def check_messages(value: Any, column: str, source: str) -> list[Message]:
             raise PrefalignError(f"{where} must be an object with role and content, got {_kind(msg)}", source)
         if msg.get("role") not in ROLES:
             raise PrefalignError(f"{where} has role {msg.get('role')!r} (allowed: {', '.join(ROLES)})", source)
-        if not isinstance(msg.get("content"), str):
-            raise PrefalignError(f"{where} content must be a string, got {_kind(msg.get('content'))}", source)
-        out.append({k: v for k, v in msg.items() if v is not None})  # Arrow fills missing keys with None
+        if msg.get("content") is None:
+            raise PrefalignError(f"{where} has no 'content'", source)
+        msg = {k: v for k, v in msg.items() if v is not None}  # Arrow fills missing keys with None
+        msg["content"] = normalize_content(msg["content"], where, source)
+        out.append(msg)
     return out
 
 

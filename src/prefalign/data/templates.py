@@ -178,8 +178,49 @@ def require_chat_template(tokenizer: Any, source: str = "") -> None:
             "or a .jinja file", where="--chat_template")
 
 
+_PROBE = "\x1fprefalign-probe\x1f"
+
+
+_TAKES_PARTS: dict[str, bool] = {}  # chat template text -> whether it renders content parts
+
+
+def _takes_parts(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders list-of-parts contents (else it only takes strings).
+    Probed once per template: a string-only one fails on a list, or prints the list's repr."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if template not in _TAKES_PARTS:
+        probe = [{"role": "user", "content": [{"type": "text", "text": _PROBE}]}]
+        try:
+            text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            text = text if isinstance(text, str) else text[0]
+            _TAKES_PARTS[template] = _PROBE in text and "'type'" not in text
+        except Exception:  # any failure on a list content means: strings only
+            _TAKES_PARTS[template] = False
+    return _TAKES_PARTS[template]
+
+
+def template_messages(tokenizer: Any, messages: list[dict[str, Any]], source: str = "") -> list[dict[str, Any]]:
+    """`messages` as the template takes them. Contents that are strings pass unchanged. Content parts go to
+    a template that renders parts with each image part reduced to `{"type": "image"}` (the template writes the
+    placeholder, the processor puts the pixels there); a template that only takes strings gets the text parts
+    joined with nothing between them, and an image part is an error, since such a template has no place for it."""
+    if not any(isinstance(m.get("content"), list) for m in messages):
+        return messages
+    if _takes_parts(tokenizer):
+        return [m if isinstance(m["content"], str) else
+                {**m, "content": [p if p["type"] == "text" else {"type": "image"} for p in m["content"]]}
+                for m in messages]
+    if any(p["type"] == "image" for m in messages if isinstance(m["content"], list) for p in m["content"]):
+        raise PrefalignError("the row has an image part, but the chat template renders only string contents; "
+                             "use a vision-language model's processor template", where=source or "--chat_template")
+    return [m if isinstance(m["content"], str) else
+            {**m, "content": "".join(p["text"] for p in m["content"])} for m in messages]
+
+
 def render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, source: str = "") -> str:
-    """The template's text for `messages`; template errors name the row they came from."""
+    """The template's text for `messages` (content parts handled by `template_messages`); template errors name
+    the row they came from."""
+    messages = template_messages(tokenizer, messages, source)
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja errors, raise_exception() from a template: the row or template is at fault

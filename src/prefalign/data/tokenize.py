@@ -26,9 +26,11 @@ from typing import Any
 
 from prefalign.config import DataArgs
 from prefalign.config.checks import check_truncation
+from prefalign.data.content import images_of
 from prefalign.data.load import load_pairs
 from prefalign.data.templates import render, require_chat_template
 from prefalign.data.types import Pair, TokenizedPair
+from prefalign.data.vision import expand_prompt
 from prefalign.errors import PrefalignError
 
 logger = logging.getLogger("prefalign.data")
@@ -37,6 +39,7 @@ DROP_REASONS = {
     "no_completion": "no completion token left (prompt fills --max_length={max_length})",
     "identical": "chosen and rejected are identical",
     "identical_after_truncation": "chosen and rejected identical after truncation",
+    "image_prompt": "a prompt with images is longer than --max_prompt_length (image prompts are never cut)",
 }
 _ENCODE_BATCH = 1024
 
@@ -98,6 +101,7 @@ class Encoded:
     chosen_ids: list[int]
     rejected_ids: list[int]
     prefix_mismatch: bool = False
+    images: tuple = ()  # the prompt's ImageRefs; its image tokens are in prompt_ids
 
 
 @dataclass
@@ -120,8 +124,9 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in out]
 
 
-def encode_pairs(pairs: list[Pair], tokenizer: Any) -> list[Encoded]:
-    """Token ids of every pair before truncation (conversational pairs via the chat template)."""
+def encode_pairs(pairs: list[Pair], tokenizer: Any, processor: Any = None) -> list[Encoded]:
+    """Token ids of every pair before truncation (conversational pairs via the chat template). A pair with images
+    needs the vision-language model's `processor`: its prompt ids hold the image tokens the processor inserts."""
     chat = [p for p in pairs if p.is_conversational]
     if chat:
         require_chat_template(tokenizer, chat[0].source)
@@ -139,10 +144,27 @@ def encode_pairs(pairs: list[Pair], tokenizer: Any) -> list[Encoded]:
     for i, p in enumerate(pairs):
         prompt, a, b = ids[3 * i: 3 * i + 3]
         if p.is_conversational:
-            out.append(_split_completions(prompt, a, b))
+            enc = _split_completions(prompt, a, b)
+            images = tuple(images_of(p.prompt))
+            if images:
+                enc = _with_image_tokens(enc, processor, texts[3 * i], images, p.source)
+            out.append(enc)
         else:
             out.append(Encoded(prompt, with_eos(a, eos), with_eos(b, eos)))
     return out
+
+
+def _with_image_tokens(enc: Encoded, processor: Any, prompt_text: str, images: tuple, source: str) -> Encoded:
+    """`enc` with its prompt re-encoded by the processor (each image placeholder expanded to its image tokens).
+    The completions come after every image, so the split made on the unexpanded ids holds."""
+    if processor is None:
+        raise PrefalignError("the row has an image part, but the model has no image processor (a text-only model); "
+                             "images need a vision-language model", where=source)
+    if enc.prefix_mismatch:
+        raise PrefalignError("the chat template renders this image prompt differently once an answer follows; "
+                             "image prompts need a template whose prompt is a prefix of the conversation", where=source)
+    prompt = expand_prompt(processor, prompt_text, images, source)
+    return Encoded(prompt, enc.chosen_ids, enc.rejected_ids, images=images)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -189,7 +211,27 @@ def cut(prompt: list[int], completions: list[list[int]], limits: Truncation) -> 
 
 def truncate(enc: Encoded, limits: Truncation) -> Truncated:
     """Apply --max_prompt_length, --max_completion_length and --max_length (see the module docstring)."""
+    if enc.images:
+        return _truncate_image_pair(enc, limits)
     prompt, (chosen, rejected) = cut(enc.prompt_ids, [enc.chosen_ids, enc.rejected_ids], limits)
+    return _truncated(enc, prompt, chosen, rejected)
+
+
+def _truncate_image_pair(enc: Encoded, limits: Truncation) -> Truncated:
+    """An image prompt is never cut (its image tokens must all stay, and so must whatever they attend to):
+    completions lose their end to fit --max_length, and a prompt over --max_prompt_length drops the pair."""
+    prompt, chosen, rejected = enc.prompt_ids, enc.chosen_ids, enc.rejected_ids
+    if limits.max_prompt_length is not None and len(prompt) > limits.max_prompt_length:
+        return Truncated(prompt, chosen, rejected, False, False, drop_reason="image_prompt")
+    if limits.max_completion_length is not None:
+        chosen, rejected = chosen[:limits.max_completion_length], rejected[:limits.max_completion_length]
+    if limits.max_length is not None:
+        room = max(0, limits.max_length - len(prompt))
+        chosen, rejected = chosen[:room], rejected[:room]
+    return _truncated(enc, prompt, chosen, rejected)
+
+
+def _truncated(enc: Encoded, prompt: list[int], chosen: list[int], rejected: list[int]) -> Truncated:
     drop = None
     if not chosen or not rejected:
         drop = "no_completion"
@@ -201,12 +243,14 @@ def truncate(enc: Encoded, limits: Truncation) -> Truncated:
                      drop_reason=drop)
 
 
-def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation) -> tuple[list[TokenizedPair], TokenizeStats]:
-    """Tokenize and truncate `pairs`; pairs left with nothing to learn from are dropped and counted."""
+def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation, processor: Any = None
+                   ) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Tokenize and truncate `pairs` (image pairs through `processor`); pairs left with nothing to learn from are
+    dropped and counted."""
     stats = TokenizeStats(total=len(pairs), max_length=limits.max_length)
     out: list[TokenizedPair] = []
     first_mismatch = None
-    for pair, enc in zip(pairs, encode_pairs(pairs, tokenizer)):
+    for pair, enc in zip(pairs, encode_pairs(pairs, tokenizer, processor)):
         t = truncate(enc, limits)
         if enc.prefix_mismatch:
             stats.prefix_mismatch += 1
@@ -216,7 +260,7 @@ def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation) -> tup
             continue
         stats.prompt_truncated += t.prompt_truncated
         stats.completion_truncated += t.completion_truncated
-        out.append(TokenizedPair(t.prompt_ids, t.chosen_ids, t.rejected_ids, pair.source, pair.margin))
+        out.append(TokenizedPair(t.prompt_ids, t.chosen_ids, t.rejected_ids, pair.source, pair.margin, enc.images))
     stats.kept = len(out)
     if first_mismatch:
         logger.warning("%s: the chat template tokenizes the prompt differently once an answer follows (%d pairs); "
@@ -229,14 +273,15 @@ def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation) -> tup
     return out, stats
 
 
-def load_tokenized_pairs(args: DataArgs, tokenizer: Any, limits: Truncation, report: Any = print
-                         ) -> tuple[list[TokenizedPair], list[TokenizedPair] | None]:
-    """(train, eval) token ids of the preference data in `args`, each split's one-line summary sent to `report`."""
+def load_tokenized_pairs(args: DataArgs, tokenizer: Any, limits: Truncation, report: Any = print,
+                         processor: Any = None) -> tuple[list[TokenizedPair], list[TokenizedPair] | None]:
+    """(train, eval) token ids of the preference data in `args`, each split's one-line summary sent to `report`;
+    image pairs go through a vision-language model's `processor`."""
     train_rows, eval_rows = load_pairs(args)
-    train, stats = tokenize_pairs(train_rows, tokenizer, limits)
+    train, stats = tokenize_pairs(train_rows, tokenizer, limits, processor)
     report(f"train: {stats.summary()}")
     if not eval_rows:
         return train, None
-    eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, limits)
+    eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, limits, processor)
     report(f"eval: {eval_stats.summary()}")
     return train, eval_

@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-Message = dict[str, Any]  # {"role": str, "content": str}
+# A content is a string or a list of parts: {"type": "text", "text": str} / {"type": "image", "image": ImageRef}
+# (data.content normalises them, data.images holds ImageRef).
+Content = str | list[dict[str, Any]]
+Message = dict[str, Any]  # {"role": str, "content": Content}
 
 # "tool" is allowed because tool results are legitimate history in agentic data; whether the chat template can
 # render them is the template's business (built-ins that cannot, say so when rendering).
@@ -56,6 +59,7 @@ class TokenizedPair:
     rejected_ids: list[int]
     source: str = ""
     margin: float | None = None
+    images: tuple = ()  # the prompt's images (data.images.ImageRef), in the order their tokens appear
 
     @property
     def num_tokens(self) -> int:

@@ -14,22 +14,28 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.processing_utils import ProcessorMixin
 
-from prefalign.config import ModelArgs
+from prefalign.config import ModelArgs, ModelSource
 from prefalign.errors import PrefalignError
+from prefalign.model.processor import load_processor as auto_processor
 from prefalign.model.weights import full_state_dict, is_main_process
 
 POLICY_ADAPTER = "default"
@@ -39,24 +45,63 @@ DTYPES: dict[str, Any] = {"float32": torch.float32, "bfloat16": torch.bfloat16, 
 _LOAD_ERRORS = (OSError, ValueError, KeyError)
 
 
-def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:
-    """The tokenizer of `--tokenizer_name_or_path` (default: the model's); pad falls back to eos."""
+def load_tokenizer(args: ModelSource) -> PreTrainedTokenizerBase:
+    """The tokenizer of `--tokenizer_name_or_path` (default: the model's); see `load_processing`."""
+    return load_processing(args)[0]
+
+
+def load_processing(args: ModelSource) -> tuple[PreTrainedTokenizerBase, ProcessorMixin | None]:
+    """(tokenizer, processor) of `--tokenizer_name_or_path` (default: the model's). The processor is the
+    vision-language model's `AutoProcessor` (its tokenizer is the one returned) and None for a text model; the
+    tokenizer's pad falls back to eos, and it carries the processor's chat template."""
     name = args.tokenizer_name_or_path or args.model_name_or_path
     flag = "--tokenizer_name_or_path" if args.tokenizer_name_or_path else "--model_name_or_path"
     if not name:
         raise PrefalignError("no model given; pass a local directory or a hub id", "--model_name_or_path")
     if _looks_local(name) and not Path(name).expanduser().is_dir():
         raise PrefalignError(f"no such tokenizer directory: {name}", flag)
+    processor = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+        if is_vision_language(name, args.trust_remote_code):
+            processor = auto_processor(name, trust_remote_code=args.trust_remote_code)
+            tokenizer = processor.tokenizer
+            if processor.chat_template and not getattr(tokenizer, "chat_template", None):
+                tokenizer.chat_template = processor.chat_template
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
     except _LOAD_ERRORS as e:
-        raise PrefalignError(f"cannot load a tokenizer from {name!r}: {_first_line(e)}", flag) from None
+        what = "a processor" if processor is None and is_vision_language(name, args.trust_remote_code) else "a tokenizer"
+        raise PrefalignError(f"cannot load {what} from {name!r}: {_first_line(e)}", flag) from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise PrefalignError(f"tokenizer {name!r} has neither a pad nor an eos token", flag)
         # Padding positions are always masked out, so reusing eos as pad changes no loss.
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return tokenizer, processor
+
+
+def is_vision_language(name: str | None, trust_remote_code: bool = False) -> bool:
+    """Whether the model at `name` is a vision-language model (its config has a vision part)."""
+    if not name:
+        return False
+    return _has_vision_config(str(name), trust_remote_code)
+
+
+def _has_vision_config(name: str, trust_remote_code: bool) -> bool:
+    directory = Path(name).expanduser()
+    if (directory / "config.json").is_file():
+        try:
+            return "vision_config" in json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+    if (directory / "processor_config.json").is_file():  # an adapter directory saved with its processor
+        return True
+    if _looks_local(name):
+        return False
+    try:
+        return getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), "vision_config", None) is not None
+    except _LOAD_ERRORS:
+        return False  # the model loader reports the real problem
 
 
 def load_pretrained(name_or_path: str | None, args: ModelArgs, flag: str, quantize: bool = False, *,
@@ -74,6 +119,8 @@ def load_pretrained(name_or_path: str | None, args: ModelArgs, flag: str, quanti
         kwargs["attn_implementation"] = args.attn_implementation
     if quantize:
         kwargs["quantization_config"] = _bnb_config(args)
+    if auto_class is None and is_vision_language(name_or_path, args.trust_remote_code):
+        auto_class, what = AutoModelForImageTextToText, "a vision-language model"
     try:
         return (auto_class or AutoModelForCausalLM).from_pretrained(name_or_path, **kwargs, **extra)
     except _LOAD_ERRORS as e:
@@ -96,10 +143,13 @@ def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTra
     elif gradient_checkpointing:
         enable_checkpointing(model)
 
+    vision = vision_tower(model)
+    if vision is not None and args.freeze_vision_tower:
+        vision.requires_grad_(False)  # full fine-tuning trains the language model (and projector) only
     if args.peft_adapter_path:
         model = _load_adapter_twice(model, args.peft_adapter_path)
     elif args.use_peft or args.load_in_4bit:
-        model = get_peft_model(model, lora_config(args))
+        model = get_peft_model(model, lora_config(args, model))
     if isinstance(model, PeftModel) and gradient_checkpointing:
         # With a frozen base the embedding output does not require grad; checkpointed blocks then would
         # not propagate gradients to the adapters without this.
@@ -116,15 +166,42 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def lora_config(args: ModelArgs) -> LoraConfig:
-    """LoRA settings from the flags; "all-linear" adapts every linear layer except the output head."""
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    """The vision encoder of a vision-language model (Qwen2-VL's `visual`, LLaVA's `vision_tower`, ...), else None."""
+    if getattr(getattr(model, "config", None), "vision_config", None) is None:
+        return None
+    encoder = model.get_encoder(modality="image")
+    return None if encoder is model or encoder is getattr(model, "base_model", None) else encoder
+
+
+def lora_config(args: ModelArgs, model: nn.Module | None = None) -> LoraConfig:
+    """LoRA settings from the flags; "all-linear" adapts every linear layer except the output head. On a
+    vision-language model with --freeze_vision_tower (the default) the adapters go into the language model only:
+    peft's "all-linear" and plain names such as q_proj would also match the vision tower's layers."""
+    targets: str | list[str] = args.lora_target_modules or "all-linear"
+    if model is not None and vision_tower(model) is not None and args.freeze_vision_tower:
+        targets = _language_model_targets(model, args.lora_target_modules)
     return LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules or "all-linear",
+        target_modules=targets,
         task_type="CAUSAL_LM",
     )
+
+
+def _language_model_targets(model: nn.Module, names: list[str] | None) -> str:
+    """A regex (saved verbatim in adapter_config.json) matching the linear layers of the language model only,
+    restricted to the leaf `names` when given."""
+    decoder = model.get_decoder()
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in decoder.named_modules() if isinstance(m, nn.Linear)})
+    if names:
+        leaves = [n for n in leaves if n in set(names)]
+        if not leaves:
+            raise PrefalignError(f"none of {', '.join(names)} is a linear layer of the language model",
+                                 "--lora_target_modules")
+    return rf"{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaves))})"
 
 
 def _load_adapter_twice(model: PreTrainedModel, path: str) -> PeftModel:
@@ -212,6 +289,14 @@ def load_model_for_inference(path: str | None, base_model: str | None = None,
                              tokenizer_path: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode: a full model, or a base model with the LoRA adapter at `path` applied (its base
     is `base_model`, default the one adapter_config.json records)."""
+    model, tokenizer, _ = load_for_inference(path, base_model, tokenizer_path)
+    return model, tokenizer
+
+
+def load_for_inference(path: str | None, base_model: str | None = None,
+                       tokenizer_path: str | None = None) -> tuple[Any, Any, ProcessorMixin | None]:
+    """(model, tokenizer, processor) as `load_model_for_inference` loads them; the processor of a vision-language
+    model (None for a text model)."""
     if not path:
         raise PrefalignError("is required", "--model_name_or_path")
     p = Path(path).expanduser()
@@ -228,8 +313,8 @@ def load_model_for_inference(path: str | None, base_model: str | None = None,
         model = load_pretrained(path, ModelArgs(), "--model_name_or_path")
     # the adapter directory usually holds the tokenizer too; fall back to the base model's
     tok_source = tokenizer_path or (path if (p / "tokenizer_config.json").is_file() or not is_adapter else base)
-    tokenizer = load_tokenizer(ModelArgs(model_name_or_path=tok_source))
-    return model.eval(), tokenizer
+    tokenizer, processor = load_processing(ModelArgs(model_name_or_path=tok_source))
+    return model.eval(), tokenizer, processor
 
 
 def _recorded_base(adapter_dir: Path) -> str:

@@ -288,8 +288,10 @@ def _padded_logps(
         )
     num_rows = input_ids.shape[0]
     rows, cols = completion.nonzero(as_tuple=True)  # row-major, so each row's tokens stay in order
+    forward_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    forward_kwargs.update(batch.get("vision_inputs") or {})  # a VLM batch's image tensors (data.vision)
     scores = score_positions(
-        model, {"input_ids": input_ids, "attention_mask": attention_mask}, rows, cols - 1, input_ids[rows, cols],
+        model, forward_kwargs, rows, cols - 1, input_ids[rows, cols],
         with_wpo=with_wpo, chunk_size=chunk_size, with_entropy=with_entropy, temperature=temperature,
     )  # fmt: skip
     slots = (completion.cumsum(1) - 1)[rows, cols]  # index of each token within its completion

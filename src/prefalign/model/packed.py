@@ -52,6 +52,9 @@ PREFIX = "prefalign_packed:"
 BLOCKS_KWARG = "prefalign_blocks"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 Block = tuple[int, int, int, int]
+# Multimodal families whose packed layout is tested equal to padded rows: Qwen2-VL's 3-D (M-RoPE) positions are
+# rebuilt per block from its own get_rope_index; LLaVA's language model takes 1-D positions like a text model.
+VERIFIED_MULTIMODAL = frozenset({"qwen2_vl", "llava"})
 
 
 def _block_attention(
@@ -106,7 +109,11 @@ def _make_dispatcher(base: str) -> Callable[..., Any]:
 
 
 def _config(model: nn.Module) -> Any:
-    return unwrap_model(model).config
+    """The config whose attention implementation the packed layout switches: the text model's. On a
+    vision-language model the top-level setter would propagate to the vision tower too, whose attention must
+    stay the base implementation (its rows are images, not the packed row)."""
+    config = unwrap_model(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def install_packed_attention(model: nn.Module) -> None:
@@ -138,6 +145,8 @@ def supports_packing(model: nn.Module) -> tuple[bool, str]:
     if config is None:
         return False, f"{type(inner).__name__} has no transformers config"
     kind = getattr(config, "model_type", type(inner).__name__)
+    multimodal = getattr(config, "vision_config", None) is not None or getattr(config, "audio_config", None) is not None
+    config = _config(model)  # the text model's settings decide the attention pattern
     base = (config._attn_implementation or "eager").removeprefix(PREFIX)
     checks = [
         (getattr(inner, "_supports_attention_backend", False),
@@ -145,8 +154,9 @@ def supports_packing(model: nn.Module) -> tuple[bool, str]:
         (base in BASE_IMPLEMENTATIONS, f"attention implementation {base!r} is not one of {BASE_IMPLEMENTATIONS}"),
         (getattr(config, "is_causal", True) and not getattr(config, "is_encoder_decoder", False),
          f"{kind} is not a causal decoder-only model"),
-        (getattr(config, "vision_config", None) is None and getattr(config, "audio_config", None) is None,
-         f"{kind} is multimodal (its position ids are not 1-D)"),
+        (not multimodal or kind in VERIFIED_MULTIMODAL,
+         f"{kind} is a multimodal family whose packed positions are not verified (verified: "
+         f"{', '.join(sorted(VERIFIED_MULTIMODAL))})"),
         (set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
          and not getattr(config, "use_sliding_window", False),
          f"{kind} uses sliding-window or non-standard attention layers"),
@@ -171,12 +181,15 @@ def packed_logps(
     # built for the packed row; the blocks define the attention.
     length = input_ids.shape[1]
     placeholder = torch.ones((), dtype=torch.bool, device=input_ids.device).expand(1, 1, length, length)
+    vision = dict(batch.get("vision_inputs") or {})
     forward_kwargs = {
         "input_ids": input_ids,
-        "position_ids": batch["position_ids"],
+        "position_ids": _positions(model, batch, blocks, vision),
         "attention_mask": placeholder,
         BLOCKS_KWARG: blocks,
     }
+    vision.pop("mm_token_type_ids", None)  # only read to build 3-D positions, which are given here
+    forward_kwargs.update(vision)  # each image once: its prompt is in the row once
     target_mask = batch["target_mask"]  # (2B, Tc)
     rows, slots = target_mask.nonzero(as_tuple=True)  # row-major: each completion's tokens stay in order
     positions = batch["logit_index"][rows, slots]
@@ -185,6 +198,34 @@ def packed_logps(
         with_wpo=with_wpo, chunk_size=chunk_size, with_entropy=with_entropy,
     )  # fmt: skip
     return gather_scores(scores, rows, slots, *target_mask.shape)  # its mask equals the left-aligned target_mask
+
+
+def _positions(model: nn.Module, batch: dict[str, Any], blocks: tuple[Block, ...], vision: dict[str, Any]) -> Tensor:
+    """The row's position ids: 1-D as collated (restarting per sequence), or, for a model with 3-D multimodal
+    positions (Qwen2-VL's M-RoPE), (3, 1, T) built block by block with the model's own `get_rope_index`: a block
+    that starts a sequence gets the positions it would have alone, and a block that continues a prefix (shared
+    prompt: the rejected answer) continues after the prefix's largest position, as a token after it would."""
+    positions = batch["position_ids"]  # (1, T)
+    rope_index = getattr(getattr(unwrap_model(model), "model", None), "get_rope_index", None)
+    if rope_index is None or "mm_token_type_ids" not in vision:
+        return positions
+    ids, kinds = batch["input_ids"][0], vision["mm_token_type_ids"][0]  # (T,), (T,)
+    grid = vision.get("image_grid_thw")
+    out = positions[0].expand(3, -1).clone()  # (3, T)
+    image = 0
+    for q_start, q_end, p_start, p_end in blocks:
+        if p_end > p_start:
+            out[:, q_start:q_end] = out[:, p_start:p_end].max() + 1 + torch.arange(q_end - q_start, device=out.device)
+            continue
+        block_kinds = kinds[q_start:q_end]
+        starts = (block_kinds == 1) & torch.cat([block_kinds.new_ones(1), block_kinds[:-1] != 1])
+        count = int(starts.sum())
+        if count:  # text-only blocks keep their 1-D positions (get_rope_index needs a vision token)
+            block, _ = rope_index(input_ids=ids[None, q_start:q_end], mm_token_type_ids=block_kinds[None],
+                                  image_grid_thw=grid[image:image + count])  # (3, 1, L)
+            out[:, q_start:q_end] = block[:, 0]
+            image += count
+    return out[:, None]  # (3, 1, T)
 
 
 register_layout("packed", packed_logps)

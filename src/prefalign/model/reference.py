@@ -213,6 +213,8 @@ def fingerprint(
     for pair in pairs:
         for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
             h.update(array("q", [len(ids), *ids]).tobytes())  # the length prefix keeps the split unambiguous
+        for image in pair.images:  # equal image tokens, other pixels: the pixels' hash tells them apart
+            h.update(image.digest)
     return h.hexdigest()[:32]
 
 
@@ -243,15 +245,22 @@ def precompute_reference(
         if _matches(entries, pairs):
             return entries
     entries = []
+    device = next(reference.model.parameters()).device
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        out = reference.logps(collate_fn(chunk))
+        out = reference.logps(_on(collate_fn(chunk), device))
         logps, mask = out.token_logps.float().cpu(), out.mask.cpu()  # one transfer per batch, not two per pair
         b = len(chunk)
         for i in range(b):
             entries.append((logps[i][mask[i]], logps[b + i][mask[b + i]]))
     _write_cache(path, entries, fingerprint)
     return entries
+
+
+def _on(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """`batch` with its tensors (and those of nested dicts) on `device`."""
+    return {k: v.to(device) if isinstance(v, Tensor) else _on(v, device) if isinstance(v, dict) else v
+            for k, v in batch.items()}
 
 
 def cached_logps(entries: Sequence[CachedPair], device: torch.device | str | None = None) -> CompletionLogps:

@@ -22,10 +22,11 @@ from torch import nn
 
 from prefalign.config import DPOArgs, DPOConfig
 from prefalign.config.checks import check_ref_sync, check_train_args, require
-from prefalign.data.collate import collate_padded
-from prefalign.data.packing import collate_packed, pack_pairs
+from prefalign.data.collate import collate_padded, padded_row_images
+from prefalign.data.packing import collate_packed, pack_pairs, packed_row_images
 from prefalign.data.tokenize import Truncation, load_tokenized_pairs, tokenize_pairs
 from prefalign.data.types import Pair, TokenizedPair
+from prefalign.data.vision import image_inputs
 from prefalign.errors import PrefalignError
 from prefalign.losses.aggregate import preference_inputs
 from prefalign.losses.preference import (
@@ -136,6 +137,21 @@ def use_packing(cfg: DPOConfig, models: list[Any]) -> tuple[bool, str | None]:
     return True, None
 
 
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, packed: bool = False, share_prompt: bool = True,
+                  processor: Any = None) -> dict[str, Any]:
+    """One micro-batch of `pairs` in the padded or packed layout; pairs with images also get the model's image
+    inputs (`vision_inputs`), every image in the order its tokens appear in the rows."""
+    if packed:
+        batch = collate_packed(pairs, pad_token_id, share_prompt=share_prompt)
+        images = packed_row_images(pairs, share_prompt)
+    else:
+        batch = collate_padded(pairs, pad_token_id)
+        images = padded_row_images(pairs)
+    if images:
+        batch["vision_inputs"] = image_inputs(processor, images, batch["input_ids"])
+    return batch
+
+
 class ReferenceCache:
     """Precomputed reference log-probs of one split, looked up by pair index."""
 
@@ -155,9 +171,10 @@ class DPOStage:
     def __init__(self, cfg: DPOConfig, objective: Objective, train: list[TokenizedPair],
                  eval_: list[TokenizedPair] | None, pad_token_id: int, reference: Reference | None = None,
                  ref_cache: dict[str, ReferenceCache] | None = None, packed: bool = False,
-                 ref_sync: ReferenceSync | None = None) -> None:
+                 ref_sync: ReferenceSync | None = None, processor: Any = None) -> None:
         self.cfg, self.objective = cfg, objective
         self.ref_sync = ref_sync  # TR-DPO: the reference moves towards the policy after some optimizer steps
+        self.processor = processor  # a vision-language model's: image pairs' pixels are made per batch
         self.packed = packed  # padding-free layout (shared prompt with cfg.share_prompt); else padded rows
         self.data = {"train": train, "eval": eval_ or []}
         self.pad_token_id = pad_token_id
@@ -183,10 +200,8 @@ class DPOStage:
 
     def make_batch(self, group: Sequence[int], split: str) -> dict[str, Any]:
         pairs = [self.data[split][i] for i in group]
-        if self.packed:
-            batch = collate_packed(pairs, self.pad_token_id, share_prompt=self.cfg.share_prompt)
-        else:
-            batch = collate_padded(pairs, self.pad_token_id)
+        batch = collate_pairs(pairs, self.pad_token_id, packed=self.packed, share_prompt=self.cfg.share_prompt,
+                              processor=self.processor)
         batch["num_tokens"] = sum(p.num_tokens for p in pairs)  # unique tokens: the prompt counted once
         batch["indices"] = list(group)
         batch["split"] = split
@@ -267,7 +282,7 @@ def default_cache_dir() -> Path:
 
 
 def _precompute(cfg: DPOConfig, reference: Reference, train: list[TokenizedPair], eval_: list[TokenizedPair] | None,
-                tokenizer: Any) -> dict[str, ReferenceCache]:
+                tokenizer: Any, processor: Any = None) -> dict[str, ReferenceCache]:
     """One reference pass before training, cached on disk under a fingerprint of model, data and settings."""
     settings = {k: getattr(cfg, k) for k in ("max_length", "max_prompt_length", "max_completion_length",
                                              "truncation_mode", "chat_template", "bf16", "fp16")}
@@ -275,7 +290,7 @@ def _precompute(cfg: DPOConfig, reference: Reference, train: list[TokenizedPair]
     for split, pairs in (("train", train), ("eval", eval_ or [])):
         if pairs:
             entries = precompute_reference(
-                reference, pairs, lambda ps: collate_padded(ps, tokenizer.pad_token_id),
+                reference, pairs, lambda ps: collate_pairs(ps, tokenizer.pad_token_id, processor=processor),
                 cfg.per_device_eval_batch_size, default_cache_dir(), fingerprint(reference_sources(cfg), pairs, settings),
             )
             caches[split] = ReferenceCache(entries)
@@ -286,31 +301,31 @@ def train_dpo(cfg: DPOConfig) -> LoopResult:
     """Run DPO end to end: data → model → reference → loop → final model in cfg.output_dir."""
     objective, limits = resolve_dpo_config(cfg)
     session = open_session(cfg)
-    train, eval_ = load_tokenized_pairs(cfg, session.tokenizer, limits, session.print)
+    train, eval_ = load_tokenized_pairs(cfg, session.tokenizer, limits, session.print, session.processor)
     model = trainable_policy(cfg, session, no_dropout=cfg.disable_dropout)
     reference = build_reference(model, cfg, objective.needs_reference)
     ref_cache = None
     if cfg.precompute_ref_log_probs and reference is not None:
-        ref_cache = _precompute(cfg, reference, train, eval_, session.tokenizer)
+        ref_cache = _precompute(cfg, reference, train, eval_, session.tokenizer, session.processor)
         reference = None  # every step reads the cache: no reference forward, and a frozen copy can be freed
     packed, notice = use_packing(cfg, [model] + ([reference.model] if reference is not None else []))
     if notice:
         session.print(notice)
     sync = reference_sync(cfg, reference, model)
     stage = DPOStage(cfg, objective, train, eval_, session.tokenizer.pad_token_id, reference, ref_cache, packed=packed,
-                     ref_sync=sync)
-    return train_and_save(stage, model, cfg, session, "dpo", **checkpoint_io(model, session.tokenizer, sync))
+                     ref_sync=sync, processor=session.processor)
+    return train_and_save(stage, model, cfg, session, "dpo", **checkpoint_io(model, session.saved_processing, sync))
 
 
 def pair_metrics(policy: nn.Module, reference: nn.Module | None, tokenizer: Any, pairs: list[Pair],
-                 cfg: DPOConfig) -> dict[str, float]:
+                 cfg: DPOConfig, processor: Any = None) -> dict[str, float]:
     """DPO's evaluation metrics (`eval_` + DPO's metric names) of `policy` against `reference` on `pairs`, through
     the stage's own evaluation step. `reference` is a model (frozen, used as is) or None for a peft policy (its
     base, adapter disabled)."""
     if reference is None and not isinstance(policy, PeftModel):
         raise PrefalignError("a full model needs a reference model", "--ref_model_name_or_path")
-    tokenized, _ = tokenize_pairs(pairs, tokenizer, Truncation.of(cfg))
+    tokenized, _ = tokenize_pairs(pairs, tokenizer, Truncation.of(cfg), processor)
     ref = DisabledAdapterReference(policy) if reference is None else FrozenModelReference(reference)
-    stage = DPOStage(cfg, preference_objective(cfg), [], tokenized, tokenizer.pad_token_id, ref)
+    stage = DPOStage(cfg, preference_objective(cfg), [], tokenized, tokenizer.pad_token_id, ref, processor=processor)
     acc = accumulate_eval(stage, policy, [(g, True) for g in stage.eval_groups()], next(policy.parameters()).device)
     return {f"eval_{k}": v for k, v in acc.means().items()}

@@ -117,7 +117,9 @@ def total_steps_for(args: TrainArgs, groups_per_epoch: int, num_processes: int) 
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Tensors of `batch` (and of its nested dicts, e.g. a VLM batch's vision_inputs) on `device`."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else _to_device(v, device) if isinstance(v, dict) else v
+            for k, v in batch.items()}
 
 
 def _all_reduce_grads(model: torch.nn.Module, accelerator: Any) -> None:

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from prefalign.config import ModelArgs, TrainArgs
 from prefalign.data.templates import resolve_chat_template
 from prefalign.errors import PrefalignError
-from prefalign.model.load import load_policy, load_tokenizer, save_model
+from prefalign.model.load import load_policy, load_processing, save_model
 from prefalign.model.weights import is_main_process, load_weights_into
 from prefalign.train.distributed import check_launch, shard_plan
 from prefalign.train.files import publish_into, staging_dir
@@ -75,10 +75,17 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
 
 @dataclass
 class Session:
-    """A training command once set up: its Accelerator and its tokenizer, chat template resolved."""
+    """A training command once set up: its Accelerator and its tokenizer, chat template resolved; for a
+    vision-language model also its processor (whose tokenizer `tokenizer` is)."""
 
     accelerator: Accelerator
     tokenizer: Any
+    processor: Any = None
+
+    @property
+    def saved_processing(self) -> Any:
+        """What is saved beside the weights: the processor (tokenizer included) or the tokenizer."""
+        return self.processor if self.processor is not None else self.tokenizer
 
     @property
     def device(self) -> torch.device:
@@ -93,9 +100,11 @@ def open_session(cfg: Any) -> Session:
     seeds, tokenizer and chat template."""
     check_output_dir(cfg)
     accelerator = make_accelerator(cfg)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer, processor = load_processing(cfg)
     resolve_chat_template(tokenizer, getattr(cfg, "chat_template", None))  # pretraining reads raw text
-    return Session(accelerator, tokenizer)
+    if processor is not None:
+        processor.chat_template = tokenizer.chat_template  # saved with the model: the template trained with
+    return Session(accelerator, tokenizer, processor)
 
 
 def trainable_policy(cfg: ModelArgs, session: Session, *, no_dropout: bool = False) -> torch.nn.Module:
@@ -148,7 +157,7 @@ def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Sess
     """The common tail of every training command: start the run (output_dir, config, trackers), the loop with
     Hugging Face-format checkpoints, then the final model (`final_model`, default `model`) and tokenizer saved
     atomically into output_dir by the main process."""
-    accelerator, tokenizer = session.accelerator, session.tokenizer
+    accelerator, tokenizer = session.accelerator, session.saved_processing
     plan = shard_plan(accelerator)
     if plan is not None and getattr(cfg, "merge_adapter", False) and hasattr(final_model or model, "peft_config"):
         raise PrefalignError("cannot merge a sharded (FSDP) model; merge the saved adapter afterwards",
