@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import build_model, build_tokenizer  # noqa: E402
+from helpers import build_model, build_tokenizer, build_vlm, vlm_rows, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +43,27 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     d = tmp_path_factory.mktemp("llama")
     build_model(d, tiny_tokenizer, "llama")
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory) -> Path:
+    """A 2-layer Qwen2-VL (hidden 32, 2-block vision tower) with its processor, built offline (helpers.build_vlm)."""
+    d = tmp_path_factory.mktemp("qwen2_vl")
+    build_vlm(d, "qwen2_vl")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """A 2-layer LLaVA (Qwen2 language model, CLIP vision tower) with its processor."""
+    d = tmp_path_factory.mktemp("llava")
+    build_vlm(d, "llava")
+    return d
+
+
+@pytest.fixture(scope="session")
+def vlm_pairs_file(tmp_path_factory) -> Path:
+    """4 pairs in the issue's layout (system message, user message with an image part and a text part, chosen and
+    rejected answers); the images are PNG files given by paths relative to the data file."""
+    d = tmp_path_factory.mktemp("vlm_data")
+    return write_jsonl(d / "pairs.jsonl", vlm_rows(d / "images"))

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
