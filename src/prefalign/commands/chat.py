@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefalign.config import ChatConfig
+from prefalign.data.images import parse_image
 from prefalign.data.types import Message
 from prefalign.errors import PrefalignError
-from prefalign.model.load import load_model_for_inference
+from prefalign.model.load import load_for_inference
 from prefalign.rollout.generate import generate_reply
 
 
@@ -30,7 +32,8 @@ def _check(cfg: ChatConfig) -> None:
         raise PrefalignError(f"must be at least 1, got {cfg.max_new_tokens}", "--max_new_tokens")
 
 
-HELP = "Commands: /reset clears the conversation, /exit (or end of input) quits."
+HELP = ("Commands: /reset clears the conversation, /exit (or end of input) quits, /image PATH attaches an image to "
+        "your next message (vision-language models).")
 
 
 def chat_loop(
@@ -44,14 +47,17 @@ def chat_loop(
     temperature: float = 0.0,
     top_p: float = 1.0,
     prompt: str = ">>> ",
+    processor: Any = None,
 ) -> list[Message]:
     """Read user turns from `input_fn` until /exit or EOF, streaming each reply to `output`; returns the history.
 
-    The history keeps every turn since the last /reset, so each reply sees the whole conversation.
+    The history keeps every turn since the last /reset, so each reply sees the whole conversation. `/image PATH`
+    puts an image part before the next message's text (needs a vision-language model's `processor`).
     """
     out = output if output is not None else sys.stdout
     start: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history: list[Message] = list(start)
+    attached: list[dict[str, Any]] = []  # image parts for the next user message
     out.write(HELP + "\n")
     while True:
         try:
@@ -63,25 +69,45 @@ def chat_loop(
         if text == "/exit":
             break
         if text == "/reset":
-            history = list(start)
+            history, attached = list(start), []
             out.write("(conversation cleared)\n")
+            continue
+        if text.startswith("/image"):
+            attached += _attach(text.removeprefix("/image").strip(), processor, out)
             continue
         if not text:
             continue
-        history.append({"role": "user", "content": text})
+        content: Any = [*attached, {"type": "text", "text": text}] if attached else text
+        history.append({"role": "user", "content": content})
+        attached = []
         reply = generate_reply(
-            model, tokenizer, history, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stream=out
+            model, tokenizer, history, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stream=out,
+            processor=processor,
         )
         out.write("\n")
         history.append({"role": "assistant", "content": reply})
     return history
 
 
+def _attach(path: str, processor: Any, out: TextIO) -> list[dict[str, Any]]:
+    """The image part for `/image PATH`, or [] with a one-line reason (the session goes on)."""
+    if processor is None:
+        out.write("(images need a vision-language model; this one reads text only)\n")
+        return []
+    try:
+        image = parse_image(str(Path(path).expanduser().resolve()) if path else "", "/image", "chat")
+    except PrefalignError as e:
+        out.write(f"({e})\n")
+        return []
+    out.write(f"(image attached: {image.name})\n")
+    return [{"type": "image", "image": image}]
+
+
 def run_chat(cfg: ChatConfig, input_fn: Any = input, output: Any = None) -> list[dict[str, str]]:
     """One answer (--prompt) or an interactive session; returns the conversation."""
     _check(cfg)
-    model, tokenizer = load_model_for_inference(cfg.model_name_or_path, cfg.base_model_name_or_path,
-                                                cfg.tokenizer_name_or_path)
+    model, tokenizer, processor = load_for_inference(cfg.model_name_or_path, cfg.base_model_name_or_path,
+                                                     cfg.tokenizer_name_or_path)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     out = output if output is not None else sys.stdout
@@ -89,10 +115,11 @@ def run_chat(cfg: ChatConfig, input_fn: Any = input, output: Any = None) -> list
     if cfg.prompt is not None:
         messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
         messages.append({"role": "user", "content": cfg.prompt})
-        reply = generate_reply(model, tokenizer, messages, stream=out, **sampling)
+        reply = generate_reply(model, tokenizer, messages, stream=out, processor=processor, **sampling)
         out.write("\n")
         return [*messages, {"role": "assistant", "content": reply}]
-    return chat_loop(model, tokenizer, input_fn=input_fn, output=out, system_prompt=cfg.system_prompt, **sampling)
+    return chat_loop(model, tokenizer, input_fn=input_fn, output=out, system_prompt=cfg.system_prompt,
+                     processor=processor, **sampling)
 
 
 def run_command(cfg: ChatConfig) -> None:

@@ -26,10 +26,11 @@ import torch
 from peft import PeftModel
 
 from prefalign.config import DataArgs, DPOConfig, EvalConfig, ModelSource
+from prefalign.data.content import images_of, text_of
 from prefalign.data.load import load_rows, normalize_rows
 from prefalign.data.templates import resolve_chat_template
 from prefalign.errors import PrefalignError
-from prefalign.model.load import load_model_for_inference
+from prefalign.model.load import load_for_inference, load_model_for_inference
 from prefalign.rollout.generate import generate_reply, greedy_answers
 from prefalign.rollout.rewards import RewardModelScorer, load_reward_function
 from prefalign.stages.dpo import pair_metrics
@@ -89,9 +90,9 @@ def _check(cfg: EvalConfig) -> None:
         raise PrefalignError("must not be negative" if cfg.num_samples < 0 else "must be at least 1", flag)
 
 
-def _load(cfg: EvalConfig) -> tuple[Any, Any, Any]:
-    """(policy, reference model or None for an adapter policy, tokenizer)."""
-    policy, tokenizer = load_model_for_inference(cfg.model_name_or_path, tokenizer_path=cfg.tokenizer_name_or_path)
+def _load(cfg: EvalConfig) -> tuple[Any, Any, Any, Any]:
+    """(policy, reference model or None for an adapter policy, tokenizer, processor or None)."""
+    policy, tokenizer, processor = load_for_inference(cfg.model_name_or_path, tokenizer_path=cfg.tokenizer_name_or_path)
     ref_path = cfg.ref_model_name_or_path
     if ref_path is None and not isinstance(policy, PeftModel):
         ref_path = recorded_reference(cfg.model_name_or_path)
@@ -99,7 +100,7 @@ def _load(cfg: EvalConfig) -> tuple[Any, Any, Any]:
             raise PrefalignError("no reference recorded for this model; pass --ref_model_name_or_path",
                                  "--ref_model_name_or_path")
     reference = load_model_for_inference(ref_path)[0] if ref_path else None
-    return policy, reference, tokenizer
+    return policy, reference, tokenizer, processor
 
 
 def _dpo_config(cfg: EvalConfig) -> DPOConfig:
@@ -110,11 +111,11 @@ def _dpo_config(cfg: EvalConfig) -> DPOConfig:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every requested evaluation; returns {"metrics": {...}, "samples": [...], "num_pairs": n}."""
     _check(cfg)
-    policy, reference, tokenizer = _load(cfg)
+    policy, reference, tokenizer, processor = _load(cfg)
     resolve_chat_template(tokenizer, cfg.chat_template)
     pairs = normalize_rows(load_rows(cfg.dataset_name, cfg.dataset_config, cfg.dataset_split), cfg, cfg.dataset_name)
     pairs = pairs[: cfg.max_eval_pairs] if cfg.max_eval_pairs else pairs
-    metrics = pair_metrics(policy, reference, tokenizer, pairs, _dpo_config(cfg))
+    metrics = pair_metrics(policy, reference, tokenizer, pairs, _dpo_config(cfg), processor)
     result: dict[str, Any] = {"num_pairs": len(pairs), "metrics": metrics, "samples": []}
     judge = (load_reward_function(cfg.judge) if cfg.judge else
              RewardModelScorer(cfg.reward_model_name_or_path, batch_size=cfg.per_device_eval_batch_size)
@@ -122,6 +123,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if judge is None and not cfg.num_samples:
         return result
     n = len(pairs) if judge is not None else min(cfg.num_samples, len(pairs))
+    with_image = next((p for p in pairs[:n] if p.is_conversational and images_of(p.prompt)), None)
+    if with_image is not None:
+        flag = "--judge" if cfg.judge else "--reward_model_name_or_path" if judge is not None else "--num_samples"
+        raise PrefalignError(f"answering image prompts is not supported yet (first: {with_image.source}); the "
+                             "pair metrics work on image data, drop this flag", flag)
     prompts = [p.prompt for p in pairs[:n]]
     ours = generate_answers(policy, tokenizer, prompts, cfg)
     if reference is None:
@@ -132,7 +138,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if judge is not None:
         columns = {k: [p.extra.get(k) for p in pairs[:n]] for k in (pairs[0].extra or {})}
         metrics["win_rate"] = win_rate(_scores(judge, prompts, ours, columns), _scores(judge, prompts, theirs, columns))
-    result["samples"] = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "policy": a, "reference": b}
+    result["samples"] = [{"prompt": p if isinstance(p, str) else text_of(p[-1]["content"]), "policy": a, "reference": b}
                          for p, a, b in list(zip(prompts, ours, theirs))[: cfg.num_samples]]
     return result
 

@@ -65,3 +65,10 @@ def images_of(messages: list[Message]) -> list[ImageRef]:
 def has_parts(messages: list[Message]) -> bool:
     """Whether any message's content is a list of parts rather than a string."""
     return any(isinstance(m.get("content"), list) for m in messages)
+
+
+def refuse_images(messages: list[Message], source: str, stage: str) -> None:
+    """A one-line error for image parts in a stage that only trains on text."""
+    if images_of(messages):
+        raise PrefalignError(f"the row has an image part; {stage} trains on text only (text parts work), images are "
+                             "supported by `prefalign dpo`, `prefalign eval` and `data inspect`", where=source)

@@ -61,7 +61,12 @@ def _row_strings(row: dict[str, Any]) -> Iterable[str]:
         if isinstance(value, str) and value:
             yield value
         elif isinstance(value, list):
-            yield from (m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str))
+            for m in value:
+                content = m.get("content") if isinstance(m, dict) else None
+                if isinstance(content, str):
+                    yield content
+                elif isinstance(content, list):  # content parts: their text (images have none to learn)
+                    yield from (p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
 
 
 def pack_documents(docs: list[list[int]], block_size: int, per_document: bool) -> list[Segments]:

@@ -23,15 +23,18 @@ from prefalign.data.templates import resolve_chat_template
 from prefalign.data.tokenize import DROP_REASONS, Encoded, Truncated, Truncation, cut, encode_pairs, truncate
 from prefalign.data.types import Pair, UnpairedExample
 from prefalign.data.unpaired import balance_advice, encode_unpaired, label_summary, normalize_feedback
+from prefalign.data.vision import image_runs
 from prefalign.errors import PrefalignError
 
 _GREEN, _RED, _DIM, _BOLD, _RESET = "\x1b[42;30m", "\x1b[41;30m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
 
-def inspect_dataset(args: DataArgs, tokenizer: Any, row: int | None = None, color: bool | None = None) -> str:
-    """A readable report on --dataset_name as `args` and `tokenizer` would tokenize it: the whole-file
-    summary, then one row in detail (`row`, a 0-based index into the file's rows; default the first).
-    Scored tokens are colored when `color` (default: stdout is a terminal), else wrapped in [[ ]]."""
+def inspect_dataset(args: DataArgs, tokenizer: Any, row: int | None = None, color: bool | None = None,
+                    processor: Any = None) -> str:
+    """A readable report on --dataset_name as `args` and `tokenizer` (and a vision-language model's `processor`)
+    would tokenize it: the whole-file summary, then one row in detail (`row`, a 0-based index into the file's
+    rows; default the first). Scored tokens are colored when `color` (default: stdout is a terminal), else
+    wrapped in [[ ]]; each image's tokens are shown as one `<image k: W×H, N tokens>` where they sit."""
     if not args.dataset_name:
         raise PrefalignError("no data given", where="--dataset_name")
     limits = Truncation.of(args)
@@ -56,14 +59,15 @@ def inspect_dataset(args: DataArgs, tokenizer: Any, row: int | None = None, colo
             formats[detect_format(raw, args)] += 1
         except PrefalignError as e:
             errors[i] = e
-    encoded = encode_pairs([p for _, p in pairs], tokenizer)
+    encoded = encode_pairs([p for _, p in pairs], tokenizer, processor)
     truncated = [truncate(e, limits) for e in encoded]
     sections = [_summary(args, tokenizer, len(rows), pairs, errors, formats, encoded, truncated)]
     by_row = {i: k for k, (i, _) in enumerate(pairs)}
     if index in by_row:
         k = by_row[index]
         fmt = detect_format(rows[index][0], args)
-        sections.append(_row_detail(index, fmt, pairs[k][1], encoded[k], truncated[k], tokenizer, args, color))
+        sections.append(_row_detail(index, fmt, pairs[k][1], encoded[k], truncated[k], tokenizer, args, color,
+                                    processor))
     else:
         sections.append(f"== row {index}: invalid ==\n{errors[index]}")
     return "\n\n".join(sections)
@@ -106,6 +110,10 @@ def _summary(args: DataArgs, tokenizer: Any, n_rows: int, pairs: list[tuple[int,
     drops = Counter(t.drop_reason for t in truncated if t.drop_reason)
     text = ", ".join(f"{DROP_REASONS[r].format(max_length=args.max_length)}: {n}" for r, n in drops.most_common())
     lines.append(f"dropped: {sum(drops.values())}" + (f" ({text})" if text else ""))
+    with_images = [e for e in encoded if e.images]
+    if with_images:
+        lines.append(f"images: {sum(len(e.images) for e in with_images)} in {len(with_images)} of {len(encoded)} "
+                     "pairs (their tokens count in the prompt lengths above; image prompts are never cut)")
     lines += _warnings(pairs, encoded, truncated)
     return "\n".join(lines)
 
@@ -139,7 +147,7 @@ def _piece(tokenizer: Any, token_id: int) -> str:
 
 
 def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, tokenizer: Any,
-                args: DataArgs, color: bool) -> str:
+                args: DataArgs, color: bool, processor: Any = None) -> str:
     kind = "" if pair.is_conversational else "; raw text: no chat template, EOS appended"
     lines = [f"== row {index}: {pair.source} (format {fmt}: {FORMAT_NAMES[fmt]}{kind}) =="]
     longest = len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
@@ -154,22 +162,53 @@ def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, to
         lines.append(f"DROPPED: {DROP_REASONS[t.drop_reason].format(max_length=args.max_length)}")
     if enc.prefix_mismatch:
         lines.append("note: the template tokenizes this prompt differently once an answer follows")
+    images = _image_spans(processor, t.prompt_ids, enc.images) if enc.images else []
+    for k, (start, end, label) in enumerate(images, start=1):
+        lines.append(f"image: {label} from {enc.images[k - 1].name}, prompt tokens {start}-{end - 1}")
     marks = "colored" if color else "in [[ ]]"
-    prompt_text = tokenizer.decode(t.prompt_ids)
+    prompt_text = _decode_with_images(tokenizer, t.prompt_ids, images)
     lines.append(f"-- text: prompt + chosen, scored tokens {marks} --")
     lines.append(_mark(prompt_text, tokenizer.decode(t.chosen_ids), _GREEN, color))
     lines.append(f"-- text: the same prompt + rejected, scored tokens {marks} --")
     lines.append(_mark("", tokenizer.decode(t.rejected_ids), _RED, color))
     lines.append("-- token id:piece --")
-    prompt_ids = _ids(tokenizer, t.prompt_ids)
+    prompt_ids = _ids(tokenizer, t.prompt_ids, images)
     lines.append("prompt:   " + (f"{_DIM}{prompt_ids}{_RESET}" if color else prompt_ids))
     lines.append("chosen:   " + _mark("", _ids(tokenizer, t.chosen_ids), _GREEN, color))
     lines.append("rejected: " + _mark("", _ids(tokenizer, t.rejected_ids), _RED, color))
     return "\n".join(lines)
 
 
-def _ids(tokenizer: Any, ids: list[int]) -> str:
-    return " ".join(f"{i}:{_piece(tokenizer, i)}" for i in ids)
+def _image_spans(processor: Any, ids: list[int], images: tuple) -> list[tuple[int, int, str]]:
+    """(start, end, "<image k: W×H, N tokens>") of each image's run of tokens in `ids`."""
+    spans = []
+    for k, ((start, end), image) in enumerate(zip(image_runs(processor, ids), images), start=1):
+        width, height = image.load().size
+        spans.append((start, end, f"<image {k}: {width}×{height}, {end - start} tokens>"))
+    return spans
+
+
+def _decode_with_images(tokenizer: Any, ids: list[int], images: list[tuple[int, int, str]]) -> str:
+    """The decoded text with each image's run of tokens shown as its label."""
+    out, at = [], 0
+    for start, end, label in images:
+        out += [tokenizer.decode(ids[at:start]), label]
+        at = end
+    return "".join(out) + tokenizer.decode(ids[at:])
+
+
+def _ids(tokenizer: Any, ids: list[int], images: list[tuple[int, int, str]] | None = None) -> str:
+    runs = {start: (end, label) for start, end, label in images or []}
+    out, t = [], 0
+    while t < len(ids):
+        if t in runs:
+            end, label = runs[t]
+            out.append(f"{ids[t]}:{_piece(tokenizer, ids[t])}×{end - t}={label}")
+            t = end
+        else:
+            out.append(f"{ids[t]}:{_piece(tokenizer, ids[t])}")
+            t += 1
+    return " ".join(out)
 
 
 def _mark(context: str, scored: str, paint: str, color: bool) -> str:

@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from prefalign.config import DataArgs
+from prefalign.data.content import refuse_images
 from prefalign.data.load import load_examples
 from prefalign.data.sft import check_messages
 from prefalign.data.templates import render, require_chat_template
@@ -62,6 +63,7 @@ def prompt_text(example: PromptExample, tokenizer: Any) -> str:
     if isinstance(example.prompt, str):
         return example.prompt
     require_chat_template(tokenizer, example.source)
+    refuse_images(example.prompt, example.source, "on-policy training (GRPO, RLOO, PPO)")
     return render(tokenizer, example.prompt, add_generation_prompt=True, source=example.source)
 
 

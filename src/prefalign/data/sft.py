@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefalign.config import DataArgs
-from prefalign.data.content import normalize_content
+from prefalign.data.content import normalize_content, refuse_images
 from prefalign.data.load import load_examples
 from prefalign.data.templates import render, require_chat_template
 from prefalign.data.tokenize import common_prefix, encode_texts, with_eos
@@ -130,6 +130,7 @@ def load_sft_examples(args: DataArgs) -> tuple[list[SFTExample], list[SFTExample
 def _conversation_texts(ex: SFTExample, tokenizer: Any, completion_only: bool) -> list[str]:
     """[full, prefix_1, upto_1, prefix_2, upto_2, ...] for every trained assistant turn."""
     msgs = ex.messages or []
+    refuse_images(msgs, ex.source, "supervised fine-tuning")
     texts = [render(tokenizer, msgs, False, ex.source)]
     if completion_only:
         for i, m in enumerate(msgs):

@@ -158,8 +158,8 @@ def _with_image_tokens(enc: Encoded, processor: Any, prompt_text: str, images: t
     """`enc` with its prompt re-encoded by the processor (each image placeholder expanded to its image tokens).
     The completions come after every image, so the split made on the unexpanded ids holds."""
     if processor is None:
-        raise PrefalignError("the row has an image part, but the model has no image processor (a text-only model); "
-                             "images need a vision-language model", where=source)
+        raise PrefalignError("the row has an image part, but there is no image processor: images need a "
+                             "vision-language model (trained by `prefalign dpo`)", where=source)
     if enc.prefix_mismatch:
         raise PrefalignError("the chat template renders this image prompt differently once an answer follows; "
                              "image prompts need a template whose prompt is a prefix of the conversation", where=source)

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
+from prefalign.data.content import images_of
 from prefalign.data.templates import render
 from prefalign.data.types import Message
 from prefalign.errors import PrefalignError
@@ -231,8 +232,10 @@ def generate_reply(
     temperature: float = 0.0,
     top_p: float = 1.0,
     stream: Stream | None = None,
+    processor: Any = None,
 ) -> str:
-    """The assistant's next message for `messages` (chat template with the generation prompt).
+    """The assistant's next message for `messages` (chat template with the generation prompt; content parts as
+    `data.templates.render` places them, image parts through a vision-language model's `processor`).
 
     Greedy when temperature == 0, else sampling with `temperature` and `top_p`. With `stream`, a callable or a
     file, the reply is also passed on piece by piece as it is generated; the pieces concatenate to the result.
@@ -243,11 +246,9 @@ def generate_reply(
         raise PrefalignError(f"top_p must be in (0, 1], got {top_p}", "--top_p")
     if getattr(tokenizer, "chat_template", None) is None:
         raise PrefalignError("the tokenizer has no chat template; pass --chat_template", "tokenizer")
-    inputs = tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    inputs = _reply_inputs(tokenizer, processor, list(messages))
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}  # input_ids, attention_mask: (1, T)
+    inputs = {k: v.to(device) for k, v in inputs.items()}  # input_ids, attention_mask: (1, T); image inputs
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
@@ -269,3 +270,18 @@ def generate_reply(
     new_tokens = out[0, inputs["input_ids"].shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True)
 
+
+
+def _reply_inputs(tokenizer: Any, processor: Any, messages: list[Message]) -> dict[str, Tensor]:
+    """The model inputs of one conversation: ids as the template writes them (no special tokens added: the template
+    writes its own), with each image's tokens and pixels when there are images."""
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    images = images_of(messages)
+    if not images:
+        return dict(tokenizer(text, add_special_tokens=False, return_tensors="pt"))
+    if processor is None:
+        raise PrefalignError("the conversation has an image, but the model has no image processor (a text-only "
+                             "model)", "--model_name_or_path")
+    pixels = [image.load() for image in images]
+    out = processor(text=[text], images=[pixels], add_special_tokens=False, return_tensors="pt")
+    return {k: v for k, v in out.items() if isinstance(v, Tensor)}
