@@ -104,12 +104,14 @@ def parse_image(value: Any, label: str, source: str) -> ImageRef:
 
     Files must exist and start like an image; encoded data must decode. Pixels are not decoded here."""
     ref = _ref(value, label, source)
-    if ref.pil is None:
+    if ref.pil is None and value is not ref:
         _check_header(ref)
     return ref
 
 
 def _ref(value: Any, label: str, source: str) -> ImageRef:
+    if isinstance(value, ImageRef):  # already read (a normalised message read again)
+        return value
     if isinstance(value, Image.Image):
         return ImageRef(pil=value, label=label, source=source)
     if isinstance(value, dict):  # a datasets Image feature as to_list() gives it
@@ -141,12 +143,19 @@ def _ref_from_string(value: str, label: str, source: str) -> ImageRef:
     directory = data_directory(source)
     if not path.is_absolute() and directory is not None:
         path = directory / path
-    if path.is_file():
+    if _is_file(path):
         return ImageRef(path=str(path), label=f"{label} ({text})", source=source)
     if _looks_like_base64(text):
         return ImageRef(data=_b64(text, label, source), label=label, source=source)
     where_hint = f" (relative paths are read from {directory})" if directory is not None and not Path(text).is_absolute() else ""
     raise PrefalignError(f"{label}: no such image file: {text}{where_hint}", where=source)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long for the file system: base64 data, not a path
+        return False
 
 
 def _looks_like_base64(text: str) -> bool:
