@@ -40,3 +40,30 @@ def test_two_processes_match_one_with_accumulation(tiny_model_dir, tmp_path):
         for key in ("loss", "rewards/margins", "logps/chosen", "logits/rejected", "grad_norm"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
     assert (tmp_path / "two" / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+def test_vlm_two_processes_match_one(tiny_vlm_dir, tmp_path):
+    """A VLM with its vision tower trained, on pairs with and without images, batch 1: some micro-batches carry no
+    image, so on a step one process has vision-tower gradients and the other none (the all-reduce must still agree)."""
+    from helpers import vlm_rows
+
+    rows = vlm_rows(tmp_path / "images") + [
+        {"prompt": conv(("user", f"what is {i} + 1")), "chosen": conv(("assistant", f"{i + 1}")),
+         "rejected": conv(("assistant", "no"))} for i in range(2)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    common = ["dpo", "--model_name_or_path", str(tiny_vlm_dir), "--dataset_name", str(data), "--max_steps", "3",
+              "--logging_steps", "1", "--disable_tqdm", "--learning_rate", "1e-3", "--per_device_train_batch_size", "1",
+              "--freeze_vision_tower", "false", "--save_steps", "0"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), "OMP_NUM_THREADS": "1"}
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "prefalign.cli", *common, "--output_dir",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "prefalign.cli", *common, "--gradient_accumulation_steps", "2",
+                          "--output_dir", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)

@@ -123,9 +123,19 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def _all_reduce_grads(model: torch.nn.Module, accelerator: Any) -> None:
-    """Average gradients across processes: one flat all-reduce per optimizer step."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if accelerator.num_processes == 1 or not grads:
+    """Average gradients across processes: one flat all-reduce per optimizer step. A parameter may have a gradient
+    on one process and none on another (a VLM's trained vision tower on a process whose micro-batches held no
+    image): a small all-reduce of which parameters have one first, so every process sends the same tensors."""
+    if accelerator.num_processes == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=accelerator.device)
+    torch.distributed.all_reduce(has, op=torch.distributed.ReduceOp.MAX)
+    for p, flag in zip(params, has.tolist()):
+        if flag and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     torch.distributed.all_reduce(flat)
