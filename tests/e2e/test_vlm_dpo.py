@@ -10,6 +10,7 @@ fed the equivalent layout: the images in an `images` column, the user text as a 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -18,8 +19,11 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from helpers import run_cli
-from prefalign.config import DPOConfig
+from prefalign.commands.chat import run_chat
+from prefalign.commands.eval import evaluate
+from prefalign.config import ChatConfig, DPOConfig, EvalConfig
 from prefalign.data.load import load_pairs
+from prefalign.errors import PrefalignError
 from prefalign.model.load import load_processing
 from prefalign.stages.dpo import pair_metrics
 from prefalign.train.loop import shuffled_groups
@@ -106,9 +110,22 @@ def test_lora_adapter_reloads_onto_the_base_vlm(tiny_vlm_dir, vlm_pairs_file, tm
                     per_device_eval_batch_size=8)
     tokenizer, processor = load_processing(DPOConfig(model_name_or_path=str(out)))
     metrics = pair_metrics(model, None, tokenizer, load_pairs(cfg)[0], cfg, processor)
+    # `prefalign eval` reloads the adapter the same way (its base from adapter_config.json, the processor beside it)
+    evaluated = evaluate(EvalConfig(model_name_or_path=str(out), dataset_name=str(vlm_pairs_file)))["metrics"]
     for key in ("eval_logps/chosen", "eval_logps/rejected", "eval_rewards/margins"):
         assert metrics[key] == pytest.approx(final_eval[key], rel=1e-5, abs=1e-6), key
+        assert evaluated[key] == pytest.approx(final_eval[key], rel=1e-5, abs=1e-6), key
     assert abs(metrics["eval_rewards/margins"]) > 1e-4  # the adapter changed the model
+    with pytest.raises(PrefalignError, match="answering image prompts is not supported yet"):
+        evaluate(EvalConfig(model_name_or_path=str(out), dataset_name=str(vlm_pairs_file), num_samples=1))
+
+    # chat: /image attaches an image part; the reply is generated with the image's tokens and pixels
+    image = vlm_pairs_file.parent / "images" / "img0.png"
+    lines = iter([f"/image {image}", "what is in this image", "/exit"])
+    history = run_chat(ChatConfig(model_name_or_path=str(out), max_new_tokens=4), input_fn=lambda _: next(lines),
+                       output=io.StringIO())
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert [p["type"] for p in history[0]["content"]] == ["image", "text"] and isinstance(history[1]["content"], str)
 
 
 def test_resume_and_precomputed_reference_reproduce_the_run(tiny_vlm_dir, vlm_pairs_file, tmp_path, monkeypatch):
