@@ -10,6 +10,8 @@ E. Plain strings ``{"prompt": str, "chosen": str, "rejected": str}``: raw text, 
 F. Any column names via ``--prompt_column/--chosen_column/--rejected_column``; ``--prompt_template`` wraps string
    prompts, e.g. ``"Question: {prompt}\\n\\nAnswer: "`` for lvwerra/stack-exchange-paired.
 
+A message's content is a string or a list of content parts (text and image parts, see data.content).
+
 When chosen and rejected are whole conversations (A, C, D) the prompt is their shared message prefix and a
 string prompt column is ignored: it usually repeats the first user turn only, and trusting it would silently
 drop multi-turn history. Only the final assistant turn is scored; everything before it is prompt.

@@ -10,6 +10,11 @@ full conversation's), the split falls where the two token sequences diverge, and
 Raw-text pairs (formats E/F), as TRL treats them for decoder-only models: prompt and completion are encoded
 separately without special tokens (no BOS is added), and EOS is appended to each completion that lacks it.
 
+Image pairs (content parts with images, data.content): rendered the same way, then the prompt is encoded by the
+vision-language model's processor, which expands each image placeholder into the image's tokens (data.vision); the
+completions follow every image, so they are split off as above. An image prompt is never cut: its completions give
+way to --max_length, and a prompt over --max_prompt_length drops the pair.
+
 Truncation, in this order: --max_prompt_length cuts the prompt (keep_end keeps its end, keep_start its start);
 --max_completion_length cuts each completion's end; then --max_length bounds prompt + completion for each
 completion. Under keep_end the prompt loses its oldest tokens first (keeping at least its last token, so the
