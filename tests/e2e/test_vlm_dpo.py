@@ -78,6 +78,10 @@ def test_dpo_on_a_vlm_matches_trl_step_by_step(tiny_vlm_dir, vlm_pairs_file, tmp
     out = tmp_path / "ours"
     assert run_cli("dpo", tiny_vlm_dir, vlm_pairs_file, out, *STEPS, "--freeze_vision_tower", "false") == 0
     ours = records(out)
+    loaded = tmp_path / "ref_model"  # the reference loaded from disk instead of copied: the same run
+    assert run_cli("dpo", tiny_vlm_dir, vlm_pairs_file, loaded, *STEPS, "--freeze_vision_tower", "false",
+                   "--ref_model_name_or_path", tiny_vlm_dir) == 0
+    assert [r["loss"] for r in records(loaded)] == pytest.approx([r["loss"] for r in ours], abs=1e-7)
 
     rows = [json.loads(line) for line in vlm_pairs_file.read_text().splitlines()]
     order = [i for g in shuffled_groups(len(rows), 2, seed=42, epoch=0) for i in g]  # our sampler's order
@@ -130,7 +134,7 @@ def test_lora_adapter_reloads_onto_the_base_vlm(tiny_vlm_dir, vlm_pairs_file, tm
 
 def test_resume_and_precomputed_reference_reproduce_the_run(tiny_vlm_dir, vlm_pairs_file, tmp_path, monkeypatch):
     """4 steps straight; the same resumed from step 2; the same with reference log-probs precomputed (the image
-    pixels are part of the cache key) -- all three give the same curve."""
+    pixels are part of the cache key) and gradient checkpointing -- all three give the same curve."""
     monkeypatch.setenv("PREFALIGN_CACHE_DIR", str(tmp_path / "cache"))
     flags = ("--per_device_train_batch_size", "2", "--max_steps", "4", "--learning_rate", "1e-3", "--use_peft",
              "--lora_r", "4")
@@ -143,7 +147,7 @@ def test_resume_and_precomputed_reference_reproduce_the_run(tiny_vlm_dir, vlm_pa
     assert run_cli("dpo", tiny_vlm_dir, vlm_pairs_file, resumed, *flags, "--save_steps", "2",
                    "--resume_from_checkpoint", resumed / "checkpoint-2") == 0
     assert run_cli("dpo", tiny_vlm_dir, vlm_pairs_file, cached, *flags, "--save_steps", "0",
-                   "--precompute_ref_log_probs") == 0
+                   "--precompute_ref_log_probs", "--gradient_checkpointing") == 0
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1
     a, b, c = records(straight), records(resumed), records(cached)
     assert [r["step"] for r in b] == [3, 4]
