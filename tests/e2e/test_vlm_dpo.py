@@ -154,3 +154,17 @@ def test_resume_and_precomputed_reference_reproduce_the_run(tiny_vlm_dir, vlm_pa
     for key in ("loss", "logps/chosen", "rewards/margins"):
         assert [r[key] for r in a[2:]] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-7), key
         assert [r[key] for r in a] == pytest.approx([r[key] for r in c], rel=1e-5, abs=1e-7), key
+
+
+def test_images_with_a_text_model_are_a_one_line_error(tiny_model_dir, vlm_pairs_file, tmp_path, capsys):
+    from helpers import VLM_TEMPLATE
+
+    parts_template = tmp_path / "parts.jinja"  # a text model whose template renders parts: still no processor
+    parts_template.write_text(VLM_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<image>"))
+    cases = [((), "the row has an image part, but the chat template renders only string contents"),
+             (("--chat_template", parts_template), "the row has an image part, but there is no image processor")]
+    for extra, message in cases:
+        assert run_cli("dpo", tiny_model_dir, vlm_pairs_file, tmp_path / "out", "--max_steps", "1", *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{vlm_pairs_file}:1" in err[0] and message in err[0], err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

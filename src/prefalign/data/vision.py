@@ -43,8 +43,10 @@ def image_inputs(processor: Any, images: Sequence[ImageRef], input_ids: Tensor |
     if not images:
         return {}
     decoded: dict[int, Any] = {}  # the padded layout repeats each image for the rejected rows: decode it once
-    pixels = [decoded.setdefault(id(image), image.load()) if id(image) not in decoded else decoded[id(image)]
-              for image in images]
+    for image in images:
+        if id(image) not in decoded:
+            decoded[id(image)] = image.load()
+    pixels = [decoded[id(image)] for image in images]
     out = processor.image_processor(images=pixels, return_tensors="pt")
     inputs = {k: v for k, v in out.items() if isinstance(v, Tensor)}
     if input_ids is not None and getattr(processor, "return_mm_token_type_ids", False):
