@@ -149,6 +149,12 @@ def test_resume_and_precomputed_reference_reproduce_the_run(tiny_vlm_dir, vlm_pa
     assert run_cli("dpo", tiny_vlm_dir, vlm_pairs_file, cached, *flags, "--save_steps", "0",
                    "--precompute_ref_log_probs", "--gradient_checkpointing") == 0
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1
+    # the trained adapter continued as policy and, frozen, as reference: they agree at the first step
+    continued = tmp_path / "continued"
+    assert run_cli("dpo", tiny_vlm_dir, vlm_pairs_file, continued, "--max_steps", "1", "--peft_adapter_path",
+                   straight) == 0
+    assert records(continued)[0]["loss"] == pytest.approx(0.693147, abs=1e-6)
+    assert records(continued)[0]["logps/chosen"] != pytest.approx(records(straight)[0]["logps/chosen"], abs=1e-3)
     a, b, c = records(straight), records(resumed), records(cached)
     assert [r["step"] for r in b] == [3, 4]
     for key in ("loss", "logps/chosen", "rewards/margins"):
