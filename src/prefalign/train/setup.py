@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from prefalign.config import ModelArgs, TrainArgs
 from prefalign.data.templates import resolve_chat_template
 from prefalign.errors import PrefalignError
-from prefalign.model.load import load_policy, load_tokenizer, save_model
+from prefalign.model.load import check_adapter_base, load_policy, load_tokenizer, save_model
 from prefalign.model.weights import is_main_process, load_weights_into
 from prefalign.train.distributed import check_launch, shard_plan
 from prefalign.train.files import drop_retired, publish_into, staged, staging_dir
@@ -72,6 +72,7 @@ def open_session(cfg: Any) -> Session:
     """The prologue every training command shares, after its own config checks: output directory, Accelerate and
     seeds, tokenizer and chat template."""
     checkpoint = check_output_dir(cfg, note=_main_print)
+    check_adapter_base(cfg)  # before the data is read: a wrong base is a flag mistake
     accelerator = make_accelerator(cfg)
     tokenizer = load_tokenizer(cfg)
     resolve_chat_template(tokenizer, getattr(cfg, "chat_template", None))  # pretraining reads raw text
