@@ -189,8 +189,9 @@ class _Run:
         self.state, raw_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
         self.seen_tokens = float(raw_state.get("num_tokens", 0.0))
         self.state.total_steps = self.total
-        restart = " (--ignore_data_skip: the data starts from its beginning)" if self.args.ignore_data_skip else ""
-        if restart:
+        restart = ""
+        if getattr(self.args, "ignore_data_skip", False):  # the user consented: the data position no longer applies
+            restart = " (--ignore_data_skip: the data starts from its beginning)"
             self.state.epoch, self.state.micro_index = 0, 0
         self.accelerator.print(f"Resuming from {ckpt} at step {self.state.global_step}{restart}")
         return self.state.global_step
