@@ -122,6 +122,8 @@ def _load(cfg: EvalConfig) -> tuple[Any, Any, Any, str]:
         raise PrefalignError("no reference recorded for this model; pass --ref_model_name_or_path",
                              "--ref_model_name_or_path")
     adapter = reference.get("adapter")
+    if reference.get("synced"):
+        why += "; the run moved its reference during training (--sync_ref_model): this is where it started"
     if adapter is None and _same_path(reference["model"], base):
         return policy, None, tokenizer, f"{base} (the policy's base, adapter disabled; {why})"
     if adapter is not None:

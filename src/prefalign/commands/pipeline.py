@@ -1,7 +1,7 @@
 """`prefalign pipeline --recipe recipe.yaml`: run a YAML list of stages, each one's output feeding the next.
 
 A recipe is a list of stages (at top level, or under `stages:`), each a mapping with `stage:` (a command of
-`STAGES`: train-tokenizer, init-model, pretrain, sft, rm, dpo, grpo, rloo, ppo) and that command's flags, plus an
+`STAGES`: train-tokenizer, init-model, pretrain, sft, rm, dpo, kto, grpo, rloo, ppo) and that command's flags, plus an
 optional top-level `defaults:` mapping applied to every stage whose command has those flags (a stage's own value wins):
 
     defaults: {disable_tqdm: true, logging_steps: 10}
@@ -13,11 +13,11 @@ optional top-level `defaults:` mapping applied to every stage whose command has 
       - {stage: dpo, dataset_name: pairs.jsonl, output_dir: out/dpo}
 
 Chaining, for every flag the stage leaves unset: the tokenizer of train-tokenizer becomes init-model's `tokenizer`;
-the model of the latest stage that writes a policy (init-model, pretrain, sft, dpo, grpo, rloo, ppo) becomes
+the model of the latest stage that writes a policy (init-model, pretrain, sft, dpo, kto, grpo, rloo, ppo) becomes
 `model_name_or_path` of the next stage that reads one (an rm stage does not move the policy on); the SFT model becomes
-DPO's `ref_model_name_or_path` when DPO's policy is another model; the latest rm stage's model becomes
+DPO's / KTO's `ref_model_name_or_path` when their policy is another model; the latest rm stage's model becomes
 `reward_model_name_or_path` of a grpo / rloo / ppo stage that names neither reward functions nor a reward model. A
-LoRA stage's adapter continues into DPO as `peft_adapter_path` on its base model; other stages need full weights
+LoRA stage's adapter continues into DPO or KTO as `peft_adapter_path` on its base model; other stages need full weights
 (`merge_adapter: true`).
 
 Planning checks, before the first stage runs, everything that can be checked without training: every stage's flags
@@ -71,7 +71,7 @@ class StageKind:
     output: str = "model"  # what its output_dir holds when finished: "model" or "tokenizer"
 
 
-# One line per command that can be a stage (kto, online-dpo, distill: one line each once they exist).
+# One line per command that can be a stage (online-dpo, distill: one line each once they exist).
 STAGES: dict[str, StageKind] = {
     "train-tokenizer": StageKind("prefalign.data.tokenizer:check_tokenizer_config", output="tokenizer"),
     "init-model": StageKind("prefalign.model.init:check_init_config", writes_policy=True),
@@ -79,6 +79,8 @@ STAGES: dict[str, StageKind] = {
     "sft": StageKind("prefalign.stages.causal_lm:check_lm_config", reads_policy=True, writes_policy=True),
     "rm": StageKind("prefalign.stages.rm:resolve_rm_config", reads_policy=True, writes_reward_model=True),
     "dpo": StageKind("prefalign.stages.dpo:resolve_dpo_config", reads_policy=True, writes_policy=True,
+                     continues_adapter=True, sft_reference=True),
+    "kto": StageKind("prefalign.stages.kto:resolve_kto_config", reads_policy=True, writes_policy=True,
                      continues_adapter=True, sft_reference=True),
     "grpo": StageKind("prefalign.stages.grpo:check_grpo_config", reads_policy=True, writes_policy=True,
                       reads_reward_model=True),

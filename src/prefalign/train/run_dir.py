@@ -194,12 +194,17 @@ def _earlier_items(out: Path, run_name: str) -> list[str]:
 def reference_of(cfg: Any) -> dict[str, Any]:
     """The reference this run compares the policy with, in the order model.reference.build_reference picks it:
     --ref_model_name_or_path; else the --peft_adapter_path adapter (frozen) on the base; else the starting model
-    (a frozen copy, or the base with the new adapter disabled: the same weights)."""
+    (a frozen copy, or the base with the new adapter disabled: the same weights). With --sync_ref_model the reference
+    moved during training: the record says so ("synced")."""
     if getattr(cfg, "ref_model_name_or_path", None):
-        return {"model": cfg.ref_model_name_or_path}
-    if getattr(cfg, "peft_adapter_path", None):
-        return {"model": cfg.model_name_or_path, "adapter": cfg.peft_adapter_path}
-    return {"model": getattr(cfg, "model_name_or_path", None)}
+        reference = {"model": cfg.ref_model_name_or_path}
+    elif getattr(cfg, "peft_adapter_path", None):
+        reference = {"model": cfg.model_name_or_path, "adapter": cfg.peft_adapter_path}
+    else:
+        reference = {"model": getattr(cfg, "model_name_or_path", None)}
+    if getattr(cfg, "sync_ref_model", False):  # TR-DPO: this is where the reference started, not where it ended
+        reference["synced"] = True
+    return reference
 
 
 def prepare_output_dir(cfg: Any, run_name: str, resumed_from: Path | None = None,
