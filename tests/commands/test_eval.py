@@ -164,3 +164,15 @@ def test_an_adapter_on_another_base_is_refused_unless_asked(sft_adapter, tiny_ll
     assert run_cli("dpo", tiny_llama_dir, pairs_file, out, "--max_steps", 1, "--peft_adapter_path", sft_adapter,
                    "--ignore_adapter_base") == 0
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama_dir)
+
+
+def test_runs_of_older_versions_imply_their_reference(tmp_path):
+    from prefalign.commands.eval import recorded_reference
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "prefalign_config.json").write_text(json.dumps({"model_name_or_path": "base", "peft_adapter_path": "sft",
+                                                           "use_peft": False}))
+    assert recorded_reference(str(run)) == ({"model": "base", "adapter": "sft"}, run / "prefalign_config.json")
+    (run / "prefalign_config.json").write_text(json.dumps({"model_name_or_path": "base", "ref_model_name_or_path": "r"}))
+    assert recorded_reference(str(run))[0] == {"model": "r"}
