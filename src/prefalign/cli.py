@@ -1,7 +1,7 @@
 """`prefalign <command> [flags]`: each command maps its flags onto a typed config and calls one run function.
 
 A PrefalignError (bad input, bad flag, missing model) is printed as one line on stderr with exit code 2;
-Ctrl-C exits with 130 after the loop has saved a resumable checkpoint.
+Ctrl-C exits with 130 (SIGTERM with 143) after the loop has saved a resumable checkpoint or said why none was.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except PrefalignError as e:
         print(f"prefalign {name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # 128 + the signal, as shells report it: 130 for Ctrl-C, 143 for SIGTERM
         print("prefalign: interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(e, "signum", 2))
     return 0
 
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import write_jsonl
+from helpers import run_cli, write_jsonl
 from prefalign.cli import main
 from prefalign.commands.eval import evaluate, win_rate
 from prefalign.config import EvalConfig
 from prefalign.errors import PrefalignError
 from prefalign.rollout.generate import generate_reply
+from prefalign.train.metrics import read_metrics
 
 PAIRS = [("1 + 2 =", " 3", " 4"), ("the sky is", " blue", " red"), ("hello", " world", " cat dog")]
 BETA = 0.1
@@ -119,3 +120,59 @@ def test_errors(tmp_path, pairs_file, tiny_model_dir, capsys):
                             reward_model_name_or_path="x"))
     assert main(["eval", "--model_name_or_path", str(tiny_model_dir)]) == 2
     assert capsys.readouterr().err.strip() == "prefalign eval: error: --dataset_name: is required"
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tmp_path_factory, tiny_model_dir, pairs_file):
+    """A LoRA adapter trained on the fixture model (a short LoRA DPO run stands in for an SFT adapter)."""
+    out = tmp_path_factory.mktemp("adapter") / "sft"
+    assert run_cli("dpo", tiny_model_dir, pairs_file, out, "--max_steps", 3, "--use_peft", "--lora_r", 4,
+                   "--learning_rate", 5e-2, "--per_device_train_batch_size", 3) == 0
+    return out
+
+
+def test_eval_of_a_continued_adapter_uses_the_reference_the_run_used(sft_adapter, tiny_model_dir, pairs_file,
+                                                                     tmp_path, capsys):
+    """DPO from an SFT adapter compares with that adapter frozen: eval must too (the base with the adapter disabled
+    gives other numbers), and say which reference it used."""
+    dpo = tmp_path / "dpo"
+    assert run_cli("dpo", tiny_model_dir, pairs_file, dpo, "--max_steps", 2, "--peft_adapter_path", sft_adapter,
+                   "--learning_rate", 5e-2, "--per_device_train_batch_size", 3, "--eval_dataset_name", pairs_file) == 0
+    logged = [r for r in read_metrics(dpo / "metrics.jsonl") if "eval_rewards/margins" in r][-1]
+    assert json.loads((dpo / "prefalign_run.json").read_text())["reference"] == {
+        "model": str(tiny_model_dir), "adapter": str(sft_adapter)}
+    capsys.readouterr()
+    assert main(["eval", "--model_name_or_path", str(dpo), "--dataset_name", str(pairs_file)]) == 0
+    said = capsys.readouterr().out
+    assert said.splitlines()[0] == (f"reference: the adapter {sft_adapter} on {tiny_model_dir} "
+                                    f"(recorded in {dpo / 'prefalign_run.json'})")
+    result = evaluate(EvalConfig(model_name_or_path=str(dpo), dataset_name=str(pairs_file)))
+    for key in ("eval_rewards/margins", "eval_rewards/chosen", "eval_loss"):
+        assert result["metrics"][key] == pytest.approx(logged[key], rel=1e-4, abs=1e-6), key
+    assert abs(logged["eval_rewards/margins"]) > 1e-4  # not trivially equal: the policy moved from the reference
+
+
+def test_an_adapter_on_another_base_is_refused_unless_asked(sft_adapter, tiny_llama_dir, pairs_file, tmp_path,
+                                                            capsys):
+    out = tmp_path / "other-base"
+    assert run_cli("dpo", tiny_llama_dir, pairs_file, out, "--max_steps", 1, "--peft_adapter_path", sft_adapter) == 2
+    recorded = json.loads((sft_adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert capsys.readouterr().err.strip() == (
+        f"prefalign dpo: error: --peft_adapter_path {sft_adapter}: was trained on {recorded} (its adapter_config.json), "
+        f"not --model_name_or_path {tiny_llama_dir}; pass --ignore_adapter_base to load it on this base anyway")
+    assert not out.exists()
+    assert run_cli("dpo", tiny_llama_dir, pairs_file, out, "--max_steps", 1, "--peft_adapter_path", sft_adapter,
+                   "--ignore_adapter_base") == 0
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama_dir)
+
+
+def test_runs_of_older_versions_imply_their_reference(tmp_path):
+    from prefalign.commands.eval import recorded_reference
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "prefalign_config.json").write_text(json.dumps({"model_name_or_path": "base", "peft_adapter_path": "sft",
+                                                           "use_peft": False}))
+    assert recorded_reference(str(run)) == ({"model": "base", "adapter": "sft"}, run / "prefalign_config.json")
+    (run / "prefalign_config.json").write_text(json.dumps({"model_name_or_path": "base", "ref_model_name_or_path": "r"}))
+    assert recorded_reference(str(run))[0] == {"model": "r"}

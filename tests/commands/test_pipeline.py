@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import yaml
 
 from helpers import conv, corpus, write_jsonl
 from prefalign.cli import main
+from prefalign.commands import config_class
 from prefalign.commands.pipeline import plan, run_pipeline
 from prefalign.config import PipelineConfig
 from prefalign.errors import PrefalignError
@@ -55,10 +59,22 @@ def test_plan_chains_outputs(tmp_path):
     assert [s.action for s in stages] == ["run"] * 6
 
 
+def _checkpoint(output_dir, step: int = 2) -> None:
+    """A real checkpoint (of a stand-in model) as an interrupted stage leaves it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from prefalign.train.checkpoint import TrainState, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(output_dir, TrainState(global_step=step), lambda d: save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors")), opt.state_dict(),
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+
+
 def test_plan_resumes_from_checkpoints_and_continues_lora_adapters(tmp_path):
-    ckpt = tmp_path / "sft" / "checkpoint-2"
-    ckpt.mkdir(parents=True)
-    (ckpt / "trainer_state.json").write_text("{}")
+    _checkpoint(tmp_path / "sft")
     (tmp_path / "dpo").mkdir()
     (tmp_path / "dpo" / "metrics.jsonl").write_text("")
     stages = plan(recipe(tmp_path, [
@@ -73,7 +89,9 @@ def test_plan_resumes_from_checkpoints_and_continues_lora_adapters(tmp_path):
 
 
 def test_every_stage_is_validated_before_anything_runs(tmp_path, capsys):
-    path = recipe(tmp_path, [{"stage": "train-tokenizer", "dataset_name": "c.txt", "output_dir": str(tmp_path / "t")},
+    (tmp_path / "c.txt").write_text("some text\n")
+    path = recipe(tmp_path, [{"stage": "train-tokenizer", "dataset_name": str(tmp_path / "c.txt"),
+                              "output_dir": str(tmp_path / "t")},
                              {"stage": "sft", "dataset_name": "d", "output_dir": "o", "lerning_rate": 1}])
     assert main(["pipeline", path]) == 2  # the recipe as a bare argument, as README shows
     assert capsys.readouterr().err.strip() == \
@@ -100,3 +118,144 @@ def test_full_pipeline_runs_then_skips_finished_stages(tmp_path, capsys):
     stages = run_pipeline(PipelineConfig(recipe=path))
     assert [s.action for s in stages] == ["skip"] * 6
     assert (o / "dpo" / "metrics.jsonl").read_text() == before
+
+
+def _files(tmp_path):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conv(("user", "1 + 1"), ("assistant", "2"))}])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "1 + 1", "chosen": "2", "rejected": "3"}])
+    return chat, pairs
+
+
+def _finish(stage) -> None:
+    """Leave what a finished run of `stage` leaves: final weights and its recorded config."""
+    from prefalign.train.run_dir import config_record
+
+    out = Path(stage.config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / "prefalign_config.json").write_text(json.dumps(config_record(stage.config)))
+
+
+def test_an_edited_recipe_is_not_skipped_silently(tmp_path, tiny_model_dir):
+    chat, pairs = _files(tmp_path)
+    stages = [{"stage": "sft", "model_name_or_path": str(tiny_model_dir), "dataset_name": str(chat), **TRAIN,
+               "output_dir": str(tmp_path / "sft")},
+              {"stage": "dpo", "dataset_name": str(pairs), **TRAIN, "output_dir": str(tmp_path / "dpo")}]
+    for st in plan(recipe(tmp_path, stages)):
+        _finish(st)
+    assert [s.action for s in plan(recipe(tmp_path, stages))] == ["skip", "skip"]
+    stages[1]["beta"] = 0.2
+    path = recipe(tmp_path, stages)
+    with pytest.raises(PrefalignError) as e:
+        plan(path)
+    assert str(e.value) == (f"{path} stage 2 (dpo): {tmp_path / 'dpo'} holds this stage's result, but the recipe "
+                            "changed beta 0.1 -> 0.2 since it ran; pass --rerun_changed to run it again (or restore "
+                            "the recipe)")
+    rerun = plan(path, rerun_changed=True)
+    assert [s.action for s in rerun] == ["skip", "rerun"] and rerun[1].values["overwrite_output_dir"] is True
+    stages[1].pop("beta")
+    stages[0]["max_steps"] = 5  # the SFT stage changed: DPO, which starts from it, is stale too
+    assert [s.action for s in plan(recipe(tmp_path, stages), rerun_changed=True)] == ["rerun", "rerun"]
+    with pytest.raises(PrefalignError, match=r"stage 1 \(sft\): .* the recipe changed max_steps 3 -> 5"):
+        plan(recipe(tmp_path, stages))
+
+
+def test_duplicate_or_nested_output_dirs_are_refused_when_planning(tmp_path):
+    chat, pairs = _files(tmp_path)
+    for second in (tmp_path / "out", tmp_path / "out" / "dpo"):
+        path = recipe(tmp_path, [
+            {"stage": "sft", "model_name_or_path": "m", "dataset_name": str(chat), "output_dir": str(tmp_path / "out")},
+            {"stage": "dpo", "dataset_name": str(pairs), "output_dir": str(second)}])
+        with pytest.raises(PrefalignError, match=r"stage 2 \(dpo\): output_dir .* (is also stage 1 \(sft\)'s; each "
+                                                 r"stage needs its own|are nested)"):
+            plan(path)
+
+
+def test_every_training_command_is_a_stage_and_rl_stages_chain(tmp_path):
+    from prefalign.commands import COMMANDS
+    from prefalign.commands.pipeline import STAGES
+
+    trains = [n for n in COMMANDS if "resume_from_checkpoint" in config_class(n).__dataclass_fields__]
+    assert set(trains) <= set(STAGES), "a training command without a pipeline stage: add its line to STAGES"
+    chat, pairs = _files(tmp_path)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "1 + 1"}])
+    o = tmp_path / "o"
+    by = {s.name: s.values for s in plan(recipe(tmp_path, [
+        {"stage": "sft", "model_name_or_path": "m", "dataset_name": str(chat), "output_dir": str(o / "sft")},
+        {"stage": "rm", "dataset_name": str(pairs), "output_dir": str(o / "rm")},
+        {"stage": "grpo", "dataset_name": str(prompts), "reward_funcs": ["length:5"], "output_dir": str(o / "grpo")},
+        {"stage": "rloo", "dataset_name": str(prompts), "output_dir": str(o / "rloo")},
+        {"stage": "ppo", "dataset_name": str(prompts), "output_dir": str(o / "ppo")}]))}
+    assert by["rm"]["model_name_or_path"] == by["grpo"]["model_name_or_path"] == str(o / "sft")
+    assert "reward_model_name_or_path" not in by["grpo"]  # it names its own reward functions
+    assert by["rloo"]["model_name_or_path"] == str(o / "grpo") and by["rloo"]["reward_model_name_or_path"] == str(o / "rm")
+    assert by["ppo"]["model_name_or_path"] == str(o / "rloo") and by["ppo"]["reward_model_name_or_path"] == str(o / "rm")
+
+
+def test_planning_checks_data_outputs_and_each_stages_own_config(tmp_path, tiny_model_dir):
+    chat, pairs = _files(tmp_path)
+    first = {"stage": "sft", "model_name_or_path": str(tiny_model_dir), "dataset_name": str(chat),
+             "output_dir": str(tmp_path / "sft")}
+    cases = [
+        ({"dataset_name": str(tmp_path / "missing.jsonl")},
+         f"stage 2 (dpo) key 'dataset_name': no such file or directory ({tmp_path / 'missing.jsonl'})"),
+        ({"loss_type": ["sigmoidd"]}, "stage 2 (dpo): --loss_type: unknown loss 'sigmoidd'"),
+        ({"model_name_or_path": str(tiny_model_dir), "output_dir": str(tiny_model_dir)},
+         f"stage 2 (dpo): --output_dir {tiny_model_dir}: is also --model_name_or_path"),
+        ({"model_name_or_path": str(tmp_path / "nope")},
+         f"stage 2 (dpo) key 'model_name_or_path': no such directory ({tmp_path / 'nope'})"),
+    ]
+    for change, message in cases:
+        path = recipe(tmp_path, [first, {"stage": "dpo", "dataset_name": str(pairs), "output_dir":
+                                         str(tmp_path / "dpo"), **change}])
+        with pytest.raises(PrefalignError) as e:
+            plan(path)
+        assert str(e.value).startswith(f"{path} {message}"), str(e.value)
+    grpo = {"stage": "grpo", "dataset_name": str(pairs), "reward_funcs": [f"{tmp_path / 'rewards.py'}:fn"],
+            "output_dir": str(tmp_path / "grpo")}
+    with pytest.raises(PrefalignError, match=r"stage 2 \(grpo\) key 'reward_funcs': no such file"):
+        plan(recipe(tmp_path, [first, grpo]))
+    assert not (tmp_path / "sft").exists()
+
+
+def test_read_only_output_dir_is_refused_when_planning(tmp_path):
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        chat, _ = _files(tmp_path)
+        path = recipe(tmp_path, [{"stage": "sft", "model_name_or_path": "m", "dataset_name": str(chat),
+                                  "output_dir": str(ro / "sft")}])
+        with pytest.raises(PrefalignError) as e:
+            plan(path)
+        assert str(e.value) == (f"{path} stage 1 (sft): --output_dir {ro / 'sft'}: is not writable (Read-only file "
+                                f"system in {ro})")
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_a_failing_stage_is_named_in_its_error(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "chat.jsonl"
+    bad.write_text('{"messages": "not a list"}\n')
+    path = recipe(tmp_path, [{"stage": "sft", "model_name_or_path": str(tiny_model_dir), "dataset_name": str(bad),
+                              **TRAIN, "output_dir": str(tmp_path / "sft")}])
+    assert main(["pipeline", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"prefalign pipeline: error: {path} stage 1 (sft): {bad}:1"), err
+    assert "\n" not in err
+
+
+@pytest.mark.slow
+def test_an_rl_stage_runs_in_a_pipeline(tmp_path, tiny_model_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": conv(("user", f"what is {a} + 1"))}
+                                                        for a in range(4)])
+    path = recipe(tmp_path, [{"stage": "grpo", "model_name_or_path": str(tiny_model_dir), "dataset_name": str(prompts),
+                              "reward_funcs": ["length:5"], "num_generations": 2, "per_device_train_batch_size": 4,
+                              "max_completion_length": 4, "max_steps": 1, "logging_steps": 1, "save_steps": 0,
+                              "output_dir": str(tmp_path / "grpo")}])
+    run_pipeline(PipelineConfig(recipe=path))
+    assert [r["step"] for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if "reward" in r] == [1]
+    assert [s.action for s in run_pipeline(PipelineConfig(recipe=path))] == ["skip"]

@@ -11,8 +11,10 @@
   lists; other dataset columns arrive as keyword lists); True/False count as 1/0.
 * `--num_samples N`: the first N prompts with both answers side by side.
 
-Without --ref_model_name_or_path the reference is the model the policy was trained from, as recorded in its
-prefalign_config.json (a LoRA adapter's reference is its base with the adapter disabled).
+Without --ref_model_name_or_path the reference is the one the run used, as its prefalign_run.json records it (for
+runs of older versions, what their prefalign_config.json implies): its --ref_model_name_or_path, the adapter it
+continued from (--peft_adapter_path) on its base, or the model it started from (for a new LoRA adapter, its base
+with the adapter disabled: the same weights, no second copy). Eval prints which reference it used.
 """
 
 from __future__ import annotations
@@ -34,18 +36,34 @@ from prefalign.model.load import load_for_inference, load_model_for_inference
 from prefalign.rollout.generate import generate_reply, greedy_answers
 from prefalign.rollout.rewards import RewardModelScorer, load_reward_function
 from prefalign.stages.dpo import pair_metrics
+from prefalign.train.run_dir import RUN_FILE
 
 SHOWN = ("eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen", "eval_rewards/rejected",
          "eval_loss", "win_rate")
 
 
-def recorded_reference(model_path: str) -> str | None:
-    """The reference a run of ours used: its ref_model_name_or_path, else the model it started from."""
-    cfg_file = Path(model_path) / "prefalign_config.json"
+def recorded_reference(model_path: str) -> tuple[dict[str, Any], Path] | None:
+    """The reference a run of ours used, {"model": ..., "adapter": ... or absent}, and the file that says so."""
+    run_file, cfg_file = Path(model_path) / RUN_FILE, Path(model_path) / "prefalign_config.json"
+    if run_file.is_file():
+        reference = json.loads(run_file.read_text(encoding="utf-8")).get("reference")
+        if reference and reference.get("model"):
+            return reference, run_file
     if not cfg_file.is_file():
         return None
-    recorded = json.loads(cfg_file.read_text(encoding="utf-8"))
-    return recorded.get("ref_model_name_or_path") or recorded.get("model_name_or_path")
+    recorded = json.loads(cfg_file.read_text(encoding="utf-8"))  # a run of an older version: the same rules
+    if recorded.get("ref_model_name_or_path"):
+        return {"model": recorded["ref_model_name_or_path"]}, cfg_file
+    if recorded.get("peft_adapter_path"):
+        return {"model": recorded.get("model_name_or_path"), "adapter": recorded["peft_adapter_path"]}, cfg_file
+    return ({"model": recorded["model_name_or_path"]}, cfg_file) if recorded.get("model_name_or_path") else None
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
 
 def _scores(judge: Any, prompts: list[Any], answers: list[str], columns: dict[str, list]) -> list[float]:
@@ -90,17 +108,29 @@ def _check(cfg: EvalConfig) -> None:
         raise PrefalignError("must not be negative" if cfg.num_samples < 0 else "must be at least 1", flag)
 
 
-def _load(cfg: EvalConfig) -> tuple[Any, Any, Any, Any]:
-    """(policy, reference model or None for an adapter policy, tokenizer, processor or None)."""
+def _load(cfg: EvalConfig) -> tuple[Any, Any, Any, Any, str]:
+    """(policy, reference model or None for the policy's base with its adapter disabled, tokenizer, processor or
+    None, which reference that is, in words)."""
     policy, tokenizer, processor = load_for_inference(cfg.model_name_or_path, tokenizer_path=cfg.tokenizer_name_or_path)
-    ref_path = cfg.ref_model_name_or_path
-    if ref_path is None and not isinstance(policy, PeftModel):
-        ref_path = recorded_reference(cfg.model_name_or_path)
-        if ref_path is None:
-            raise PrefalignError("no reference recorded for this model; pass --ref_model_name_or_path",
-                                 "--ref_model_name_or_path")
-    reference = load_model_for_inference(ref_path)[0] if ref_path else None
-    return policy, reference, tokenizer, processor
+    base = policy.peft_config["default"].base_model_name_or_path if isinstance(policy, PeftModel) else None
+    if cfg.ref_model_name_or_path:
+        reference, why = {"model": cfg.ref_model_name_or_path}, "--ref_model_name_or_path"
+    elif (found := recorded_reference(cfg.model_name_or_path)) is not None:
+        reference, why = found[0], f"recorded in {found[1]}"
+    elif base is not None:
+        reference, why = {"model": base}, "the adapter's base; no reference recorded"
+    else:
+        raise PrefalignError("no reference recorded for this model; pass --ref_model_name_or_path",
+                             "--ref_model_name_or_path")
+    adapter = reference.get("adapter")
+    if reference.get("synced"):
+        why += "; the run moved its reference during training (--sync_ref_model): this is where it started"
+    if adapter is None and _same_path(reference["model"], base):
+        return policy, None, tokenizer, processor, f"{base} (the policy's base, adapter disabled; {why})"
+    if adapter is not None:
+        model = load_model_for_inference(adapter, base_model=reference["model"])[0]
+        return policy, model, tokenizer, processor, f"the adapter {adapter} on {reference['model']} ({why})"
+    return policy, load_model_for_inference(reference["model"])[0], tokenizer, processor, f"{reference['model']} ({why})"
 
 
 def _dpo_config(cfg: EvalConfig) -> DPOConfig:
@@ -111,12 +141,12 @@ def _dpo_config(cfg: EvalConfig) -> DPOConfig:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every requested evaluation; returns {"metrics": {...}, "samples": [...], "num_pairs": n}."""
     _check(cfg)
-    policy, reference, tokenizer, processor = _load(cfg)
+    policy, reference, tokenizer, processor, described = _load(cfg)
     resolve_chat_template(tokenizer, cfg.chat_template)
     pairs = normalize_rows(load_rows(cfg.dataset_name, cfg.dataset_config, cfg.dataset_split), cfg, cfg.dataset_name)
     pairs = pairs[: cfg.max_eval_pairs] if cfg.max_eval_pairs else pairs
     metrics = pair_metrics(policy, reference, tokenizer, pairs, _dpo_config(cfg), processor)
-    result: dict[str, Any] = {"num_pairs": len(pairs), "metrics": metrics, "samples": []}
+    result: dict[str, Any] = {"num_pairs": len(pairs), "reference": described, "metrics": metrics, "samples": []}
     judge = (load_reward_function(cfg.judge) if cfg.judge else
              RewardModelScorer(cfg.reward_model_name_or_path, batch_size=cfg.per_device_eval_batch_size)
              if cfg.reward_model_name_or_path else None)
@@ -145,7 +175,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 def format_result(result: dict[str, Any]) -> str:
     """The metrics as a two-column table, then the samples side by side."""
-    lines = [f"{'metric':<28} value", f"{'-' * 28} -----"]
+    lines = [f"reference: {result['reference']}", "", f"{'metric':<28} value", f"{'-' * 28} -----"]
     lines += [f"{k:<28} {v:.4f}" for k, v in result["metrics"].items() if k in SHOWN]
     lines.append(f"{'pairs':<28} {result['num_pairs']}")
     for s in result["samples"]:

@@ -34,6 +34,9 @@ def check_train_args(args: TrainArgs) -> None:
     for name, value in positive.items():
         if value < 1:
             raise PrefalignError(f"must be at least 1, got {value}", f"--{name}")
+    if args.save_total_limit is not None and args.save_total_limit < 0:
+        raise PrefalignError(f"must not be negative (0 keeps every checkpoint), got {args.save_total_limit}",
+                             "--save_total_limit")
     if args.learning_rate < 0:
         raise PrefalignError("must not be negative", "--learning_rate")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:

@@ -45,6 +45,9 @@ class ModelArgs(ModelSource):
     peft_adapter_path: str | None = None
     """Continue from an existing LoRA adapter (e.g. an SFT adapter): it is loaded as the trainable policy adapter and,
     frozen, as the reference adapter, in one base model."""
+    ignore_adapter_base: bool = False
+    """Load --peft_adapter_path onto --model_name_or_path even though its adapter_config.json names another base
+    model (refused otherwise); the output records the base really used."""
     load_in_4bit: bool = False
     """QLoRA: load the base model 4-bit quantized with bitsandbytes (needs a CUDA GPU)."""
     merge_adapter: bool = False
@@ -125,7 +128,8 @@ class TrainArgs:
     output_dir: str | None = None
     """Where the model, metrics.jsonl and checkpoints go."""
     overwrite_output_dir: bool = False
-    """Allow training into an output_dir that already holds a finished model."""
+    """Replace an earlier run in output_dir: what it wrote is moved aside when training starts and deleted after this
+    run's first save."""
     learning_rate: float = 5e-5
     """Peak learning rate of AdamW."""
     per_device_train_batch_size: int = 8
@@ -162,7 +166,7 @@ class TrainArgs:
     save_steps: int = 500
     """Save a resumable checkpoint every this many steps (0 disables)."""
     save_total_limit: int | None = None
-    """Keep only the newest this many checkpoints."""
+    """Keep only the newest this many checkpoints; unset or 0 keeps them all (as in transformers)."""
     eval_steps: int | None = None
     """Evaluate every this many steps (default: only at the end, when there is evaluation data)."""
     seed: int = 42
@@ -176,6 +180,9 @@ class TrainArgs:
     report_to: list[str] = field(default_factory=lambda: ["none"])
     """Where metrics also go besides metrics.jsonl: none, tensorboard, wandb."""
     resume_from_checkpoint: str | None = None
-    """Continue from a checkpoint directory, or "latest" for the newest one in output_dir."""
+    """Continue from a checkpoint directory, or "latest" for the newest complete one in output_dir."""
+    ignore_data_skip: bool = False
+    """When resuming with other data, batch size, seed or length settings than the checkpoint's (refused otherwise):
+    keep its weights, optimizer and step, and start the data from its beginning."""
     disable_tqdm: bool = False
     """Hide the progress bar."""

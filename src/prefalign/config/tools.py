@@ -138,6 +138,9 @@ class PipelineConfig:
     """YAML recipe: a list of stages, each with `stage:` and that command's flags, e.g. `- {stage: sft, dataset_name: chat.jsonl, output_dir: out/sft}`."""
     dry_run: bool = False
     """Print the resolved stages (with chained paths, skip/resume decisions) and stop."""
+    rerun_changed: bool = False
+    """Run a finished stage again when its recipe entry changed since it ran (and the stages that start from it);
+    without it such a stage stops the pipeline, naming the changed keys."""
 
 
 @dataclass

@@ -64,14 +64,19 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_freque
     return fast
 
 
-def train_tokenizer(cfg: TrainTokenizerConfig) -> int:
-    """Train and save the tokenizer; returns its vocabulary size."""
+def check_tokenizer_config(cfg: TrainTokenizerConfig) -> None:
+    """Everything that can be checked before the corpus is read."""
     require(cfg, "dataset_name", "output_dir")
     if cfg.vocab_size < MIN_VOCAB:
         raise PrefalignError(f"must be at least {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
                              f"got {cfg.vocab_size}", "--vocab_size")
     if cfg.min_frequency < 1:
         raise PrefalignError(f"must be at least 1, got {cfg.min_frequency}", "--min_frequency")
+
+
+def train_tokenizer(cfg: TrainTokenizerConfig) -> int:
+    """Train and save the tokenizer; returns its vocabulary size."""
+    check_tokenizer_config(cfg)
     out = Path(cfg.output_dir)
     if (out / "tokenizer.json").exists() and not cfg.overwrite_output_dir:
         raise PrefalignError("already holds a tokenizer; pass --overwrite_output_dir or choose another directory",

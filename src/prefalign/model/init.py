@@ -59,14 +59,20 @@ def init_model(shape: ModelShape, tokenizer: PreTrainedTokenizerBase, seed: int 
     return AutoModelForCausalLM.from_config(config)
 
 
-def init_model_dir(cfg: InitModelConfig) -> int:
-    """Build, save and return the parameter count of the model."""
+def check_init_config(cfg: InitModelConfig) -> ModelShape:
+    """Everything that can be checked before the tokenizer is read; returns the shape."""
     if not cfg.tokenizer:
         raise PrefalignError("is required", "--tokenizer")
     if not cfg.output_dir:
         raise PrefalignError("is required", "--output_dir")
     shape = ModelShape(**{k: getattr(cfg, k) for k in ModelShape.__dataclass_fields__})
     check_shape(shape)
+    return shape
+
+
+def init_model_dir(cfg: InitModelConfig) -> int:
+    """Build, save and return the parameter count of the model."""
+    shape = check_init_config(cfg)
     out = Path(cfg.output_dir)
     if (out / "config.json").exists() and not cfg.overwrite_output_dir:
         raise PrefalignError("already holds a model; pass --overwrite_output_dir or choose another directory",

@@ -147,7 +147,7 @@ def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTra
     if vision is not None and args.freeze_vision_tower:
         vision.requires_grad_(False)  # full fine-tuning trains the language model (and projector) only
     if args.peft_adapter_path:
-        model = _load_adapter_twice(model, args.peft_adapter_path)
+        model = _load_adapter_twice(model, args.peft_adapter_path, args)
     elif args.use_peft or args.load_in_4bit:
         model = get_peft_model(model, lora_config(args, model))
     if isinstance(model, PeftModel) and gradient_checkpointing:
@@ -204,16 +204,43 @@ def _language_model_targets(model: nn.Module, names: list[str] | None) -> str:
     return rf"{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaves))})"
 
 
-def _load_adapter_twice(model: PreTrainedModel, path: str) -> PeftModel:
-    """The adapter at `path` as the trainable policy adapter and again, frozen, as the reference adapter."""
+def check_adapter_base(args: ModelArgs) -> None:
+    """An adapter trained on one base loads onto another whose shapes match, silently: refuse a --model_name_or_path
+    other than the base its adapter_config.json names, unless --ignore_adapter_base."""
+    adapter = getattr(args, "peft_adapter_path", None)
+    config = Path(adapter or "").expanduser() / "adapter_config.json"
+    if not adapter or getattr(args, "ignore_adapter_base", False) or not config.is_file():
+        return
+    recorded = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    given = args.model_name_or_path
+    if not recorded or not given or _same_model(recorded, given):
+        return
+    raise PrefalignError(f"was trained on {recorded} (its adapter_config.json), not --model_name_or_path {given}; "
+                         "pass --ignore_adapter_base to load it on this base anyway", f"--peft_adapter_path "
+                         f"{args.peft_adapter_path}")
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _load_adapter_twice(model: PreTrainedModel, path: str, args: ModelArgs) -> PeftModel:
+    """The adapter at `path` as the trainable policy adapter and again, frozen, as the reference adapter; the saved
+    adapter names the base it was really loaded on."""
     if _looks_local(path) and not Path(path).expanduser().is_dir():
         raise PrefalignError(f"no such adapter directory: {path}", "--peft_adapter_path")
+    check_adapter_base(args)
     try:
         peft_model = PeftModel.from_pretrained(model, path, is_trainable=True, adapter_name=POLICY_ADAPTER)
         peft_model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
     except _LOAD_ERRORS as e:
         raise PrefalignError(f"cannot load a LoRA adapter from {path!r}: {_first_line(e)}", "--peft_adapter_path") from None
     peft_model.set_adapter(POLICY_ADAPTER)  # also makes only the policy adapter trainable
+    for config in peft_model.peft_config.values():  # peft would write the adapter's old base into the output
+        config.base_model_name_or_path = args.model_name_or_path
     return peft_model
 
 

@@ -15,7 +15,10 @@ averages the gradients itself in backward.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence, Sized
 from contextlib import nullcontext
@@ -33,7 +36,9 @@ from prefalign.train import distributed
 from prefalign.train.checkpoint import (
     TrainState,
     load_checkpoint,
+    load_checkpoint_weights,
     resolve_checkpoint,
+    save_after_interrupt,
     save_checkpoint,
 )
 from prefalign.train.metrics import MetricAccumulator, MetricsLog, MetricSums
@@ -85,6 +90,7 @@ class LoopResult:
     last_metrics: dict[str, float]
     eval_metrics: dict[str, float]
     interrupted: bool = False
+    interrupt_signal: int = signal.SIGINT  # what interrupted the run: SIGINT (Ctrl-C) or SIGTERM
 
 
 def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
@@ -195,16 +201,24 @@ class _Run:
         self.state, raw_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
         self.seen_tokens = float(raw_state.get("num_tokens", 0.0))
         self.state.total_steps = self.total
-        self.accelerator.print(f"Resuming from {ckpt} at step {self.state.global_step}")
+        restart = ""
+        if getattr(self.args, "ignore_data_skip", False):  # the user consented: the data position no longer applies
+            restart = " (--ignore_data_skip: the data starts from its beginning)"
+            self.state.epoch, self.state.micro_index = 0, 0
+        self.accelerator.print(f"Resuming from {ckpt} at step {self.state.global_step}{restart}")
         return self.state.global_step
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> Path:
         """Every process takes part: sharded weights and optimizer state are gathered."""
-        save_checkpoint(self.args.output_dir, self.state, self.save_model,
-                        distributed.optimizer_state(self.model, self.optimizer), self.scheduler,
-                        extra={"num_tokens": self.seen_tokens}, save_total_limit=self.args.save_total_limit,
-                        main=self.accelerator.is_main_process)
+        extra = {"num_tokens": self.seen_tokens, "config_class": type(self.args).__name__,
+                 "num_processes": self.accelerator.num_processes}
+        config = dataclasses.asdict(self.args) if dataclasses.is_dataclass(self.args) else None
+        path = save_checkpoint(self.args.output_dir, self.state, self.save_model,
+                               distributed.optimizer_state(self.model, self.optimizer), self.scheduler, extra=extra,
+                               save_total_limit=self.args.save_total_limit, main=self.accelerator.is_main_process,
+                               config=config)
         self.accelerator.wait_for_everyone()
+        return path
 
     def next_step_groups(self) -> list[Any] | None:
         """The micro-batches of the next optimizer step (every process's share), or None at an epoch's end."""
@@ -248,12 +262,16 @@ def train_loop(
     save_model: Callable[[Path], None],
     load_model: Callable[[Path], None],
     plan: distributed.ShardPlan | None = None,
+    checkpoint: Path | None = None,
 ) -> LoopResult:
     """Run the optimisation; `save_model(dir)`/`load_model(dir)` write and restore weights in HF format; with a
-    `plan` (FSDP), the model is sharded here."""
-    ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    `plan` (FSDP), the model is sharded here. `checkpoint`: the one to resume from, already resolved (else
+    --resume_from_checkpoint is resolved here)."""
+    ckpt = checkpoint
+    if ckpt is None and args.resume_from_checkpoint:
+        ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.print)
     if ckpt is not None:
-        load_model(ckpt)  # into the whole model, before it is sharded
+        load_checkpoint_weights(load_model, ckpt)  # into the whole model, before it is sharded
     if plan is not None:
         distributed.shard(model, plan, accelerator.device)
         distributed.shard_reference(getattr(stage, "reference", None), plan, accelerator.device)
@@ -264,7 +282,8 @@ def train_loop(
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     model.train()
-    interrupted = False
+    interrupted, cause = False, signal.SIGINT
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         while run.state.global_step < run.total:
             step_groups = run.next_step_groups()
@@ -281,17 +300,38 @@ def train_loop(
                 log.write(step, eval_metrics)
             if args.save_steps and step % args.save_steps == 0 and step < run.total:
                 run.checkpoint()
-    except KeyboardInterrupt:
-        interrupted = True
-        accelerator.print(f"\nInterrupted: saving a resumable checkpoint at step {run.state.global_step} ...")
-        run.checkpoint()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; a second one during the save abandons it
+        interrupted, cause = True, signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        save_after_interrupt(run.checkpoint, run.state.global_step, args.output_dir,
+                             "SIGTERM" if cause == signal.SIGTERM else "Ctrl-C", accelerator.print)
     finally:
         bar.close()
+        restore_sigterm()
     step = run.state.global_step
     if not interrupted and stage.eval_groups() and not (args.eval_steps and step % args.eval_steps == 0):
         eval_metrics = evaluate(stage, model, accelerator)
         log.write(step, eval_metrics)
-    return LoopResult(run.state, last, eval_metrics, interrupted)
+    return LoopResult(run.state, last, eval_metrics, interrupted, cause)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and Kubernetes send before killing a job), raised like Ctrl-C's KeyboardInterrupt so that
+    the loop saves a resumable checkpoint either way."""
+
+    signum = signal.SIGTERM
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM raise Terminated until the returned function restores the previous handler. Handlers can only be
+    set from the main thread: elsewhere (a notebook's worker thread) SIGTERM keeps its own behaviour."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _optimizer_step(stage: Stage, model: torch.nn.Module, params: list[torch.nn.Parameter],

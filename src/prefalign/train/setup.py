@@ -5,7 +5,7 @@ the loop save the final model atomically (`train_and_save`) and print one closin
 from __future__ import annotations
 
 import dataclasses
-import json
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +19,12 @@ from accelerate.utils import set_seed
 from prefalign.config import ModelArgs, TrainArgs
 from prefalign.data.templates import resolve_chat_template
 from prefalign.errors import PrefalignError
-from prefalign.model.load import load_policy, load_processing, save_model
+from prefalign.model.load import check_adapter_base, load_policy, load_processing, save_model
 from prefalign.model.weights import is_main_process, load_weights_into
 from prefalign.train.distributed import check_launch, shard_plan
-from prefalign.train.files import publish_into, staging_dir
-from prefalign.train.loop import LoopResult, Stage, train_loop
-
-# What a finished run leaves in its output_dir (checkpoints live in sub-directories and do not count); the
-# tokenizer of `train-tokenizer` is finished with its tokenizer.json.
-FINAL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-# What marks a directory as holding an earlier run, finished or not.
-RUN_MARKERS = (*FINAL_WEIGHTS, "config.json", "adapter_config.json", "metrics.jsonl")
+from prefalign.train.files import drop_retired, publish_into, staged, staging_dir
+from prefalign.train.loop import LoopResult, Stage, Terminated, train_loop
+from prefalign.train.run_dir import FINAL_WEIGHTS, check_output_dir, prepare_output_dir
 
 
 def is_finished(output_dir: str | Path, what: str = "model") -> bool:
@@ -38,23 +33,6 @@ def is_finished(output_dir: str | Path, what: str = "model") -> bool:
     if what == "tokenizer":
         return (out / "tokenizer.json").is_file()
     return any((out / name).is_file() for name in FINAL_WEIGHTS)
-
-
-def check_output_dir(args: TrainArgs) -> None:
-    """A new run never overwrites what an earlier run left, unless asked to."""
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise PrefalignError("exists and is not a directory", f"--output_dir {out}")
-    if args.resume_from_checkpoint or args.overwrite_output_dir or not out.is_dir():
-        return
-    earlier = [m for m in RUN_MARKERS if (out / m).exists()]
-    earlier += [p.name for p in out.glob("checkpoint-*")][:1]
-    if earlier:
-        raise PrefalignError(
-            f"already holds an earlier run ({earlier[0]}); resume it with --resume_from_checkpoint latest, "
-            "or pass --overwrite_output_dir, or choose another directory",
-            f"--output_dir {out}",
-        )
 
 
 def make_accelerator(args: TrainArgs) -> Accelerator:
@@ -75,12 +53,14 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
 
 @dataclass
 class Session:
-    """A training command once set up: its Accelerator and its tokenizer, chat template resolved; for a
-    vision-language model also its processor (whose tokenizer `tokenizer` is)."""
+    """A training command once set up: its Accelerator, its tokenizer (chat template resolved), for a
+    vision-language model its processor (whose tokenizer `tokenizer` is), and the checkpoint it resumes from
+    (checked before anything was loaded)."""
 
     accelerator: Accelerator
     tokenizer: Any
     processor: Any = None
+    checkpoint: Path | None = None
 
     @property
     def saved_processing(self) -> Any:
@@ -98,13 +78,19 @@ class Session:
 def open_session(cfg: Any) -> Session:
     """The prologue every training command shares, after its own config checks: output directory, Accelerate and
     seeds, tokenizer and chat template."""
-    check_output_dir(cfg)
+    checkpoint = check_output_dir(cfg, note=_main_print)
+    check_adapter_base(cfg)  # before the data is read: a wrong base is a flag mistake
     accelerator = make_accelerator(cfg)
     tokenizer, processor = load_processing(cfg)
     resolve_chat_template(tokenizer, getattr(cfg, "chat_template", None))  # pretraining reads raw text
     if processor is not None:
         processor.chat_template = tokenizer.chat_template  # saved with the model: the template trained with
-    return Session(accelerator, tokenizer, processor)
+    return Session(accelerator, tokenizer, processor, checkpoint)
+
+
+def _main_print(text: str) -> None:
+    if is_main_process():
+        print(text)
 
 
 def trainable_policy(cfg: ModelArgs, session: Session, *, no_dropout: bool = False) -> torch.nn.Module:
@@ -127,15 +113,11 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def start_run(args: TrainArgs, accelerator: Accelerator, run_name: str) -> None:
-    """Create output_dir, start trackers and write the resolved config (`args`, the command's whole config)
-    beside the results."""
-    out = Path(args.output_dir)
+def start_run(args: TrainArgs, accelerator: Accelerator, run_name: str, resumed_from: Path | None = None) -> None:
+    """Prepare output_dir (`train.run_dir.prepare_output_dir`: stale leftovers, an overwritten run moved aside, the
+    config and run record written), then start trackers."""
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.overwrite_output_dir and not args.resume_from_checkpoint and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
-        (out / "prefalign_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2, default=str))
+        prepare_output_dir(args, run_name, resumed_from, note=accelerator.print)
     if accelerator.log_with:
         accelerator.init_trackers(run_name, config={k: str(v) for k, v in dataclasses.asdict(args).items()})
     accelerator.wait_for_everyone()
@@ -143,12 +125,17 @@ def start_run(args: TrainArgs, accelerator: Accelerator, run_name: str) -> None:
 
 def save_final(output_dir: str | Path, write: Callable[[Path], None]) -> None:
     """Write the final model into a temporary directory, then move its files into output_dir. Every process calls
-    this (`write` may gather sharded weights); the main process writes."""
+    this (`write` may gather sharded weights); the main process writes. A failure or interrupt leaves no partial
+    files; a full disk is one line naming output_dir."""
     out = Path(output_dir)
-    tmp = staging_dir(out, "final", is_main_process())
-    write(tmp)
-    if is_main_process():
-        publish_into(tmp, out)
+    main = is_main_process()
+    tmp = staging_dir(out, "final", main)
+    with staged(tmp, str(out), main):
+        write(tmp)
+        if main:
+            publish_into(tmp, out)
+    if main:
+        drop_retired(out)
 
 
 def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Session, run_name: str, *,
@@ -163,12 +150,12 @@ def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Sess
         raise PrefalignError("cannot merge a sharded (FSDP) model; merge the saved adapter afterwards",
                              "--merge_adapter")
     final_model = model if final_model is None else final_model
-    start_run(cfg, accelerator, run_name)
+    start_run(cfg, accelerator, run_name, session.checkpoint)
     save = save or (lambda d: save_model(final_model, tokenizer, d, merge_adapter=False))
     load = load or (lambda d: load_weights_into(final_model, d))
-    result = train_loop(stage, model, cfg, accelerator, save, load, plan)
+    result = train_loop(stage, model, cfg, accelerator, save, load, plan, checkpoint=session.checkpoint)
     if result.interrupted:
-        raise KeyboardInterrupt
+        raise Terminated() if result.interrupt_signal == signal.SIGTERM else KeyboardInterrupt()
     save_final(cfg.output_dir, lambda d: save_model(final_model, tokenizer, d, merge_adapter=cfg.merge_adapter))
     accelerator.wait_for_everyone()
     accelerator.end_training()
