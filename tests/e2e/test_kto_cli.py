@@ -38,7 +38,10 @@ def _same(a: list[dict], b: list[dict], keys=STEP_KEYS, rel: float = 1e-5, abs_:
         assert {k for k in keys if k in ra} == {k for k in keys if k in rb}, ra["step"]
         for key in keys:
             if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=rel, abs=abs_), (ra["step"], key)
+                # KL is a mean of differences of ~-100 summed log-probs: float32 summation order alone moves it by
+                # ~1e-6 (it is ~0 at step 1, where the relative tolerance gives no room).
+                tol = max(abs_, 5e-6) if key == "kl" else abs_
+                assert rb[key] == pytest.approx(ra[key], rel=rel, abs=tol), (ra["step"], key)
 
 
 @pytest.fixture()
