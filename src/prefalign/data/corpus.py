@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefalign.data.load import load_rows
-from prefalign.data.tokenize import encode_texts
+from prefalign.data.tokenize import encode_texts, with_eos
 from prefalign.data.types import Segments, TokenizedSample
 from prefalign.errors import PrefalignError
 
@@ -99,8 +99,9 @@ def pack_documents(docs: list[list[int]], block_size: int, per_document: bool) -
 
 
 def encode_documents(texts: list[str], tokenizer: Any) -> list[list[int]]:
-    """Token ids of each document with EOS appended (no other special tokens)."""
+    """Token ids of each document as the tokenizer encodes raw text by default (a BOS its post-processor adds
+    starts every document, as in transformers' run_clm and MiniMind), with EOS appended."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PrefalignError("the tokenizer has no EOS token to separate documents", "--tokenizer_name_or_path")
-    return [ids + [eos] for ids in encode_texts(tokenizer, texts)]
+    return [with_eos(ids, eos) for ids in encode_texts(tokenizer, texts, special_tokens=True)]

@@ -20,7 +20,16 @@ from prefalign.config import DataArgs
 from prefalign.data.formats import FORMAT_NAMES, detect_format, normalize_pair
 from prefalign.data.load import load_rows
 from prefalign.data.templates import resolve_chat_template
-from prefalign.data.tokenize import DROP_REASONS, Encoded, Truncated, Truncation, cut, encode_pairs, truncate
+from prefalign.data.tokenize import (
+    DROP_REASONS,
+    PREFIX_MISMATCH,
+    Encoded,
+    Truncated,
+    Truncation,
+    cut,
+    encode_pairs,
+    truncate,
+)
 from prefalign.data.types import Pair, UnpairedExample
 from prefalign.data.unpaired import balance_advice, encode_unpaired, label_summary, normalize_feedback
 from prefalign.data.vision import image_runs
@@ -123,8 +132,7 @@ def _warnings(pairs: list[tuple[int, Pair]], encoded: list[Encoded], truncated: 
     n = len(encoded)
     mismatch = sum(e.prefix_mismatch for e in encoded)
     if mismatch:
-        out.append(f"warning: in {mismatch} pairs the template tokenizes the prompt differently once an answer "
-                   "follows; the split falls where the tokens diverge")
+        out.append(f"warning: in {mismatch} pairs {PREFIX_MISMATCH}; the split falls where the tokens diverge")
     longer = sum(len(e.chosen_ids) > len(e.rejected_ids) for e in encoded)
     shorter = sum(len(e.chosen_ids) < len(e.rejected_ids) for e in encoded)
     if n >= 10 and max(longer, shorter) >= 0.7 * n:
@@ -148,7 +156,7 @@ def _piece(tokenizer: Any, token_id: int) -> str:
 
 def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, tokenizer: Any,
                 args: DataArgs, color: bool, processor: Any = None) -> str:
-    kind = "" if pair.is_conversational else "; raw text: no chat template, EOS appended"
+    kind = "" if pair.is_conversational else f"; raw text: no chat template, {_bos_note(tokenizer, enc)}EOS appended"
     lines = [f"== row {index}: {pair.source} (format {fmt}: {FORMAT_NAMES[fmt]}{kind}) =="]
     longest = len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
     lines.append(f"tokens: prompt {len(t.prompt_ids)}, chosen {len(t.chosen_ids)}, rejected {len(t.rejected_ids)}; "
@@ -161,7 +169,7 @@ def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, to
     if t.drop_reason:
         lines.append(f"DROPPED: {DROP_REASONS[t.drop_reason].format(max_length=args.max_length)}")
     if enc.prefix_mismatch:
-        lines.append("note: the template tokenizes this prompt differently once an answer follows")
+        lines.append(f"note: {PREFIX_MISMATCH}")
     images = _image_spans(processor, t.prompt_ids, enc.images) if enc.images else []
     for k, (start, end, label) in enumerate(images, start=1):
         lines.append(f"image: {label} from {enc.images[k - 1].name}, prompt tokens {start}-{end - 1}")
@@ -177,6 +185,14 @@ def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, to
     lines.append("chosen:   " + _mark("", _ids(tokenizer, t.chosen_ids), _GREEN, color))
     lines.append("rejected: " + _mark("", _ids(tokenizer, t.rejected_ids), _RED, color))
     return "\n".join(lines)
+
+
+def _bos_note(tokenizer: Any, enc: Encoded) -> str:
+    """What the tokenizer's defaults put before raw text (TRL's rule: raw text is tokenized as the tokenizer does)."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and enc.prompt_ids[:1] == [bos]:
+        return f"BOS {tokenizer.bos_token} added by the tokenizer, "
+    return "no BOS (the tokenizer adds none), "
 
 
 def _image_spans(processor: Any, ids: list[int], images: tuple) -> list[tuple[int, int, str]]:
