@@ -15,6 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +130,18 @@ def load_pretrained(name_or_path: str | None, args: ModelArgs, flag: str, quanti
         raise PrefalignError(f"cannot load {what} from {name_or_path!r}: {_first_line(e)}", flag) from None
 
 
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around every `get_peft_model` / `PeftModel.from_pretrained`. peft 0.21.2 (the latest release) reads the
+    model's `is_gradient_checkpointing` in `PeftModel.__init__`, a property transformers 5 has deprecated in favour
+    of `is_activation_checkpointing` and warns about (FutureWarning) on every read, so every LoRA run printed it.
+    Our code reads neither (load_policy enables input gradients for checkpointing itself); this silences that one
+    deprecation, by its message, for the duration of the wrap, and nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTrainedModel | PeftModel:
     """The model to train: full weights, a fresh LoRA (`use_peft`), a continued adapter, or QLoRA."""
     if args.load_in_4bit:
@@ -149,7 +164,8 @@ def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTra
     if args.peft_adapter_path:
         model = _load_adapter_twice(model, args.peft_adapter_path, args)
     elif args.use_peft or args.load_in_4bit:
-        model = get_peft_model(model, lora_config(args, model))
+        with peft_wrapping():
+            model = get_peft_model(model, lora_config(args, model))
     if isinstance(model, PeftModel) and gradient_checkpointing:
         # With a frozen base the embedding output does not require grad; checkpointed blocks then would
         # not propagate gradients to the adapters without this.
@@ -234,7 +250,8 @@ def _load_adapter_twice(model: PreTrainedModel, path: str, args: ModelArgs) -> P
         raise PrefalignError(f"no such adapter directory: {path}", "--peft_adapter_path")
     check_adapter_base(args)
     try:
-        peft_model = PeftModel.from_pretrained(model, path, is_trainable=True, adapter_name=POLICY_ADAPTER)
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(model, path, is_trainable=True, adapter_name=POLICY_ADAPTER)
         peft_model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
     except _LOAD_ERRORS as e:
         raise PrefalignError(f"cannot load a LoRA adapter from {path!r}: {_first_line(e)}", "--peft_adapter_path") from None
@@ -333,7 +350,8 @@ def load_for_inference(path: str | None, base_model: str | None = None,
         base = base_model or _recorded_base(p)
         model = load_pretrained(base, ModelArgs(), "--base_model_name_or_path")
         try:
-            model = PeftModel.from_pretrained(model, str(p))
+            with peft_wrapping():
+                model = PeftModel.from_pretrained(model, str(p))
         except _LOAD_ERRORS as e:
             raise PrefalignError(f"cannot load a LoRA adapter: {_first_line(e)}", f"--model_name_or_path {path}") from None
     else:

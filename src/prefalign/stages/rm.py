@@ -27,7 +27,7 @@ from prefalign.data.collate import collate_padded
 from prefalign.data.tokenize import Truncation, load_tokenized_pairs
 from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
-from prefalign.model.load import enable_checkpointing, load_score_model
+from prefalign.model.load import enable_checkpointing, load_score_model, peft_wrapping
 from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums, to_host
 from prefalign.train.setup import open_session, train_and_save
@@ -101,7 +101,8 @@ def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target_modules or _lora_targets(model),
                           task_type="SEQ_CLS", modules_to_save=["score"])
-        model = get_peft_model(model, lora)
+        with peft_wrapping():
+            model = get_peft_model(model, lora)
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return model, new_head
