@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from prefalign.config import DataArgs
+from prefalign.config import PairData
 from prefalign.data.formats import FORMAT_NAMES, detect_format, normalize_pair
 from prefalign.data.load import load_rows
 from prefalign.data.templates import resolve_chat_template
@@ -38,7 +38,7 @@ from prefalign.errors import PrefalignError
 _GREEN, _RED, _DIM, _BOLD, _RESET = "\x1b[42;30m", "\x1b[41;30m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
 
-def inspect_dataset(args: DataArgs, tokenizer: Any, row: int | None = None, color: bool | None = None,
+def inspect_dataset(args: PairData, tokenizer: Any, row: int | None = None, color: bool | None = None,
                     processor: Any = None) -> str:
     """A readable report on --dataset_name as `args` and `tokenizer` (and a vision-language model's `processor`)
     would tokenize it: the whole-file summary, then one row in detail (`row`, a 0-based index into the file's
@@ -90,7 +90,7 @@ def _percentiles(values: list[int]) -> list[int]:
     return [s[min(len(s) - 1, max(0, -(-q * len(s) // 100) - 1))] for q in (50, 90, 99)] + [s[-1]]
 
 
-def _summary(args: DataArgs, tokenizer: Any, n_rows: int, pairs: list[tuple[int, Pair]],
+def _summary(args: PairData, tokenizer: Any, n_rows: int, pairs: list[tuple[int, Pair]],
              errors: dict[int, PrefalignError], formats: Counter, encoded: list[Encoded],
              truncated: list[Truncated]) -> str:
     lines = [f"== {args.dataset_name}: {n_rows} rows, {len(pairs)} valid, {len(errors)} invalid =="]
@@ -155,7 +155,7 @@ def _piece(tokenizer: Any, token_id: int) -> str:
 
 
 def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, tokenizer: Any,
-                args: DataArgs, color: bool, processor: Any = None) -> str:
+                args: PairData, color: bool, processor: Any = None) -> str:
     kind = "" if pair.is_conversational else f"; raw text: no chat template, {_bos_note(tokenizer, enc)}EOS appended"
     lines = [f"== row {index}: {pair.source} (format {fmt}: {FORMAT_NAMES[fmt]}{kind}) =="]
     longest = len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
@@ -236,7 +236,7 @@ def _mark(context: str, scored: str, paint: str, color: bool) -> str:
 # ---------------------------------------------------------------- unpaired feedback (KTO)
 
 
-def _inspect_unpaired(args: DataArgs, tokenizer: Any, rows: list, index: int, limits: Truncation,
+def _inspect_unpaired(args: PairData, tokenizer: Any, rows: list, index: int, limits: Truncation,
                       color: bool) -> str:
     examples: list[tuple[int, UnpairedExample]] = []
     errors: dict[int, PrefalignError] = {}
@@ -267,7 +267,7 @@ def _inspect_unpaired(args: DataArgs, tokenizer: Any, rows: list, index: int, li
     return "\n\n".join(sections)
 
 
-def _unpaired_summary(args: DataArgs, examples: list, encoded: list, cuts: list) -> list[str]:
+def _unpaired_summary(args: PairData, examples: list, encoded: list, cuts: list) -> list[str]:
     lines = ["tokens before truncation   p50    p90    p99    max"]
     for name, values in (("prompt", [len(p) for p, _, _ in encoded]), ("completion", [len(c) for _, c, _ in encoded]),
                          ("prompt + completion", [len(p) + len(c) for p, c, _ in encoded])):

@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefalign.config import DataArgs
+from prefalign.config import DataArgs, LengthArgs
 from prefalign.config.checks import check_truncation
 from prefalign.data.content import images_of
 from prefalign.data.load import load_pairs
@@ -65,7 +65,7 @@ class Truncation:
     keep_end: bool = True  # --truncation_mode keep_end (else keep_start)
 
     @classmethod
-    def of(cls, args: DataArgs) -> Truncation:
+    def of(cls, args: LengthArgs) -> Truncation:
         """The limits of `args`, or a PrefalignError naming the flag at fault."""
         check_truncation(args)
         return cls(args.max_length, args.max_prompt_length, args.max_completion_length,

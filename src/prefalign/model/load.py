@@ -36,7 +36,7 @@ from transformers import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-from prefalign.config import ModelArgs, ModelSource
+from prefalign.config import LoadArgs, ModelArgs, ModelSource
 from prefalign.errors import PrefalignError
 from prefalign.model.processor import load_processor as auto_processor
 from prefalign.model.weights import full_state_dict, is_main_process
@@ -107,7 +107,7 @@ def _has_vision_config(name: str, trust_remote_code: bool) -> bool:
         return False  # the model loader reports the real problem
 
 
-def load_pretrained(name_or_path: str | None, args: ModelArgs, flag: str, quantize: bool = False, *,
+def load_pretrained(name_or_path: str | None, args: LoadArgs, flag: str, quantize: bool = False, *,
                     auto_class: Any = None, what: str = "a causal LM", **extra: Any) -> Any:
     """A causal LM (or `what`, loaded by `auto_class` with `extra` from_pretrained arguments) from a local directory
     or hub id, with the dtype and attention settings of `args`; any failure is a PrefalignError naming `flag`."""
@@ -261,7 +261,7 @@ def _load_adapter_twice(model: PreTrainedModel, path: str, args: ModelArgs) -> P
     return peft_model
 
 
-def _bnb_config(args: ModelArgs) -> Any:
+def _bnb_config(args: LoadArgs) -> Any:
     compute = torch.bfloat16 if args.dtype in ("bfloat16", "auto") else torch.float16
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -317,12 +317,12 @@ def save_model(
         tokenizer.save_pretrained(out / "merged")
 
 
-def load_score_model(name_or_path: str | None, flag: str, args: ModelArgs | None = None, *,
+def load_score_model(name_or_path: str | None, flag: str, args: LoadArgs | None = None, *,
                      with_info: bool = False) -> Any:
     """A one-output sequence-classification model (a reward or value model): the decoder's hidden state at the last
     non-pad token through a linear `score` head. With `with_info`, (model, transformers' loading info), whose
     missing keys say whether the head was created fresh."""
-    model, info = load_pretrained(name_or_path, args or ModelArgs(), flag, auto_class=AutoModelForSequenceClassification,
+    model, info = load_pretrained(name_or_path, args or LoadArgs(), flag, auto_class=AutoModelForSequenceClassification,
                                   what="a sequence-classification model", num_labels=1, output_loading_info=True)
     if not hasattr(model, "score"):
         raise PrefalignError(f"{type(model).__name__} has no `score` head (not a decoder classifier)", flag)
@@ -330,17 +330,18 @@ def load_score_model(name_or_path: str | None, flag: str, args: ModelArgs | None
 
 
 def load_model_for_inference(path: str | None, base_model: str | None = None,
-                             tokenizer_path: str | None = None) -> tuple[Any, Any]:
+                             tokenizer_path: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode: a full model, or a base model with the LoRA adapter at `path` applied (its base
     is `base_model`, default the one adapter_config.json records)."""
-    model, tokenizer, _ = load_for_inference(path, base_model, tokenizer_path)
+    model, tokenizer, _ = load_for_inference(path, base_model, tokenizer_path, trust_remote_code)
     return model, tokenizer
 
 
-def load_for_inference(path: str | None, base_model: str | None = None,
-                       tokenizer_path: str | None = None) -> tuple[Any, Any, ProcessorMixin | None]:
+def load_for_inference(path: str | None, base_model: str | None = None, tokenizer_path: str | None = None,
+                       trust_remote_code: bool = False) -> tuple[Any, Any, ProcessorMixin | None]:
     """(model, tokenizer, processor) as `load_model_for_inference` loads them; the processor of a vision-language
     model (None for a text model)."""
+    load = LoadArgs(trust_remote_code=trust_remote_code)
     if not path:
         raise PrefalignError("is required", "--model_name_or_path")
     p = Path(path).expanduser()
@@ -348,17 +349,17 @@ def load_for_inference(path: str | None, base_model: str | None = None,
     base = None
     if is_adapter:
         base = base_model or _recorded_base(p)
-        model = load_pretrained(base, ModelArgs(), "--base_model_name_or_path")
+        model = load_pretrained(base, load, "--base_model_name_or_path")
         try:
             with peft_wrapping():
                 model = PeftModel.from_pretrained(model, str(p))
         except _LOAD_ERRORS as e:
             raise PrefalignError(f"cannot load a LoRA adapter: {_first_line(e)}", f"--model_name_or_path {path}") from None
     else:
-        model = load_pretrained(path, ModelArgs(), "--model_name_or_path")
+        model = load_pretrained(path, load, "--model_name_or_path")
     # the adapter directory usually holds the tokenizer too; fall back to the base model's
     tok_source = tokenizer_path or (path if (p / "tokenizer_config.json").is_file() or not is_adapter else base)
-    tokenizer, processor = load_processing(ModelArgs(model_name_or_path=tok_source))
+    tokenizer, processor = load_processing(ModelSource(model_name_or_path=tok_source, trust_remote_code=trust_remote_code))
     return model.eval(), tokenizer, processor
 
 

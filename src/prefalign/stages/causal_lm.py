@@ -185,7 +185,7 @@ def train_sft(cfg: SFTConfig) -> LoopResult:
 
 
 def _blocks(name: str, cfg: PretrainConfig, tokenizer: Any, config: str | None, split: str) -> list[Segments]:
-    texts = [t for t, _ in load_texts(name, config, split, cfg.dataset_text_field)]
+    texts = [t for t, _ in load_texts(name, config, split, cfg.dataset_text_field, skip_invalid=cfg.skip_invalid_rows)]
     return pack_documents(encode_documents(texts, tokenizer), cfg.max_length, cfg.per_document_attention)
 
 

@@ -111,9 +111,6 @@ def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module
 def resolve_rm_config(cfg: RMConfig) -> Truncation:
     """Everything that can be checked without loading a model or data; returns the length limits."""
     require(cfg, "model_name_or_path", "dataset_name")
-    if cfg.load_in_4bit or cfg.peft_adapter_path:
-        flag = "--load_in_4bit" if cfg.load_in_4bit else "--peft_adapter_path"
-        raise PrefalignError("is not supported for reward models yet; use --use_peft", flag)
     if cfg.center_rewards_coefficient is not None and cfg.center_rewards_coefficient < 0:
         raise PrefalignError(f"must not be negative, got {cfg.center_rewards_coefficient}",
                              "--center_rewards_coefficient")
