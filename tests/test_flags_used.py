@@ -9,6 +9,7 @@ What no single run can read is listed in UNREAD_BY_DESIGN with the reason; the t
 becomes read (the list shrinks) or when a flag is listed but is not the command's.
 
 `prefalign demo` runs the whole pipeline (minutes): its flags are checked against the demo's source instead.
+The same runs also check that every training stage prints its start-of-run block and closing line.
 """
 
 from __future__ import annotations
@@ -130,14 +131,15 @@ RUN_ORDER = ["dpo", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "eval", "cha
 
 
 @pytest.fixture(scope="module")
-def reads(files):
-    """{command: {field: "used" | "checked"}} over one real run of each command."""
+def runs(files):
+    """{command: ({field: "used" | "checked"}, what it printed)} over one real run of each command."""
     out = {}
     for name in RUN_ORDER:
         cfg, seen = _recording(parse_config(config_class(name), _argv(name, files), prog=f"prefalign {name}"))
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
             runner(name)(cfg)
-        out[name] = seen
+        out[name] = (seen, printed.getvalue())
     return out
 
 
@@ -147,9 +149,9 @@ def test_every_command_is_run_here():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RUN_ORDER)
-def test_every_listed_flag_is_read(reads, name):
+def test_every_listed_flag_is_read(runs, name):
     fields = {f.name for f in dataclasses.fields(config_class(name))}
-    seen = reads[name]
+    seen = runs[name][0]
     exempt = {flag for (cmd, flag) in UNREAD_BY_DESIGN if cmd == name}
     check_only = {flag for (cmd, flag) in CHECK_ONLY if cmd == name}
     assert exempt | check_only <= fields  # the tables name only this command's flags
@@ -158,6 +160,21 @@ def test_every_listed_flag_is_read(reads, name):
     assert (unread, checked) == ([], []), f"prefalign {name} --help lists flags it never reads {unread} / only checks {checked}"
     assert not exempt & set(seen), "a flag listed in UNREAD_BY_DESIGN is read now: drop it from the list"
     assert {f for f in check_only if seen.get(f) == "used"} == set(), "a CHECK_ONLY flag is used now: drop it"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpo", "rm", "sft", "pretrain", "grpo", "rloo", "ppo"])
+def test_every_training_stage_prints_the_start_block_and_closing_line(runs, name, files):
+    """The same runs: one start block per stage with every field, before the closing line with the throughput."""
+    printed = runs[name][1].splitlines()
+    start = printed.index(f"{name}: starting")
+    labels = [line[2:13].strip() for line in printed[start + 1:] if line.startswith("  ")]
+    assert {"data", "steps", "batch", "parameters", "layout", "reference", "output"} <= set(labels)
+    assert printed[start + 1].startswith("  data        train: ")
+    assert f"  output      {files['dir'] / name}" in printed
+    assert "LoRA r=16" in next(line for line in printed if line.startswith("  parameters"))
+    assert re.fullmatch(rf"{name}: \d+ steps, .*; \S+ tokens/s, .* s training, .* in all; .* saved to "
+                        rf"{re.escape(str(files['dir'] / name))}", printed[-1]), printed[-1]
 
 
 def test_demo_flags_appear_in_its_code():

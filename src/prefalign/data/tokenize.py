@@ -295,15 +295,13 @@ def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation, proces
     return out, stats
 
 
-def load_tokenized_pairs(args: DataArgs, tokenizer: Any, limits: Truncation, report: Any = print,
-                         processor: Any = None) -> tuple[list[TokenizedPair], list[TokenizedPair] | None]:
-    """(train, eval) token ids of the preference data in `args`, each split's one-line summary sent to `report`;
-    image pairs go through a vision-language model's `processor`."""
+def load_tokenized_pairs(args: DataArgs, tokenizer: Any, limits: Truncation, processor: Any = None
+                         ) -> tuple[list[TokenizedPair], list[TokenizedPair] | None, dict[str, TokenizeStats]]:
+    """(train, eval) token ids of the preference data in `args`, and what tokenization did to each split; image
+    pairs go through a vision-language model's `processor`."""
     train_rows, eval_rows = load_pairs(args)
     train, stats = tokenize_pairs(train_rows, tokenizer, limits, processor)
-    report(f"train: {stats.summary()}")
     if not eval_rows:
-        return train, None
+        return train, None, {"train": stats}
     eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, limits, processor)
-    report(f"eval: {eval_stats.summary()}")
-    return train, eval_
+    return train, eval_, {"train": stats, "eval": eval_stats}

@@ -200,17 +200,15 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer: Any, limits: T
     return out, stats
 
 
-def load_tokenized_feedback(args: Any, tokenizer: Any, limits: Truncation, report: Any = print
-                            ) -> tuple[list[TokenizedUnpaired], list[TokenizedUnpaired] | None]:
-    """(train, eval) token ids of the unpaired data in `args`, each split's one-line summary sent to `report`."""
+def load_tokenized_feedback(args: Any, tokenizer: Any, limits: Truncation
+                            ) -> tuple[list[TokenizedUnpaired], list[TokenizedUnpaired] | None, dict[str, TokenizeStats]]:
+    """(train, eval) token ids of the unpaired data in `args`, and what tokenization did to each split."""
     train_rows, eval_rows = load_feedback(args)
     train, stats = tokenize_unpaired(train_rows, tokenizer, limits)
-    report(f"train: {stats.summary()}; {label_summary(train)}")
     if not eval_rows:
-        return train, None
+        return train, None, {"train": stats}
     eval_, eval_stats = tokenize_unpaired(eval_rows, tokenizer, limits)
-    report(f"eval: {eval_stats.summary()}; {label_summary(eval_)}")
-    return train, eval_
+    return train, eval_, {"train": stats, "eval": eval_stats}
 
 
 # ---------------------------------------------------------------- balance (TRL's guidance)

@@ -30,6 +30,7 @@ from prefalign.errors import PrefalignError
 from prefalign.model.load import enable_checkpointing, load_score_model, peft_wrapping
 from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums, to_host
+from prefalign.train.runinfo import RunFacts, SplitCount
 from prefalign.train.setup import open_session, train_and_save
 
 
@@ -123,10 +124,13 @@ def train_rm(cfg: RMConfig) -> LoopResult:
     """Run reward modelling end to end: pairs → prompt+chosen / prompt+rejected ids → loop → saved model."""
     limits = resolve_rm_config(cfg)
     session = open_session(cfg)
-    train, eval_ = load_tokenized_pairs(cfg, session.tokenizer, limits, session.print)
+    train, eval_, stats = load_tokenized_pairs(cfg, session.tokenizer, limits)
     model, new_head = load_reward_model(cfg, session.tokenizer.pad_token_id)
     model = model.to(session.device)
-    if new_head:
-        session.print(f"{cfg.model_name_or_path} has no reward head: a new one-output score head is trained")
+    head = ("a new one-output score head, trained (the checkpoint has none)" if new_head
+            else "the checkpoint's score head")
     stage = RewardStage(cfg, train, eval_, session.tokenizer.pad_token_id)
-    return train_and_save(stage, model, cfg, session, "rm")
+    facts = RunFacts([SplitCount.of(split, s, "pairs") for split, s in stats.items()], "pairs",
+                     "padded: prompt + chosen and prompt + rejected rows; the head reads each row's last token",
+                     "none (a reward model has no reference)", {"reward head": head})
+    return train_and_save(stage, model, cfg, session, "rm", facts)
