@@ -1,8 +1,9 @@
 """Raw text with a BOS-adding tokenizer: prefalign tokenizes it as TRL 1.16 does, checked against TRL's own code.
 
 The tokenizer is built offline with a post-processor that adds `<|begin_of_text|>` to every encoding, as Llama 3's
-does (tests/helpers.build_llama3_style_tokenizer). TRL's DPO, SFT and GRPO tokenization is called directly
-(`DPOTrainer._prepare_dataset`, `SFTTrainer._prepare_dataset`, `GRPOTrainer._tokenize_prompts`) on the same rows.
+does (tests/helpers.build_llama3_style_tokenizer). TRL's DPO, KTO, SFT and GRPO tokenization is called directly
+(`DPOTrainer._prepare_dataset`, `KTOTrainer._prepare_dataset`, `SFTTrainer._prepare_dataset`,
+`GRPOTrainer._tokenize_prompts`) on the same rows.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ from types import SimpleNamespace
 
 import pytest
 from datasets import Dataset
-from trl import DPOTrainer, GRPOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
 from helpers import LLAMA3_BOS, LLAMA3_EOS, build_llama3_style_tokenizer, conv, write_jsonl
-from prefalign.config import DataArgs, InspectConfig, SFTConfig
+from prefalign.config import DataArgs, InspectConfig, KTOConfig, SFTConfig
 from prefalign.data.corpus import encode_documents
 from prefalign.data.formats import normalize_pair
 from prefalign.data.inspect import inspect_dataset
 from prefalign.data.prompts import normalize_prompt_row, tokenize_prompts
 from prefalign.data.sft import normalize_sft_row, tokenize_sft
 from prefalign.data.tokenize import Truncation, tokenize_pairs
+from prefalign.data.unpaired import normalize_feedback, tokenize_unpaired
 
 # A prompt ending in a space (its last token merges with the answer's first), one on a word boundary, an answer
 # that already ends in EOS, and a multi-line template-style prompt.
@@ -53,6 +55,19 @@ def test_dpo_raw_pairs_match_trl(llama3_tokenizer):
     assert all(t.prompt_ids[0] == tok.bos_token_id for t in ours)  # the BOS the tokenizer adds by default
     assert tok.convert_ids_to_tokens(ours[0].chosen_ids) == ["Ġfour", LLAMA3_EOS]  # the space went with the answer
     assert stats.prefix_mismatch == 1  # only the prompt that ends in a space
+
+
+def test_kto_raw_examples_match_trl(llama3_tokenizer):
+    tok = llama3_tokenizer
+    rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in RAW_PAIRS]
+    rows += [{"prompt": p["prompt"], "completion": p["rejected"], "label": False} for p in RAW_PAIRS]
+    trl_self = SimpleNamespace(_tokenizer=tok, calculate_KL=False)
+    trl = KTOTrainer._prepare_dataset(trl_self, Dataset.from_list(rows), tok, _trl_args(), "train")
+    cfg = KTOConfig(max_length=None)
+    examples = [e for i, r in enumerate(rows) for e in normalize_feedback(r, f"x:{i}", cfg)]
+    ours, _ = tokenize_unpaired(examples, tok, Truncation.of(cfg))
+    assert [(t.prompt_ids, t.completion_ids) for t in ours] == [(w["prompt_ids"], w["completion_ids"]) for w in trl]
+    assert all(t.prompt_ids[0] == tok.bos_token_id for t in ours)
 
 
 @pytest.mark.parametrize("rows", [
@@ -95,6 +110,13 @@ def test_data_inspect_shows_the_bos(llama3_tokenizer, tmp_path):
     report = inspect_dataset(cfg, llama3_tokenizer, row=1, color=False)
     assert f"prompt:   {llama3_tokenizer.bos_token_id}:{LLAMA3_BOS} " in report
     assert "BOS <|begin_of_text|> added by the tokenizer" in report
+    # unpaired feedback (KTO rows): the same note on each example of the row
+    feedback = write_jsonl(tmp_path / "feedback.jsonl", [{"prompt": "the sky is", "completion": " blue",
+                                                          "label": True}])
+    cfg = InspectConfig(tokenizer_name_or_path=str(tok_dir), dataset_name=str(feedback))
+    report = inspect_dataset(cfg, llama3_tokenizer, color=False)
+    assert "(desirable; raw text: no chat template, BOS <|begin_of_text|> added by the tokenizer" in report
+    assert f"{llama3_tokenizer.bos_token_id}:{LLAMA3_BOS} " in report
 
 
 def test_pretraining_documents_start_with_the_tokenizers_bos(llama3_tokenizer):

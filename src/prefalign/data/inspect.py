@@ -156,7 +156,7 @@ def _piece(tokenizer: Any, token_id: int) -> str:
 
 def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, tokenizer: Any,
                 args: PairData, color: bool, processor: Any = None) -> str:
-    kind = "" if pair.is_conversational else f"; raw text: no chat template, {_bos_note(tokenizer, enc)}EOS appended"
+    kind = "" if pair.is_conversational else f"; raw text: no chat template, {_bos_note(tokenizer, enc.prompt_ids)}EOS appended"
     lines = [f"== row {index}: {pair.source} (format {fmt}: {FORMAT_NAMES[fmt]}{kind}) =="]
     longest = len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
     lines.append(f"tokens: prompt {len(t.prompt_ids)}, chosen {len(t.chosen_ids)}, rejected {len(t.rejected_ids)}; "
@@ -187,10 +187,10 @@ def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, to
     return "\n".join(lines)
 
 
-def _bos_note(tokenizer: Any, enc: Encoded) -> str:
+def _bos_note(tokenizer: Any, prompt_ids: list[int]) -> str:
     """What the tokenizer's defaults put before raw text (TRL's rule: raw text is tokenized as the tokenizer does)."""
     bos = tokenizer.bos_token_id
-    if bos is not None and enc.prompt_ids[:1] == [bos]:
+    if bos is not None and prompt_ids[:1] == [bos]:
         return f"BOS {tokenizer.bos_token} added by the tokenizer, "
     return "no BOS (the tokenizer adds none), "
 
@@ -282,8 +282,7 @@ def _unpaired_summary(args: PairData, examples: list, encoded: list, cuts: list)
     lines.append(f"dropped: {dropped}" + (f" ({reason}: {dropped})" if dropped else ""))
     mismatch = sum(m for _, _, m in encoded)
     if mismatch:
-        lines.append(f"warning: in {mismatch} examples the template tokenizes the prompt differently once an answer "
-                     "follows; the split falls where the tokens diverge")
+        lines.append(f"warning: in {mismatch} examples {PREFIX_MISMATCH}; the split falls where the tokens diverge")
     desirable = sum(e.label for _, e in examples)
     advice = balance_advice(desirable, len(examples) - desirable)
     if advice:
@@ -295,8 +294,9 @@ def _example_detail(index: int, example: UnpairedExample, enc: tuple, kept: tupl
                     color: bool) -> str:
     """One example of row `index`: label, lengths, what truncation cut, the text with its scored tokens marked."""
     label = "desirable" if example.label else "undesirable"
-    kind = "" if example.is_conversational else "; raw text: no chat template, EOS appended"
     (prompt, completion, mismatch), (kept_prompt, (kept_completion,)) = enc, kept
+    kind = ("" if example.is_conversational
+            else f"; raw text: no chat template, {_bos_note(tokenizer, prompt)}EOS appended")
     lines = [f"== row {index}: {example.source} ({label}{kind}) ==",
              f"tokens: prompt {len(kept_prompt)}, completion {len(kept_completion)}"]
     for name, before, after in (("prompt", prompt, kept_prompt), ("completion", completion, kept_completion)):
@@ -305,7 +305,7 @@ def _example_detail(index: int, example: UnpairedExample, enc: tuple, kept: tupl
     if not kept_completion:
         lines.append("DROPPED: no completion token left (the prompt fills --max_length)")
     if mismatch:
-        lines.append("note: the template tokenizes this prompt differently once an answer follows")
+        lines.append(f"note: {PREFIX_MISMATCH}")
     paint = _GREEN if example.label else _RED
     lines.append(f"-- text: prompt + completion, scored tokens {'colored' if color else 'in [[ ]]'} --")
     lines.append(_mark(tokenizer.decode(kept_prompt), tokenizer.decode(kept_completion), paint, color))
