@@ -34,7 +34,15 @@ _CHECK = re.compile(r"^_?(check_|check$|require$)")
 # (command, flag) -> why a run here cannot read it; each one is a flag read only on another branch.
 UNREAD_BY_DESIGN = {
     **{(c, "eval_split_ratio"): "read only without --eval_dataset_name (the run gives one)"
-       for c in ("dpo", "rm", "sft", "pretrain", "grpo", "rloo", "ppo")},
+       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo")},
+    **{(c, "ignore_data_skip"): "read only when resuming from a checkpoint"
+       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo")},
+    **{(c, flag): why for c in ("dpo", "kto", "sft", "pretrain", "grpo", "rloo", "ppo") for flag, why in (
+        ("freeze_vision_tower", "read only for a vision-language model (the tiny model is text-only)"),
+        ("ignore_adapter_base", "read only with --peft_adapter_path"))},
+    **{(c, flag): "read only with --sync_ref_model" for c in ("dpo", "kto")
+       for flag in ("ref_model_mixup_alpha", "ref_model_sync_steps")},
+    ("data inspect", "completion_column"): "read only for unpaired (KTO) rows; the run inspects pairs",
 }
 # Flags read only by a check: kept in --help on purpose, each with the reason.
 CHECK_ONLY = {
@@ -99,6 +107,8 @@ def _argv(name: str, f: dict) -> list[str]:
     return {
         "dpo": [*common, "--dataset_name", str(f["pairs"]), "--eval_dataset_name", str(f["pairs"]), "--use_peft",
                 "--per_device_train_batch_size", "2", "--prompt_template", "Q: {prompt}", "--system_prompt", "x"],
+        "kto": [*common, "--dataset_name", str(f["pairs"]), "--eval_dataset_name", str(f["pairs"]), "--use_peft",
+                "--per_device_train_batch_size", "2", "--prompt_template", "Q: {prompt}", "--system_prompt", "x"],
         "rm": [*common, "--dataset_name", str(f["pairs"]), "--eval_dataset_name", str(f["pairs"]), "--use_peft",
                "--per_device_train_batch_size", "2", "--prompt_template", "Q: {prompt}", "--system_prompt", "x"],
         "sft": [*common, "--dataset_name", str(f["sft"]), "--eval_dataset_name", str(f["sft"]), "--use_peft",
@@ -126,7 +136,7 @@ def _argv(name: str, f: dict) -> list[str]:
     }[name]
 
 
-RUN_ORDER = ["dpo", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "eval", "chat", "data inspect", "init-model",
+RUN_ORDER = ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "eval", "chat", "data inspect", "init-model",
              "train-tokenizer", "pipeline", "plot"]
 
 
@@ -163,7 +173,7 @@ def test_every_listed_flag_is_read(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dpo", "rm", "sft", "pretrain", "grpo", "rloo", "ppo"])
+@pytest.mark.parametrize("name", ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo"])
 def test_every_training_stage_prints_the_start_block_and_closing_line(runs, name, files):
     """The same runs: one start block per stage with every field, before the closing line with the throughput."""
     printed = runs[name][1].splitlines()

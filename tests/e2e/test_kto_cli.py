@@ -38,7 +38,10 @@ def _same(a: list[dict], b: list[dict], keys=STEP_KEYS, rel: float = 1e-5, abs_:
         assert {k for k in keys if k in ra} == {k for k in keys if k in rb}, ra["step"]
         for key in keys:
             if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=rel, abs=abs_), (ra["step"], key)
+                # KL is a mean of differences of ~-100 summed log-probs: float32 summation order alone moves it by
+                # ~1e-6 (it is ~0 at step 1, where the relative tolerance gives no room).
+                tol = max(abs_, 5e-6) if key == "kl" else abs_
+                assert rb[key] == pytest.approx(ra[key], rel=rel, abs=tol), (ra["step"], key)
 
 
 @pytest.fixture()
@@ -54,7 +57,7 @@ def test_kto_on_pairs_unpaired_on_the_fly(tiny_model_dir, pairs_file, tmp_path, 
     out = tmp_path / "run"
     assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 4, "--save_steps", 2, "--eval_split_ratio", 0.25) == 0
     printed = capsys.readouterr().out
-    assert "train: tokenized 12 examples" in printed and "6 desirable, 6 undesirable" in printed
+    assert "train: 12 of 12 examples kept" in printed and "6 desirable, 6 undesirable" in printed
     assert "warning" not in printed  # balanced: no advice
     assert "kto: 4 steps, loss=" in printed
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]

@@ -19,6 +19,7 @@ from prefalign.data.tokenize import TokenizeStats, Truncation, load_tokenized_pa
 from prefalign.model.load import load_tokenizer
 from prefalign.stages.dpo import train_dpo
 from prefalign.train.loop import BAR_FORMAT, LoopPlan, _postfix
+from prefalign.train.metrics import human
 from prefalign.train.runinfo import (
     RunFacts,
     SplitCount,
@@ -66,7 +67,7 @@ def test_start_block_and_closing_line_of_a_lora_dpo_run(tiny_model_dir, tmp_path
     assert trainable < total
     final = printed[-1]
     m = re.fullmatch(r"dpo: 6 steps, loss=\S+, rewards/accuracies=\S+, rewards/margins=\S+, "
-                     r"eval_rewards/accuracies=\S+; (\d+) tokens/s, ([\d.]+) s training, ([\d.]+) s in all; "
+                     r"eval_rewards/accuracies=\S+; ([\d.]+[KMB]?) tokens/s, ([\d.]+) s training, ([\d.]+) s in all; "
                      rf"model saved to {re.escape(str(out))}", final)
     assert m and float(m[2]) <= float(m[3]), final
 
@@ -82,7 +83,7 @@ def test_loop_result_counts_the_tokens_it_trained_on(tiny_model_dir, tmp_path):
     assert result.tokens == 2 * sum(p.num_tokens for p in pairs)
     assert 0 < result.train_seconds <= result.wall_seconds
     assert summary_numbers(result.tokens, result.train_seconds, result.wall_seconds).startswith(
-        f"{result.tokens / result.train_seconds:.0f} tokens/s, ")
+        f"{human(result.tokens / result.train_seconds)} tokens/s, ")
 
 
 def test_block_pieces_resume_full_weights_and_token_budget(tiny_model_dir):

@@ -136,7 +136,8 @@ def use_packing(cfg: DPOConfig, models: list[Any]) -> tuple[bool, str]:
         ok, reason = supports_packing(model)
         if not ok:
             return False, f"padded: padding-free batches are not supported here ({reason})"
-    return True, "packed (padding-free), shared prompt" if cfg.share_prompt else "packed (padding-free)"
+    shared = getattr(cfg, "share_prompt", False)  # KTO has no such flag: its KL rows always share
+    return True, "packed (padding-free), shared prompt" if shared else "packed (padding-free)"
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, packed: bool = False, share_prompt: bool = True,
