@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
@@ -21,6 +23,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from prefalign.config.tools import ModelShape
+from prefalign.data.templates import BUILTIN_TEMPLATES
 from prefalign.data.tokenizer import train_bpe_tokenizer
 from prefalign.model.init import init_model
 from prefalign.model.processor import image_only
@@ -162,3 +165,25 @@ def vlm_rows(image_dir: Path, n: int = 4) -> list[dict]:
             "rejected": [{"role": "assistant", "content": BAD[i % 4]}],
         })
     return rows
+
+
+LLAMA3_BOS, LLAMA3_EOS, LLAMA3_EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
+
+
+def build_llama3_style_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE whose post-processor adds `<|begin_of_text|>` to every encoding, as Llama 3's does; EOS is
+    `<|end_of_text|>` (the base model's), with Llama 3's chat template."""
+    specials = [LLAMA3_BOS, LLAMA3_EOS, LLAMA3_EOT, "<|start_header_id|>", "<|end_header_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                          show_progress=False))
+    bos_id = tok.token_to_id(LLAMA3_BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{LLAMA3_BOS} $A", pair=f"{LLAMA3_BOS} $A $B",
+                                                       special_tokens=[(LLAMA3_BOS, bos_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=LLAMA3_BOS, eos_token=LLAMA3_EOS,
+                                   pad_token=LLAMA3_EOS, additional_special_tokens=specials[2:])
+    fast.chat_template = BUILTIN_TEMPLATES["llama3"]
+    return fast

@@ -26,3 +26,19 @@ def test_top_level_help_and_unknown_command(capsys):
     assert all(name in out for name in COMMANDS)
     assert main(["dpoo"]) == 2
     assert "unknown command 'dpoo'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from prefalign import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out == f"prefalign {__version__}\n"
+
+
+def test_a_command_group_alone_lists_its_subcommands(capsys):
+    assert main(["data"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: prefalign data <subcommand>") and "  data inspect  " in out and "dpo" not in out
+    assert main(["data", "--help"]) == 0 and "data inspect" in capsys.readouterr().out
+    assert main(["data", "inspekt"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prefalign data: error: unknown subcommand 'inspekt'") and "data inspect" in err

@@ -10,15 +10,29 @@ import logging
 import os
 import sys
 
+from prefalign import __version__
 from prefalign.argparsing import parse_config
 from prefalign.commands import COMMANDS, config_class, runner
 from prefalign.errors import PrefalignError
 
 
-def _usage() -> str:
-    lines = ["usage: prefalign <command> [flags]   (prefalign <command> --help for its flags)", "", "commands:"]
-    lines += [f"  {name:<18} {command.help}" for name, command in COMMANDS.items()]
+def _usage(group: str | None = None) -> str:
+    """The command list; with `group` ("data"), only that group's subcommands."""
+    if group is None:
+        lines = ["usage: prefalign <command> [flags]   (prefalign <command> --help for its flags;"
+                 " prefalign --version)", "", "commands:"]
+        names = list(COMMANDS)
+    else:
+        lines = [f"usage: prefalign {group} <subcommand> [flags]   (prefalign {group} <subcommand> --help for its "
+                 "flags)", "", f"{group} subcommands:"]
+        names = _group_members(group)
+    lines += [f"  {name:<18} {COMMANDS[name].help}" for name in names]
     return "\n".join(lines)
+
+
+def _group_members(word: str) -> list[str]:
+    """The two-word commands whose first word is `word` (`data` -> ["data inspect"])."""
+    return [name for name in COMMANDS if name.split()[0] == word and " " in name]
 
 
 def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -52,7 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"prefalign {__version__}")
+        return 0
     name, rest = _split_command(argv)
+    if name is None and _group_members(argv[0]):  # `prefalign data`, `prefalign data --help`, `prefalign data x`
+        if len(argv) == 1 or argv[1] in ("-h", "--help", "help"):
+            print(_usage(argv[0]))
+            return 0
+        print(f"prefalign {argv[0]}: error: unknown subcommand {argv[1]!r}\n\n{_usage(argv[0])}", file=sys.stderr)
+        return 2
     if name is None:
         print(f"prefalign: error: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -74,7 +74,7 @@ def test_row_detail_marks_scored_tokens(data, tok):
 def test_raw_row_in_color(data, tok):
     out = inspect_dataset(DataArgs(dataset_name=str(data)), tok, row=1, color=True)
     detail = out[out.index("== row 1"):]
-    assert "raw text: no chat template, EOS appended" in detail
+    assert "raw text: no chat template, no BOS (the tokenizer adds none), EOS appended" in detail
     assert "\x1b[2mhello\x1b[0m\x1b[42;30mfour<|im_end|>\x1b[0m" in detail
     assert "[[" not in detail
 

@@ -95,11 +95,12 @@ def test_raw_text_e_equals_f_and_gets_eos(tiny_tokenizer):
     (te,), _ = tokenize_pairs([e], tiny_tokenizer, Truncation.of(e_args))
     (tf,), _ = tokenize_pairs([f], tiny_tokenizer, Truncation.of(f_args))
     assert te == tf
-    # no BOS is added to raw text (this tokenizer has none; TRL adds none for decoder-only models either)
+    # TRL's rule: prompt and prompt + answer tokenized as the tokenizer does by default (this one adds no BOS; see
+    # test_bos_rule.py for one that does); the prompt's trailing space merges into the answer's first token
     assert pieces(tiny_tokenizer, te.prompt_ids) == ["Q", "u", "est", "ion", ":", " what", " ", "is", " two",
-                                                     " pl", "us", " two", "\n", "\n", "A", "n", "s", "w", "er", ":", " "]
-    assert pieces(tiny_tokenizer, te.chosen_ids) == ["f", "our", "<|im_end|>"]  # EOS appended
-    assert pieces(tiny_tokenizer, te.rejected_ids) == ["he", "llo", "<|im_end|>"]  # already there: not doubled
+                                                     " pl", "us", " two", "\n", "\n", "A", "n", "s", "w", "er", ":"]
+    assert pieces(tiny_tokenizer, te.chosen_ids) == [" four", "<|im_end|>"]  # EOS appended
+    assert pieces(tiny_tokenizer, te.rejected_ids) == [" hello", "<|im_end|>"]  # already there: not doubled
 
 
 def test_keep_end_drops_oldest_prompt_tokens(tiny_tokenizer):
@@ -166,7 +167,7 @@ def test_prompt_not_a_token_prefix_splits_where_tokens_diverge(tiny_tokenizer, c
     assert pieces(tok, kept[0].prompt_ids) == PROMPT_PIECES and pieces(tok, kept[0].chosen_ids) == CHOSEN_PIECES
     assert stats.prefix_mismatch == 2
     (record,) = caplog.records
-    assert record.getMessage().startswith("a:1: the chat template tokenizes the prompt differently")
+    assert record.getMessage().startswith("a:1: the prompt's tokens are not a prefix of prompt + answer's")
 
 
 def test_conversational_without_template_names_the_flag(tiny_tokenizer):

@@ -57,7 +57,7 @@ def test_kto_on_pairs_unpaired_on_the_fly(tiny_model_dir, pairs_file, tmp_path, 
     out = tmp_path / "run"
     assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 4, "--save_steps", 2, "--eval_split_ratio", 0.25) == 0
     printed = capsys.readouterr().out
-    assert "train: tokenized 12 examples" in printed and "6 desirable, 6 undesirable" in printed
+    assert "train: 12 of 12 examples kept" in printed and "6 desirable, 6 undesirable" in printed
     assert "warning" not in printed  # balanced: no advice
     assert "kto: 4 steps, loss=" in printed
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]

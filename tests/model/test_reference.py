@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from prefalign.config import ModelArgs
+from prefalign.config import PolicyArgs
 from prefalign.data.collate import collate_padded
 from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
@@ -60,13 +60,13 @@ def _perturb(model, match: str = "", scale: float = 0.3) -> None:
 
 
 def test_reference_free_loads_nothing(tiny_model_dir) -> None:
-    policy = load_policy(ModelArgs(model_name_or_path=str(tiny_model_dir)))
-    args = ModelArgs(model_name_or_path=str(tiny_model_dir), ref_model_name_or_path="/does/not/exist")
+    policy = load_policy(PolicyArgs(model_name_or_path=str(tiny_model_dir)))
+    args = PolicyArgs(model_name_or_path=str(tiny_model_dir), ref_model_name_or_path="/does/not/exist")
     assert build_reference(policy, args, loss_needs_reference=False) is None
 
 
 def test_default_is_frozen_copy_of_initial_policy(tiny_model_dir) -> None:
-    args = ModelArgs(model_name_or_path=str(tiny_model_dir))
+    args = PolicyArgs(model_name_or_path=str(tiny_model_dir))
     policy = load_policy(args).train()
     ref = build_reference(policy, args, loss_needs_reference=True)
     assert isinstance(ref, FrozenModelReference)
@@ -82,7 +82,7 @@ def test_default_is_frozen_copy_of_initial_policy(tiny_model_dir) -> None:
 
 
 def test_explicit_reference_model(tiny_model_dir, tiny_llama_dir) -> None:
-    args = ModelArgs(model_name_or_path=str(tiny_model_dir), ref_model_name_or_path=str(tiny_llama_dir))
+    args = PolicyArgs(model_name_or_path=str(tiny_model_dir), ref_model_name_or_path=str(tiny_llama_dir))
     policy = load_policy(args)
     ref = build_reference(policy, args, loss_needs_reference=True)
     assert type(ref.model).__name__ == "LlamaForCausalLM"
@@ -91,7 +91,7 @@ def test_explicit_reference_model(tiny_model_dir, tiny_llama_dir) -> None:
 
 
 def test_fresh_lora_uses_disabled_adapter_without_a_copy(tiny_model_dir) -> None:
-    args = ModelArgs(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_dropout=0.5)
+    args = PolicyArgs(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_dropout=0.5)
     policy = load_policy(args).train()
     for module in policy.modules():  # real dropout in the base model too, so that a train-mode pass is random
         if hasattr(module, "attention_dropout"):
@@ -112,12 +112,12 @@ def test_fresh_lora_uses_disabled_adapter_without_a_copy(tiny_model_dir) -> None
 
 
 def test_continued_adapter_uses_frozen_twin(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
-    sft = load_policy(ModelArgs(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4))
+    sft = load_policy(PolicyArgs(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4))
     _perturb(sft, "lora_B")
     save_model(sft, tiny_tokenizer, tmp_path / "sft", merge_adapter=False)
     expected = _expected(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "sft"))
 
-    args = ModelArgs(model_name_or_path=str(tiny_model_dir), peft_adapter_path=str(tmp_path / "sft"))
+    args = PolicyArgs(model_name_or_path=str(tiny_model_dir), peft_adapter_path=str(tmp_path / "sft"))
     policy = load_policy(args).train()
     policy.base_model.model.model.layers[1].eval()  # a mixed mode that must survive the pass unchanged
     modes = [m.training for m in policy.modules()]
@@ -152,7 +152,7 @@ class ForwardCounter:
 
 
 def test_precompute_caches_on_disk_and_reuses(tiny_model_dir, tmp_path) -> None:
-    args = ModelArgs(model_name_or_path=str(tiny_model_dir))
+    args = PolicyArgs(model_name_or_path=str(tiny_model_dir))
     ref = build_reference(load_policy(args), args, True)
     counter = ForwardCounter(ref.model)
     key = fingerprint(reference_sources(args), PAIRS, {"max_length": 1024})
@@ -183,7 +183,7 @@ def test_precompute_caches_on_disk_and_reuses(tiny_model_dir, tmp_path) -> None:
 
 
 def test_stale_cache_file_is_recomputed(tiny_model_dir, tmp_path) -> None:
-    args = ModelArgs(model_name_or_path=str(tiny_model_dir))
+    args = PolicyArgs(model_name_or_path=str(tiny_model_dir))
     ref = build_reference(load_policy(args), args, True)
     counter = ForwardCounter(ref.model)
     collate = lambda pairs: collate_padded(pairs, pad_token_id=0)  # noqa: E731
@@ -213,16 +213,16 @@ def test_fingerprint_tracks_model_data_and_settings(tiny_model_dir, tmp_path) ->
 
 
 def test_reference_sources() -> None:
-    assert reference_sources(ModelArgs(model_name_or_path="m", peft_adapter_path="a")) == [
+    assert reference_sources(PolicyArgs(model_name_or_path="m", peft_adapter_path="a")) == [
         "m", "a", "dtype=float32", "4bit=False",
     ]  # fmt: skip
-    assert reference_sources(ModelArgs(model_name_or_path="m", ref_model_name_or_path="r", dtype="bfloat16"))[0] == "r"
+    assert reference_sources(PolicyArgs(model_name_or_path="m", ref_model_name_or_path="r", dtype="bfloat16"))[0] == "r"
 
 
 @pytest.mark.parametrize("use_peft", [False, True])
 def test_reference_pass_leaves_policy_training_intact(tiny_model_dir, use_peft) -> None:
     """A DPO step interleaves the reference pass with the policy's forward/backward; gradients still flow."""
-    args = ModelArgs(model_name_or_path=str(tiny_model_dir), use_peft=use_peft)
+    args = PolicyArgs(model_name_or_path=str(tiny_model_dir), use_peft=use_peft)
     policy = load_policy(args, gradient_checkpointing=True).train()
     ref = build_reference(policy, args, True)
     ref_out = ref.logps(_batch())

@@ -122,4 +122,4 @@ def test_unverified_multimodal_family_falls_back_with_a_notice(tiny_tokenizer):
     ok, reason = supports_packing(model)
     assert not ok and "idefics3 is a multimodal family whose packed positions are not verified" in reason
     packed, notice = use_packing(DPOConfig(), [model])
-    assert not packed and notice.startswith("padding-free batches are not supported here (idefics3")
+    assert not packed and notice.startswith("padded: padding-free batches are not supported here (idefics3")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from prefalign.config import DataArgs, DPOConfig, EvalConfig, ModelSource
+from prefalign.config import DPOConfig, EvalConfig, LengthArgs
 from prefalign.data.content import images_of, text_of
 from prefalign.data.load import load_rows, normalize_rows
 from prefalign.data.templates import resolve_chat_template
@@ -111,7 +111,9 @@ def _check(cfg: EvalConfig) -> None:
 def _load(cfg: EvalConfig) -> tuple[Any, Any, Any, Any, str]:
     """(policy, reference model or None for the policy's base with its adapter disabled, tokenizer, processor or
     None, which reference that is, in words)."""
-    policy, tokenizer, processor = load_for_inference(cfg.model_name_or_path, tokenizer_path=cfg.tokenizer_name_or_path)
+    policy, tokenizer, processor = load_for_inference(cfg.model_name_or_path, tokenizer_path=cfg.tokenizer_name_or_path,
+                                                      trust_remote_code=cfg.trust_remote_code)
+    trust = cfg.trust_remote_code
     base = policy.peft_config["default"].base_model_name_or_path if isinstance(policy, PeftModel) else None
     if cfg.ref_model_name_or_path:
         reference, why = {"model": cfg.ref_model_name_or_path}, "--ref_model_name_or_path"
@@ -128,14 +130,15 @@ def _load(cfg: EvalConfig) -> tuple[Any, Any, Any, Any, str]:
     if adapter is None and _same_path(reference["model"], base):
         return policy, None, tokenizer, processor, f"{base} (the policy's base, adapter disabled; {why})"
     if adapter is not None:
-        model = load_model_for_inference(adapter, base_model=reference["model"])[0]
+        model = load_model_for_inference(adapter, base_model=reference["model"], trust_remote_code=trust)[0]
         return policy, model, tokenizer, processor, f"the adapter {adapter} on {reference['model']} ({why})"
-    return policy, load_model_for_inference(reference["model"])[0], tokenizer, processor, f"{reference['model']} ({why})"
+    return policy, load_model_for_inference(reference["model"], trust_remote_code=trust)[0], tokenizer, processor, f"{reference['model']} ({why})"
 
 
 def _dpo_config(cfg: EvalConfig) -> DPOConfig:
-    shared = {k: getattr(cfg, k) for k in {**DataArgs.__dataclass_fields__, **ModelSource.__dataclass_fields__}}
-    return DPOConfig(**shared, beta=cfg.beta, per_device_eval_batch_size=cfg.per_device_eval_batch_size)
+    """What DPO's evaluation step reads: the length limits, beta and the batch size (the pairs are already read)."""
+    limits = {k: getattr(cfg, k) for k in LengthArgs.__dataclass_fields__}
+    return DPOConfig(**limits, beta=cfg.beta, per_device_eval_batch_size=cfg.per_device_eval_batch_size)
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:

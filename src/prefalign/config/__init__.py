@@ -9,11 +9,18 @@ from prefalign.config.causal_lm import PretrainConfig, SFTConfig
 from prefalign.config.common import (
     DataArgs,
     DatasetArgs,
+    DatasetSource,
     LengthArgs,
+    LoadArgs,
+    LoraArgs,
     ModelArgs,
     ModelSource,
     PairArgs,
+    PairData,
+    PolicyArgs,
     PromptArgs,
+    ReferenceArgs,
+    RowFilter,
     TrainArgs,
 )
 from prefalign.config.fields import field_help
@@ -38,6 +45,9 @@ from prefalign.config.tools import (
     TrainTokenizerConfig,
 )
 
-__all__ = ["ChatConfig", "DPOArgs", "DPOConfig", "DataArgs", "DatasetArgs", "DemoConfig", "EvalConfig", "GRPOConfig", "InitModelConfig",
-           "InspectConfig", "KTOArgs", "KTOConfig", "LengthArgs", "ModelArgs", "ModelSource", "PairArgs", "PPOConfig", "PipelineConfig", "PlotConfig", "PretrainConfig", "PromptArgs", "RLOOConfig",
-           "RMConfig", "RefSyncArgs", "UnpairedArgs", "SFTConfig", "TrainArgs", "TrainTokenizerConfig", "field_help"]
+__all__ = ["ChatConfig", "DPOArgs", "DPOConfig", "DataArgs", "DatasetArgs", "DatasetSource", "DemoConfig", "EvalConfig",
+           "GRPOConfig", "InitModelConfig", "InspectConfig", "KTOArgs", "KTOConfig", "LengthArgs", "LoadArgs",
+           "LoraArgs", "ModelArgs", "ModelSource", "PPOConfig", "PairArgs", "PairData", "PipelineConfig",
+           "PlotConfig", "PolicyArgs", "PretrainConfig", "PromptArgs", "RLOOConfig", "RMConfig", "RefSyncArgs",
+           "ReferenceArgs", "RowFilter", "SFTConfig", "TrainArgs", "TrainTokenizerConfig", "UnpairedArgs",
+           "field_help"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefalign.config.common import DataArgs, TrainArgs
+from prefalign.config.common import LengthArgs, TrainArgs
 from prefalign.errors import PrefalignError
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
@@ -47,7 +47,7 @@ def check_train_args(args: TrainArgs) -> None:
                              "--report_to")
 
 
-def check_truncation(args: DataArgs) -> None:
+def check_truncation(args: LengthArgs) -> None:
     """--truncation_mode and the three length limits."""
     if args.truncation_mode not in TRUNCATION_MODES:
         raise PrefalignError(f"must be keep_end or keep_start, got '{args.truncation_mode}'", where="--truncation_mode")

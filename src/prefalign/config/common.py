@@ -23,15 +23,19 @@ class ModelSource:
 
 
 @dataclass
-class ModelArgs(ModelSource):
-    """The model a training command trains: how it is loaded, adapted, and what its reference is."""
+class LoadArgs(ModelSource):
+    """How a model's weights are loaded."""
 
-    ref_model_name_or_path: str | None = None
-    """Reference model (default: a frozen copy of the initial policy; with --use_peft, the base with the adapter disabled)."""
     attn_implementation: str | None = None
     """Attention kernel passed to transformers: eager, sdpa, flash_attention_2, ... (default: transformers' choice)."""
     dtype: str = "float32"
     """Dtype the weights are loaded in: float32, bfloat16, float16 or auto. Use --bf16/--fp16 for mixed precision."""
+
+
+@dataclass
+class LoraArgs:
+    """A fresh LoRA adapter instead of full weights."""
+
     use_peft: bool = False
     """Train a LoRA adapter instead of all weights."""
     lora_r: int = 16
@@ -42,6 +46,14 @@ class ModelArgs(ModelSource):
     """Dropout on the LoRA branch."""
     lora_target_modules: list[str] | None = None
     """Modules that get adapters (default: every linear layer except the LM head)."""
+    merge_adapter: bool = False
+    """With --use_peft: also save the adapter merged into full weights (output_dir/merged)."""
+
+
+@dataclass
+class ModelArgs(LoraArgs, LoadArgs):
+    """The causal LM a training command trains: how it is loaded and adapted."""
+
     peft_adapter_path: str | None = None
     """Continue from an existing LoRA adapter (e.g. an SFT adapter): it is loaded as the trainable policy adapter and,
     frozen, as the reference adapter, in one base model."""
@@ -50,16 +62,27 @@ class ModelArgs(ModelSource):
     model (refused otherwise); the output records the base really used."""
     load_in_4bit: bool = False
     """QLoRA: load the base model 4-bit quantized with bitsandbytes (needs a CUDA GPU)."""
-    merge_adapter: bool = False
-    """With --use_peft: also save the adapter merged into full weights (output_dir/merged)."""
     freeze_vision_tower: bool = True
     """Vision-language models: keep the vision encoder's weights fixed, so LoRA adapts the language model only and full
     fine-tuning leaves the encoder as it was; false trains it too."""
 
 
 @dataclass
-class DatasetArgs:
-    """Where the rows come from."""
+class ReferenceArgs:
+    """The reference a policy is held close to (DPO and the on-policy stages)."""
+
+    ref_model_name_or_path: str | None = None
+    """Reference model (default: a frozen copy of the initial policy; with --use_peft, the base with the adapter disabled)."""
+
+
+@dataclass
+class PolicyArgs(ReferenceArgs, ModelArgs):
+    """A policy trained against a reference."""
+
+
+@dataclass
+class DatasetSource:
+    """One dataset: a local file or directory, or a hub id."""
 
     dataset_name: str | None = None
     """Training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset id."""
@@ -67,6 +90,18 @@ class DatasetArgs:
     """Configuration name of a hub dataset."""
     dataset_split: str = "train"
     """Split of --dataset_name to train on."""
+
+
+@dataclass
+class RowFilter:
+    skip_invalid_rows: bool = False
+    """Skip malformed rows (and report how many) instead of stopping at the first one."""
+
+
+@dataclass
+class DatasetArgs(RowFilter, DatasetSource):
+    """Where a training command's rows come from: training and evaluation data."""
+
     eval_dataset_name: str | None = None
     """Evaluation data, in any form --dataset_name accepts."""
     eval_dataset_config: str | None = None
@@ -75,8 +110,6 @@ class DatasetArgs:
     """Split of --eval_dataset_name to evaluate on."""
     eval_split_ratio: float = 0.0
     """Hold out this fraction of the training rows for evaluation (when no --eval_dataset_name is given)."""
-    skip_invalid_rows: bool = False
-    """Skip malformed rows (and report how many) instead of stopping at the first one."""
 
 
 @dataclass
@@ -119,8 +152,13 @@ class LengthArgs:
 
 
 @dataclass
-class DataArgs(LengthArgs, PairArgs, PromptArgs, DatasetArgs):
-    """Preference data: rows, prompt, the two answers and the length limits."""
+class PairData(LengthArgs, PairArgs, PromptArgs, DatasetSource):
+    """One file of preference pairs as it is read and tokenized: prompt, the two answers and the length limits."""
+
+
+@dataclass
+class DataArgs(PairData, DatasetArgs):
+    """Preference data of a training command: PairData plus evaluation data and invalid rows."""
 
 
 @dataclass

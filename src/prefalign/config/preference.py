@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prefalign.config.common import DataArgs, ModelArgs, TrainArgs
+from prefalign.config.common import DataArgs, LoadArgs, LoraArgs, PolicyArgs, TrainArgs
 
 
 @dataclass
@@ -68,7 +68,7 @@ class RefSyncArgs:
 
 
 @dataclass
-class DPOConfig(DPOArgs, RefSyncArgs, TrainArgs, DataArgs, ModelArgs):
+class DPOConfig(DPOArgs, RefSyncArgs, TrainArgs, DataArgs, PolicyArgs):
     """Configuration of `prefalign dpo`."""
 
     learning_rate: float = 1e-6
@@ -109,7 +109,7 @@ class KTOArgs:
 
 
 @dataclass
-class KTOConfig(KTOArgs, RefSyncArgs, UnpairedArgs, TrainArgs, DataArgs, ModelArgs):
+class KTOConfig(KTOArgs, RefSyncArgs, UnpairedArgs, TrainArgs, DataArgs, PolicyArgs):
     """Configuration of `prefalign kto`."""
 
     learning_rate: float = 1e-6
@@ -123,8 +123,8 @@ class RMArgs:
 
 
 @dataclass
-class RMConfig(RMArgs, TrainArgs, DataArgs, ModelArgs):
-    """Configuration of `prefalign rm`."""
+class RMConfig(RMArgs, TrainArgs, DataArgs, LoraArgs, LoadArgs):
+    """Configuration of `prefalign rm` (no reference; no continued adapter or 4-bit base for reward models yet)."""
 
     learning_rate: float = 1e-4
     """Peak learning rate of AdamW (TRL's RewardConfig default)."""

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prefalign.config.common import DatasetArgs, ModelArgs, PromptArgs, TrainArgs
+from prefalign.config.common import DatasetArgs, PolicyArgs, PromptArgs, TrainArgs
 
 
 @dataclass
 class GenerationArgs:
-    num_generations: int = 8
-    """Completions sampled per prompt: the group whose rewards are compared."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are computed at the same temperature."""
     top_p: float = 1.0
@@ -38,6 +36,8 @@ class RewardArgs:
 
 @dataclass
 class GRPOArgs:
+    num_generations: int = 8
+    """Completions sampled per prompt: the group whose rewards are compared."""
     beta: float = 0.0
     """Weight of the per-token k3 KL to the reference in the loss; 0 loads no reference."""
     loss_type: str = "dapo"
@@ -60,7 +60,7 @@ class GRPOArgs:
 
 
 @dataclass
-class OnPolicyArgs(RewardArgs, GenerationArgs, TrainArgs, PromptArgs, DatasetArgs, ModelArgs):
+class OnPolicyArgs(RewardArgs, GenerationArgs, TrainArgs, PromptArgs, DatasetArgs, PolicyArgs):
     """What every on-policy command shares: prompts, sampling, rewards and the training loop."""
 
     per_device_eval_batch_size: int = 8
@@ -133,8 +133,6 @@ class PPOConfig(PPOArgs, OnPolicyArgs):
     """Peak learning rate of AdamW (TRL's PPO default)."""
     per_device_train_batch_size: int = 8
     """Prompts (one completion each) per micro-batch on each device."""
-    num_generations: int = 1
-    """Completions per prompt (PPO samples one)."""
     temperature: float = 0.7
     """Sampling temperature; log-probs are computed at the same temperature (TRL's PPO default)."""
     max_completion_length: int | None = 53

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prefalign.config.common import DataArgs, ModelSource
+from prefalign.config.common import ModelSource, PairData, RowFilter
 from prefalign.config.preference import UnpairedArgs
 
 DEMO_STAGES = ("dpo", "grpo", "ppo")  # what the demo can run after SFT, in this order
 
 
 @dataclass
-class EvalConfig(DataArgs, ModelSource):
+class EvalConfig(RowFilter, PairData, ModelSource):
     """Configuration of `prefalign eval`."""
 
     ref_model_name_or_path: str | None = None
@@ -65,7 +65,9 @@ class ChatConfig:
 
 
 @dataclass
-class InspectConfig(UnpairedArgs, DataArgs, ModelSource):
+class InspectConfig(UnpairedArgs, PairData, ModelSource):
+    """Configuration of `prefalign data inspect`."""
+
     row: int | None = None
     """Show this row (0-based) in detail (default: the first)."""
 

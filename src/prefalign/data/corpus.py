@@ -1,20 +1,23 @@
 """Raw text corpora: documents for pretraining and tokenizer training, and pretraining's blocks.
 
-Documents (non-empty lines of .txt files, or a `text` column) are encoded without special tokens, each followed
-by EOS, laid end to end and cut into blocks of --max_length tokens; a document longer than a block continues in
+Documents (non-empty lines of .txt files, or a `text` column) are encoded as the tokenizer encodes raw text by
+default (with its BOS, if it adds one), each followed by EOS, laid end to end and cut into blocks of --max_length tokens; a document longer than a block continues in
 the next one (see `pack_documents`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from prefalign.data.load import load_rows
-from prefalign.data.tokenize import encode_texts
+from prefalign.data.tokenize import encode_texts, with_eos
 from prefalign.data.types import Segments, TokenizedSample
 from prefalign.errors import PrefalignError
+
+logger = logging.getLogger("prefalign.data")
 
 
 def _txt_files(path: Path) -> list[Path]:
@@ -24,10 +27,11 @@ def _txt_files(path: Path) -> list[Path]:
 
 
 def load_texts(name: str, config: str | None = None, split: str = "train", text_field: str = "text",
-               conversations: bool = False) -> list[tuple[str, str]]:
+               conversations: bool = False, skip_invalid: bool = False) -> list[tuple[str, str]]:
     """(text, source) documents: non-empty lines of .txt files, or the `text_field` column of any format
     `load_rows` reads. With `conversations`, rows without that column contribute the contents of their
-    messages / prompt / completion / chosen / rejected columns (for training a tokenizer)."""
+    messages / prompt / completion / chosen / rejected columns (for training a tokenizer). A row with no text
+    is an error naming it, or, with `skip_invalid` (--skip_invalid_rows), skipped and counted in one warning."""
     path = Path(name).expanduser()
     txt = _txt_files(path) if path.suffix == ".txt" or path.is_dir() else []  # a directory without any: []
     if path.suffix == ".txt" and not path.is_file():
@@ -41,7 +45,9 @@ def load_texts(name: str, config: str | None = None, split: str = "train", text_
             raise PrefalignError("no non-empty lines", name)
         return docs
     out: list[tuple[str, str]] = []
-    for row, source in load_rows(name, config, split):
+    rows = load_rows(name, config, split)
+    errors: list[PrefalignError] = []
+    for row, source in rows:
         value = row.get(text_field)
         if isinstance(value, str):
             if value.strip():
@@ -50,8 +56,14 @@ def load_texts(name: str, config: str | None = None, split: str = "train", text_
         pieces = list(_row_strings(row)) if conversations else []
         if not pieces:
             present = ", ".join(sorted(row)) or "none"
-            raise PrefalignError(f"no '{text_field}' column with a string (columns present: {present})", source)
+            errors.append(PrefalignError(f"no '{text_field}' column with a string (columns present: {present})", source))
+            if not skip_invalid:
+                raise errors[0]
         out += [(p, source) for p in pieces]
+    if errors:
+        logger.warning("%s: skipped %d invalid rows of %d (first: %s)", name, len(errors), len(rows), errors[0])
+        if not out:
+            raise PrefalignError(f"all {len(rows)} rows are invalid; first: {errors[0]}", where=name)
     return out
 
 
@@ -99,8 +111,9 @@ def pack_documents(docs: list[list[int]], block_size: int, per_document: bool) -
 
 
 def encode_documents(texts: list[str], tokenizer: Any) -> list[list[int]]:
-    """Token ids of each document with EOS appended (no other special tokens)."""
+    """Token ids of each document as the tokenizer encodes raw text by default (a BOS its post-processor adds
+    starts every document, as in transformers' run_clm and MiniMind), with EOS appended."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PrefalignError("the tokenizer has no EOS token to separate documents", "--tokenizer_name_or_path")
-    return [ids + [eos] for ids in encode_texts(tokenizer, texts)]
+    return [with_eos(ids, eos) for ids in encode_texts(tokenizer, texts, special_tokens=True)]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from prefalign.config import DataArgs
+from prefalign.config import PairData
 from prefalign.data.content import images_of, normalize_content, text_of
 from prefalign.data.types import ROLES, Message, Pair, with_system_prompt
 from prefalign.errors import PrefalignError
@@ -39,7 +39,7 @@ FORMAT_NAMES = {
 _SCALARS = (str, int, float, bool)
 
 
-def detect_format(row: dict[str, Any], args: DataArgs) -> str:
+def detect_format(row: dict[str, Any], args: PairData) -> str:
     """The letter (A-F, see the module docstring) of the shape `row` has; assumes the row is valid."""
     chosen = row.get(args.chosen_column)
     prompt = row.get(args.prompt_column)
@@ -55,7 +55,7 @@ def detect_format(row: dict[str, Any], args: DataArgs) -> str:
     return "C" if isinstance(prompt, str) else "A"
 
 
-def normalize_pair(row: dict[str, Any], source: str, args: DataArgs) -> Pair:
+def normalize_pair(row: dict[str, Any], source: str, args: PairData) -> Pair:
     """Validate one raw row and turn it into a Pair; raise PrefalignError(reason, where=source) if it is bad."""
     if not isinstance(row, dict):
         raise PrefalignError(f"a row must be an object with columns, got {type(row).__name__}", where=source)
@@ -95,7 +95,7 @@ def _kind(value: Any) -> str:
     return "null" if value is None else "a list" if isinstance(value, list) else f"a {type(value).__name__}"
 
 
-def _raw_pair(prompt: Any, chosen: str, rejected: str, *, row: dict, source: str, args: DataArgs) -> Pair:
+def _raw_pair(prompt: Any, chosen: str, rejected: str, *, row: dict, source: str, args: PairData) -> Pair:
     """Formats E/F: three strings, tokenized later without a chat template."""
     if prompt is None:
         present = ", ".join(sorted(row))
@@ -115,7 +115,7 @@ def _raw_pair(prompt: Any, chosen: str, rejected: str, *, row: dict, source: str
     return Pair(prompt, chosen, rejected, source, *_margin_and_extra(row, args, source))
 
 
-def _chat_pair(prompt: Any, chosen: list, rejected: list, *, row: dict, source: str, args: DataArgs) -> Pair:
+def _chat_pair(prompt: Any, chosen: list, rejected: list, *, row: dict, source: str, args: PairData) -> Pair:
     """Formats A-D: build both full conversations, check they differ only in the final assistant turn."""
     chosen = _messages(chosen, args.chosen_column, source)
     rejected = _messages(rejected, args.rejected_column, source)
@@ -173,7 +173,7 @@ def _messages(value: list, column: str, source: str) -> list[Message]:
     return out
 
 
-def _divergence(chosen: list[Message], rejected: list[Message], args: DataArgs) -> str:
+def _divergence(chosen: list[Message], rejected: list[Message], args: PairData) -> str:
     i = next((k for k, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
     what = (f"message {i} ({chosen[i]['role']} vs {rejected[i]['role']})" if i < min(len(chosen), len(rejected))
             else f"length ({len(chosen)} vs {len(rejected)} messages)")
@@ -181,7 +181,7 @@ def _divergence(chosen: list[Message], rejected: list[Message], args: DataArgs) 
             "differ only in the final assistant turn")
 
 
-def _margin_and_extra(row: dict[str, Any], args: DataArgs, source: str) -> tuple[float | None, dict[str, Any]]:
+def _margin_and_extra(row: dict[str, Any], args: PairData, source: str) -> tuple[float | None, dict[str, Any]]:
     margin = row.get("margin")
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):

@@ -16,11 +16,20 @@ import sys
 from collections import Counter
 from typing import Any
 
-from prefalign.config import DataArgs
+from prefalign.config import PairData
 from prefalign.data.formats import FORMAT_NAMES, detect_format, normalize_pair
 from prefalign.data.load import load_rows
 from prefalign.data.templates import resolve_chat_template
-from prefalign.data.tokenize import DROP_REASONS, Encoded, Truncated, Truncation, cut, encode_pairs, truncate
+from prefalign.data.tokenize import (
+    DROP_REASONS,
+    PREFIX_MISMATCH,
+    Encoded,
+    Truncated,
+    Truncation,
+    cut,
+    encode_pairs,
+    truncate,
+)
 from prefalign.data.types import Pair, UnpairedExample
 from prefalign.data.unpaired import balance_advice, encode_unpaired, label_summary, normalize_feedback
 from prefalign.data.vision import image_runs
@@ -29,7 +38,7 @@ from prefalign.errors import PrefalignError
 _GREEN, _RED, _DIM, _BOLD, _RESET = "\x1b[42;30m", "\x1b[41;30m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
 
-def inspect_dataset(args: DataArgs, tokenizer: Any, row: int | None = None, color: bool | None = None,
+def inspect_dataset(args: PairData, tokenizer: Any, row: int | None = None, color: bool | None = None,
                     processor: Any = None) -> str:
     """A readable report on --dataset_name as `args` and `tokenizer` (and a vision-language model's `processor`)
     would tokenize it: the whole-file summary, then one row in detail (`row`, a 0-based index into the file's
@@ -81,7 +90,7 @@ def _percentiles(values: list[int]) -> list[int]:
     return [s[min(len(s) - 1, max(0, -(-q * len(s) // 100) - 1))] for q in (50, 90, 99)] + [s[-1]]
 
 
-def _summary(args: DataArgs, tokenizer: Any, n_rows: int, pairs: list[tuple[int, Pair]],
+def _summary(args: PairData, tokenizer: Any, n_rows: int, pairs: list[tuple[int, Pair]],
              errors: dict[int, PrefalignError], formats: Counter, encoded: list[Encoded],
              truncated: list[Truncated]) -> str:
     lines = [f"== {args.dataset_name}: {n_rows} rows, {len(pairs)} valid, {len(errors)} invalid =="]
@@ -123,8 +132,7 @@ def _warnings(pairs: list[tuple[int, Pair]], encoded: list[Encoded], truncated: 
     n = len(encoded)
     mismatch = sum(e.prefix_mismatch for e in encoded)
     if mismatch:
-        out.append(f"warning: in {mismatch} pairs the template tokenizes the prompt differently once an answer "
-                   "follows; the split falls where the tokens diverge")
+        out.append(f"warning: in {mismatch} pairs {PREFIX_MISMATCH}; the split falls where the tokens diverge")
     longer = sum(len(e.chosen_ids) > len(e.rejected_ids) for e in encoded)
     shorter = sum(len(e.chosen_ids) < len(e.rejected_ids) for e in encoded)
     if n >= 10 and max(longer, shorter) >= 0.7 * n:
@@ -147,8 +155,8 @@ def _piece(tokenizer: Any, token_id: int) -> str:
 
 
 def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, tokenizer: Any,
-                args: DataArgs, color: bool, processor: Any = None) -> str:
-    kind = "" if pair.is_conversational else "; raw text: no chat template, EOS appended"
+                args: PairData, color: bool, processor: Any = None) -> str:
+    kind = "" if pair.is_conversational else f"; raw text: no chat template, {_bos_note(tokenizer, enc.prompt_ids)}EOS appended"
     lines = [f"== row {index}: {pair.source} (format {fmt}: {FORMAT_NAMES[fmt]}{kind}) =="]
     longest = len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
     lines.append(f"tokens: prompt {len(t.prompt_ids)}, chosen {len(t.chosen_ids)}, rejected {len(t.rejected_ids)}; "
@@ -161,7 +169,7 @@ def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, to
     if t.drop_reason:
         lines.append(f"DROPPED: {DROP_REASONS[t.drop_reason].format(max_length=args.max_length)}")
     if enc.prefix_mismatch:
-        lines.append("note: the template tokenizes this prompt differently once an answer follows")
+        lines.append(f"note: {PREFIX_MISMATCH}")
     images = _image_spans(processor, t.prompt_ids, enc.images) if enc.images else []
     for k, (start, end, label) in enumerate(images, start=1):
         lines.append(f"image: {label} from {enc.images[k - 1].name}, prompt tokens {start}-{end - 1}")
@@ -177,6 +185,14 @@ def _row_detail(index: int, fmt: str, pair: Pair, enc: Encoded, t: Truncated, to
     lines.append("chosen:   " + _mark("", _ids(tokenizer, t.chosen_ids), _GREEN, color))
     lines.append("rejected: " + _mark("", _ids(tokenizer, t.rejected_ids), _RED, color))
     return "\n".join(lines)
+
+
+def _bos_note(tokenizer: Any, prompt_ids: list[int]) -> str:
+    """What the tokenizer's defaults put before raw text (TRL's rule: raw text is tokenized as the tokenizer does)."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and prompt_ids[:1] == [bos]:
+        return f"BOS {tokenizer.bos_token} added by the tokenizer, "
+    return "no BOS (the tokenizer adds none), "
 
 
 def _image_spans(processor: Any, ids: list[int], images: tuple) -> list[tuple[int, int, str]]:
@@ -220,7 +236,7 @@ def _mark(context: str, scored: str, paint: str, color: bool) -> str:
 # ---------------------------------------------------------------- unpaired feedback (KTO)
 
 
-def _inspect_unpaired(args: DataArgs, tokenizer: Any, rows: list, index: int, limits: Truncation,
+def _inspect_unpaired(args: PairData, tokenizer: Any, rows: list, index: int, limits: Truncation,
                       color: bool) -> str:
     examples: list[tuple[int, UnpairedExample]] = []
     errors: dict[int, PrefalignError] = {}
@@ -251,7 +267,7 @@ def _inspect_unpaired(args: DataArgs, tokenizer: Any, rows: list, index: int, li
     return "\n\n".join(sections)
 
 
-def _unpaired_summary(args: DataArgs, examples: list, encoded: list, cuts: list) -> list[str]:
+def _unpaired_summary(args: PairData, examples: list, encoded: list, cuts: list) -> list[str]:
     lines = ["tokens before truncation   p50    p90    p99    max"]
     for name, values in (("prompt", [len(p) for p, _, _ in encoded]), ("completion", [len(c) for _, c, _ in encoded]),
                          ("prompt + completion", [len(p) + len(c) for p, c, _ in encoded])):
@@ -266,8 +282,7 @@ def _unpaired_summary(args: DataArgs, examples: list, encoded: list, cuts: list)
     lines.append(f"dropped: {dropped}" + (f" ({reason}: {dropped})" if dropped else ""))
     mismatch = sum(m for _, _, m in encoded)
     if mismatch:
-        lines.append(f"warning: in {mismatch} examples the template tokenizes the prompt differently once an answer "
-                     "follows; the split falls where the tokens diverge")
+        lines.append(f"warning: in {mismatch} examples {PREFIX_MISMATCH}; the split falls where the tokens diverge")
     desirable = sum(e.label for _, e in examples)
     advice = balance_advice(desirable, len(examples) - desirable)
     if advice:
@@ -279,8 +294,9 @@ def _example_detail(index: int, example: UnpairedExample, enc: tuple, kept: tupl
                     color: bool) -> str:
     """One example of row `index`: label, lengths, what truncation cut, the text with its scored tokens marked."""
     label = "desirable" if example.label else "undesirable"
-    kind = "" if example.is_conversational else "; raw text: no chat template, EOS appended"
     (prompt, completion, mismatch), (kept_prompt, (kept_completion,)) = enc, kept
+    kind = ("" if example.is_conversational
+            else f"; raw text: no chat template, {_bos_note(tokenizer, prompt)}EOS appended")
     lines = [f"== row {index}: {example.source} ({label}{kind}) ==",
              f"tokens: prompt {len(kept_prompt)}, completion {len(kept_completion)}"]
     for name, before, after in (("prompt", prompt, kept_prompt), ("completion", completion, kept_completion)):
@@ -289,7 +305,7 @@ def _example_detail(index: int, example: UnpairedExample, enc: tuple, kept: tupl
     if not kept_completion:
         lines.append("DROPPED: no completion token left (the prompt fills --max_length)")
     if mismatch:
-        lines.append("note: the template tokenizes this prompt differently once an answer follows")
+        lines.append(f"note: {PREFIX_MISMATCH}")
     paint = _GREEN if example.label else _RED
     lines.append(f"-- text: prompt + completion, scored tokens {'colored' if color else 'in [[ ]]'} --")
     lines.append(_mark(tokenizer.decode(kept_prompt), tokenizer.decode(kept_completion), paint, color))

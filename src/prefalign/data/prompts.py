@@ -5,10 +5,11 @@ A row needs a prompt column (`--prompt_column`, default `prompt`): a non-empty s
 column (e.g. `answer`) is kept and handed to the reward functions as a keyword list, as TRL does.
 
 Conversational prompts are rendered with the chat template and the generation prompt (ChatML:
-`<|im_start|>assistant\\n`); string prompts get `--prompt_template` and `--system_prompt` does not apply to
-them. Both are encoded without special tokens: a template writes its own BOS, and raw text stays raw (the SFT
-and DPO stages encode it the same way). Prompts longer than `--max_prompt_length` are cut per
-`--truncation_mode` (keep_end keeps the end, where the question is).
+`<|im_start|>assistant\\n`) and encoded without special tokens, since a template writes its own BOS; string
+prompts get `--prompt_template` (`--system_prompt` does not apply to them) and are encoded with the tokenizer's
+default special tokens, as TRL's GRPO encodes them and as the SFT and DPO stages encode raw text (a BOS-adding
+tokenizer starts them with BOS). Prompts longer than `--max_prompt_length` are cut per `--truncation_mode`
+(keep_end keeps the end, where the question is).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prefalign.data.content import refuse_images
 from prefalign.data.load import load_examples
 from prefalign.data.sft import check_messages
 from prefalign.data.templates import render, require_chat_template
+from prefalign.data.tokenize import encode_texts
 from prefalign.data.types import PromptExample, with_system_prompt
 from prefalign.data.types import kind as _kind
 from prefalign.errors import PrefalignError
@@ -74,8 +76,10 @@ def tokenize_prompts(
     """Token ids of every prompt (cut to `max_prompt_length`) and how many were cut."""
     if truncation_mode not in ("keep_end", "keep_start"):
         raise PrefalignError(f"must be keep_end or keep_start, got {truncation_mode!r}", "--truncation_mode")
-    texts = [prompt_text(e, tokenizer) for e in examples]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    rendered = encode_texts(tokenizer, [prompt_text(e, tokenizer) for e in examples if not isinstance(e.prompt, str)])
+    raw = encode_texts(tokenizer, [e.prompt for e in examples if isinstance(e.prompt, str)], special_tokens=True)
+    raw_ids, rendered_ids = iter(raw), iter(rendered)
+    encoded = [next(raw_ids) if isinstance(e.prompt, str) else next(rendered_ids) for e in examples]
     out, truncated = [], 0
     for ids, example in zip(encoded, examples):
         if not ids:

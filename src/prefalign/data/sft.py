@@ -13,8 +13,10 @@ that template(messages[:i+1]) adds after template(messages[:i], add_generation_p
 the answer, `<|im_end|>` and the newline. Where a template renders an earlier part differently once more
 follows (so the prefix is not a token prefix of the whole), the span starts where the tokens diverge.
 
-Raw text (prompt/completion strings, plain text) is encoded without special tokens and EOS is appended, as TRL
-does, so the model learns to stop.
+Raw text (prompt/completion strings, plain text) follows TRL 1.16's SFT rule, the one DPO uses for raw pairs
+(`data.tokenize.encode_raw`): prompt and prompt + completion are tokenized with the tokenizer's default special
+tokens (a BOS its post-processor adds starts the sequence), EOS is appended so that the model learns to stop, and
+the trained part starts where the two token sequences diverge.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from prefalign.config import DataArgs
 from prefalign.data.content import normalize_content, refuse_images
 from prefalign.data.load import load_examples
 from prefalign.data.templates import render, require_chat_template
-from prefalign.data.tokenize import common_prefix, encode_texts, with_eos
+from prefalign.data.tokenize import common_prefix, encode_raw, encode_texts
 from prefalign.data.types import ROLES, Message, SFTExample, TokenizedSample, with_system_prompt
 from prefalign.data.types import kind as _kind
 from prefalign.errors import PrefalignError
@@ -48,7 +50,7 @@ class SFTTokenizeStats:
         """One line, e.g. 'tokenized 12 samples: kept 11, truncated 3, dropped 1 (no trained token: 1)'."""
         text = f"tokenized {self.total} samples: kept {self.kept}, truncated {self.truncated}"
         if self.prefix_mismatch:
-            text += f", template prefix mismatch {self.prefix_mismatch}"
+            text += f", prompt not a token prefix {self.prefix_mismatch}"
         dropped = sum(self.dropped.values())
         text += f", dropped {dropped}"
         if dropped:
@@ -165,25 +167,27 @@ def tokenize_sft(examples: list[SFTExample], tokenizer: Any, args: Any) -> tuple
         require_chat_template(tokenizer, chat[0].source)
     texts: list[str] = []
     spans: list[tuple[int, int]] = []
-    for ex in examples:
-        piece = _conversation_texts(ex, tokenizer, completion_only) if ex.is_conversational else [ex.prompt, ex.text]
+    for ex in chat:
+        piece = _conversation_texts(ex, tokenizer, completion_only)
         spans.append((len(texts), len(texts) + len(piece)))
         texts += piece
     encoded = encode_texts(tokenizer, texts)
-    eos = tokenizer.eos_token_id
+    raw = [ex for ex in examples if not ex.is_conversational]
+    raw_ids = iter(encode_raw(tokenizer, [ex.prompt for ex in raw], [ex.text for ex in raw]))
+    chat_spans = iter(spans)
     stats = SFTTokenizeStats(total=len(examples))
     out: list[TokenizedSample] = []
-    for ex, (a, b) in zip(examples, spans):
-        ids_list = encoded[a:b]
+    for ex in examples:
         if ex.is_conversational:
-            ids = ids_list[0]
-            mask, mismatch = _conversation_mask(ids_list) if completion_only else ([True] * len(ids), False)
-            stats.prefix_mismatch += mismatch
+            a, b = next(chat_spans)
+            ids = encoded[a]
+            mask, mismatch = _conversation_mask(encoded[a:b]) if completion_only else ([True] * len(ids), False)
         else:
-            prompt, text = ids_list
-            text = with_eos(text, eos)
-            ids = prompt + text
-            mask = [not completion_only] * len(prompt) + [True] * len(text)
+            prompt, ids = next(raw_ids)
+            start = common_prefix(prompt, ids)  # the prompt's end may merge with the completion's start
+            mismatch = start < len(prompt)
+            mask = [not completion_only] * start + [True] * (len(ids) - start)
+        stats.prefix_mismatch += mismatch
         if max_length is not None and len(ids) > max_length:
             ids, mask = ids[:max_length], mask[:max_length]
             stats.truncated += 1
@@ -194,8 +198,10 @@ def tokenize_sft(examples: list[SFTExample], tokenizer: Any, args: Any) -> tuple
         out.append(sample)
     stats.kept = len(out)
     if stats.prefix_mismatch:
-        logger.warning("the chat template renders earlier turns differently once a later turn follows (%d samples); "
-                       "assistant spans start where the tokens diverge", stats.prefix_mismatch)
+        logger.warning("the tokens of a prompt or an earlier turn are not a prefix of the whole sample's (%d samples: "
+                       "the chat template renders them differently once more follows, or a raw prompt's end merges "
+                       "with its completion's start); trained spans start where the tokens diverge",
+                       stats.prefix_mismatch)
     if examples and not out:
         raise PrefalignError(f"all {len(examples)} samples dropped: no trained token left", "--max_length")
     return out, stats

@@ -7,8 +7,12 @@ stop; the newline comes with it because the template writes it, as TRL scores it
 Where a template renders the prompt differently once an answer follows (so its tokens are not a prefix of the
 full conversation's), the split falls where the two token sequences diverge, and a warning says so once.
 
-Raw-text pairs (formats E/F), as TRL treats them for decoder-only models: prompt and completion are encoded
-separately without special tokens (no BOS is added), and EOS is appended to each completion that lacks it.
+Raw-text pairs (formats E/F), TRL 1.16's rule: the prompt and prompt + completion are each tokenized as the
+tokenizer does by default (so a tokenizer whose post-processor adds BOS, as Llama 3's adds `<|begin_of_text|>`,
+starts the prompt with it), EOS is appended to each completion that lacks it, and the completion is every token
+after the prompt's. Where the prompt's last tokens merge with the completion's first (a prompt ending in a space:
+"Answer: " + "4" tokenizes as "Answer:" + " 4"), the split falls where the token sequences diverge, as for
+templates below, and the pair counts as a prefix mismatch.
 
 Image pairs (content parts with images, data.content): rendered the same way, then the prompt is encoded by the
 vision-language model's processor, which expands each image placeholder into the image's tokens (data.vision); the
@@ -29,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefalign.config import DataArgs
+from prefalign.config import DataArgs, LengthArgs
 from prefalign.config.checks import check_truncation
 from prefalign.data.content import images_of
 from prefalign.data.load import load_pairs
@@ -47,6 +51,8 @@ DROP_REASONS = {
     "image_prompt": "a prompt with images is longer than --max_prompt_length (image prompts are never cut)",
 }
 _ENCODE_BATCH = 1024
+PREFIX_MISMATCH = ("the prompt's tokens are not a prefix of prompt + answer's (the chat template renders the prompt "
+                   "differently once an answer follows, or the prompt's end merges with the answer's start)")
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class Truncation:
     keep_end: bool = True  # --truncation_mode keep_end (else keep_start)
 
     @classmethod
-    def of(cls, args: DataArgs) -> Truncation:
+    def of(cls, args: LengthArgs) -> Truncation:
         """The limits of `args`, or a PrefalignError naming the flag at fault."""
         check_truncation(args)
         return cls(args.max_length, args.max_prompt_length, args.max_completion_length,
@@ -91,7 +97,7 @@ class TokenizeStats:
         parts = [f"tokenized {self.total} {self.unit}: kept {self.kept}",
                  f"prompt truncated {self.prompt_truncated}", f"completion truncated {self.completion_truncated}"]
         if self.prefix_mismatch:
-            parts.append(f"template prefix mismatch {self.prefix_mismatch}")
+            parts.append(f"prompt not a token prefix {self.prefix_mismatch}")
         dropped = f"dropped {self.num_dropped}"
         if self.dropped:
             dropped += " (" + ", ".join(f"{self.reason_text(r)}: {n}" for r, n in sorted(self.dropped.items())) + ")"
@@ -121,12 +127,22 @@ class Truncated:
     drop_reason: str | None
 
 
-def encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens added (chat templates and EOS are the callers' business)."""
+def encode_texts(tokenizer: Any, texts: list[str], special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of each text. Without `special_tokens` nothing is added (a rendered chat template writes its own
+    BOS); with it, the tokenizer's defaults apply (its post-processor's BOS), the rule for raw text."""
     out: list[list[int]] = []
     for i in range(0, len(texts), _ENCODE_BATCH):  # batched: the fast tokenizer works in parallel in Rust
-        out.extend(tokenizer(texts[i:i + _ENCODE_BATCH], add_special_tokens=False)["input_ids"])
+        out.extend(tokenizer(texts[i:i + _ENCODE_BATCH], add_special_tokens=special_tokens)["input_ids"])
     return [list(ids) for ids in out]
+
+
+def encode_raw(tokenizer: Any, prompts: list[str], completions: list[str]) -> list[tuple[list[int], list[int]]]:
+    """TRL's raw-text rule, shared by DPO, KTO, reward models and SFT: (prompt ids, prompt + completion ids ending in
+    EOS), both tokenized with the tokenizer's default special tokens; the completion starts at their common
+    prefix (`common_prefix`)."""
+    ids = encode_texts(tokenizer, [t for p, c in zip(prompts, completions) for t in (p, p + c)], special_tokens=True)
+    eos = tokenizer.eos_token_id
+    return [(ids[2 * i], with_eos(ids[2 * i + 1], eos)) for i in range(len(prompts))]
 
 
 def encode_pairs(pairs: list[Pair], tokenizer: Any, processor: Any = None) -> list[Encoded]:
@@ -136,26 +152,27 @@ def encode_pairs(pairs: list[Pair], tokenizer: Any, processor: Any = None) -> li
     if chat:
         require_chat_template(tokenizer, chat[0].source)
     texts: list[str] = []
+    for p in chat:
+        texts += [render(tokenizer, p.prompt, True, p.source),
+                  render(tokenizer, p.prompt + p.chosen, False, p.source),
+                  render(tokenizer, p.prompt + p.rejected, False, p.source)]
+    chat_ids = iter(encode_texts(tokenizer, texts))
+    prompt_texts = iter(texts[::3])
+    raw = [p for p in pairs if not p.is_conversational]
+    raw_ids = iter(encode_raw(tokenizer, [p.prompt for p in raw for _ in "cr"],
+                              [t for p in raw for t in (p.chosen, p.rejected)]))
+    out = []
     for p in pairs:
         if p.is_conversational:
-            texts += [render(tokenizer, p.prompt, True, p.source),
-                      render(tokenizer, p.prompt + p.chosen, False, p.source),
-                      render(tokenizer, p.prompt + p.rejected, False, p.source)]
-        else:
-            texts += [p.prompt, p.chosen, p.rejected]
-    ids = encode_texts(tokenizer, texts)
-    eos = tokenizer.eos_token_id
-    out = []
-    for i, p in enumerate(pairs):
-        prompt, a, b = ids[3 * i: 3 * i + 3]
-        if p.is_conversational:
-            enc = _split_completions(prompt, a, b)
+            enc = _split_completions(next(chat_ids), next(chat_ids), next(chat_ids))
+            prompt_text = next(prompt_texts)
             images = tuple(images_of(p.prompt))
             if images:
-                enc = _with_image_tokens(enc, processor, texts[3 * i], images, p.source)
+                enc = _with_image_tokens(enc, processor, prompt_text, images, p.source)
             out.append(enc)
-        else:
-            out.append(Encoded(prompt, with_eos(a, eos), with_eos(b, eos)))
+        else:  # the prompt was tokenized twice, the same way both times
+            (prompt, full_chosen), (_, full_rejected) = next(raw_ids), next(raw_ids)
+            out.append(_split_completions(prompt, full_chosen, full_rejected))
     return out
 
 
@@ -185,7 +202,8 @@ def with_eos(ids: list[int], eos: int | None) -> list[int]:
 
 def _split_completions(prompt: list[int], full_chosen: list[int], full_rejected: list[int]) -> Encoded:
     """Completions are the tokens after the prompt; where the prompt is not a token prefix of the full
-    conversations, the split falls at the first position where either one diverges from it."""
+    sequences (a template, or tokens merging across the boundary), the split falls at the first position where
+    either one diverges from it."""
     k = len(prompt)
     if full_chosen[:k] == prompt and full_rejected[:k] == prompt:
         return Encoded(prompt, full_chosen[k:], full_rejected[k:])
@@ -268,9 +286,8 @@ def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation, proces
         out.append(TokenizedPair(t.prompt_ids, t.chosen_ids, t.rejected_ids, pair.source, pair.margin, enc.images))
     stats.kept = len(out)
     if first_mismatch:
-        logger.warning("%s: the chat template tokenizes the prompt differently once an answer follows (%d pairs); "
-                       "the prompt/completion split falls where the tokens diverge", first_mismatch,
-                       stats.prefix_mismatch)
+        logger.warning("%s: %s (%d pairs); the prompt/completion split falls where the tokens diverge",
+                       first_mismatch, PREFIX_MISMATCH, stats.prefix_mismatch)
     if pairs and not out:
         why = ", ".join(f"{stats.reason_text(r)}: {n}" for r, n in stats.dropped.most_common())
         where = "--max_length" if "no_completion" in stats.dropped else None
@@ -278,15 +295,13 @@ def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation, proces
     return out, stats
 
 
-def load_tokenized_pairs(args: DataArgs, tokenizer: Any, limits: Truncation, report: Any = print,
-                         processor: Any = None) -> tuple[list[TokenizedPair], list[TokenizedPair] | None]:
-    """(train, eval) token ids of the preference data in `args`, each split's one-line summary sent to `report`;
-    image pairs go through a vision-language model's `processor`."""
+def load_tokenized_pairs(args: DataArgs, tokenizer: Any, limits: Truncation, processor: Any = None
+                         ) -> tuple[list[TokenizedPair], list[TokenizedPair] | None, dict[str, TokenizeStats]]:
+    """(train, eval) token ids of the preference data in `args`, and what tokenization did to each split; image
+    pairs go through a vision-language model's `processor`."""
     train_rows, eval_rows = load_pairs(args)
     train, stats = tokenize_pairs(train_rows, tokenizer, limits, processor)
-    report(f"train: {stats.summary()}")
     if not eval_rows:
-        return train, None
+        return train, None, {"train": stats}
     eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, limits, processor)
-    report(f"eval: {eval_stats.summary()}")
-    return train, eval_
+    return train, eval_, {"train": stats, "eval": eval_stats}

@@ -18,8 +18,9 @@ stage shuffles the examples every epoch by default, which makes the block order 
 
 Tokenization follows `data.tokenize`: conversational rows render `template(prompt, add_generation_prompt=True)`
 and `template(prompt + completion)` and the completion is what the second adds after the first (the split falls
-where the tokens diverge when the first is not a prefix); raw text encodes prompt and completion separately without
-special tokens and appends EOS to the completion. Truncation is the pairs' (`data.tokenize.cut`) with one completion.
+where the tokens diverge when the first is not a prefix); raw text follows TRL 1.16's rule for it
+(`data.tokenize.encode_raw`): prompt and prompt + completion with the tokenizer's default special tokens (its BOS),
+EOS appended, the split where the two diverge. Truncation is the pairs' (`data.tokenize.cut`) with one completion.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from prefalign.data.formats import normalize_pair
 from prefalign.data.load import load_examples
 from prefalign.data.sft import check_messages
 from prefalign.data.templates import render, require_chat_template
-from prefalign.data.tokenize import TokenizeStats, Truncation, common_prefix, cut, encode_texts, with_eos
+from prefalign.data.tokenize import (
+    PREFIX_MISMATCH,
+    TokenizeStats,
+    Truncation,
+    common_prefix,
+    cut,
+    encode_raw,
+    encode_texts,
+)
 from prefalign.data.types import Message, TokenizedUnpaired, UnpairedExample, kind, with_system_prompt
 from prefalign.errors import PrefalignError
 
@@ -158,21 +167,17 @@ def encode_unpaired(examples: list[UnpairedExample], tokenizer: Any) -> list[tup
     if chat:
         require_chat_template(tokenizer, chat[0].source)
     texts: list[str] = []
-    for e in examples:
-        if e.is_conversational:
-            texts += [render(tokenizer, e.prompt, True, e.source), render(tokenizer, e.prompt + e.completion, False,
-                                                                          e.source)]
-        else:
-            texts += [e.prompt, e.completion]  # type: ignore[list-item]
-    ids = encode_texts(tokenizer, texts)
+    for e in chat:
+        texts += [render(tokenizer, e.prompt, True, e.source), render(tokenizer, e.prompt + e.completion, False,
+                                                                      e.source)]
+    chat_ids = iter(encode_texts(tokenizer, texts))
+    raw = [e for e in examples if not e.is_conversational]
+    raw_ids = iter(encode_raw(tokenizer, [e.prompt for e in raw], [e.completion for e in raw]))  # type: ignore[misc]
     out = []
-    for i, e in enumerate(examples):
-        prompt, second = ids[2 * i], ids[2 * i + 1]
-        if not e.is_conversational:
-            out.append((prompt, with_eos(second, tokenizer.eos_token_id), False))
-            continue
-        k = len(prompt) if second[:len(prompt)] == prompt else common_prefix(prompt, second)
-        out.append((second[:k], second[k:], k < len(prompt)))
+    for e in examples:
+        prompt, full = (next(chat_ids), next(chat_ids)) if e.is_conversational else next(raw_ids)
+        k = len(prompt) if full[:len(prompt)] == prompt else common_prefix(prompt, full)
+        out.append((full[:k], full[k:], k < len(prompt)))
     return out
 
 
@@ -192,25 +197,23 @@ def tokenize_unpaired(examples: list[UnpairedExample], tokenizer: Any, limits: T
         out.append(TokenizedUnpaired(kept_prompt, kept, e.label, e.source))
     stats.kept = len(out)
     if stats.prefix_mismatch:
-        logger.warning("the chat template tokenizes the prompt differently once an answer follows (%d examples); the "
-                       "prompt/completion split falls where the tokens diverge", stats.prefix_mismatch)
+        logger.warning("%s (%d examples); the prompt/completion split falls where the tokens diverge", PREFIX_MISMATCH,
+                       stats.prefix_mismatch)
     if examples and not out:
         raise PrefalignError(f"all {len(examples)} examples dropped: {stats.reason_text('no_completion')}",
                              "--max_length")
     return out, stats
 
 
-def load_tokenized_feedback(args: Any, tokenizer: Any, limits: Truncation, report: Any = print
-                            ) -> tuple[list[TokenizedUnpaired], list[TokenizedUnpaired] | None]:
-    """(train, eval) token ids of the unpaired data in `args`, each split's one-line summary sent to `report`."""
+def load_tokenized_feedback(args: Any, tokenizer: Any, limits: Truncation
+                            ) -> tuple[list[TokenizedUnpaired], list[TokenizedUnpaired] | None, dict[str, TokenizeStats]]:
+    """(train, eval) token ids of the unpaired data in `args`, and what tokenization did to each split."""
     train_rows, eval_rows = load_feedback(args)
     train, stats = tokenize_unpaired(train_rows, tokenizer, limits)
-    report(f"train: {stats.summary()}; {label_summary(train)}")
     if not eval_rows:
-        return train, None
+        return train, None, {"train": stats}
     eval_, eval_stats = tokenize_unpaired(eval_rows, tokenizer, limits)
-    report(f"eval: {eval_stats.summary()}; {label_summary(eval_)}")
-    return train, eval_
+    return train, eval_, {"train": stats, "eval": eval_stats}
 
 
 # ---------------------------------------------------------------- balance (TRL's guidance)

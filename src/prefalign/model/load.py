@@ -15,6 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from transformers import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-from prefalign.config import ModelArgs, ModelSource
+from prefalign.config import LoadArgs, ModelArgs, ModelSource
 from prefalign.errors import PrefalignError
 from prefalign.model.processor import load_processor as auto_processor
 from prefalign.model.weights import full_state_dict, is_main_process
@@ -104,7 +107,7 @@ def _has_vision_config(name: str, trust_remote_code: bool) -> bool:
         return False  # the model loader reports the real problem
 
 
-def load_pretrained(name_or_path: str | None, args: ModelArgs, flag: str, quantize: bool = False, *,
+def load_pretrained(name_or_path: str | None, args: LoadArgs, flag: str, quantize: bool = False, *,
                     auto_class: Any = None, what: str = "a causal LM", **extra: Any) -> Any:
     """A causal LM (or `what`, loaded by `auto_class` with `extra` from_pretrained arguments) from a local directory
     or hub id, with the dtype and attention settings of `args`; any failure is a PrefalignError naming `flag`."""
@@ -125,6 +128,18 @@ def load_pretrained(name_or_path: str | None, args: ModelArgs, flag: str, quanti
         return (auto_class or AutoModelForCausalLM).from_pretrained(name_or_path, **kwargs, **extra)
     except _LOAD_ERRORS as e:
         raise PrefalignError(f"cannot load {what} from {name_or_path!r}: {_first_line(e)}", flag) from None
+
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around every `get_peft_model` / `PeftModel.from_pretrained`. peft 0.21.2 (the latest release) reads the
+    model's `is_gradient_checkpointing` in `PeftModel.__init__`, a property transformers 5 has deprecated in favour
+    of `is_activation_checkpointing` and warns about (FutureWarning) on every read, so every LoRA run printed it.
+    Our code reads neither (load_policy enables input gradients for checkpointing itself); this silences that one
+    deprecation, by its message, for the duration of the wrap, and nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTrainedModel | PeftModel:
@@ -149,7 +164,8 @@ def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTra
     if args.peft_adapter_path:
         model = _load_adapter_twice(model, args.peft_adapter_path, args)
     elif args.use_peft or args.load_in_4bit:
-        model = get_peft_model(model, lora_config(args, model))
+        with peft_wrapping():
+            model = get_peft_model(model, lora_config(args, model))
     if isinstance(model, PeftModel) and gradient_checkpointing:
         # With a frozen base the embedding output does not require grad; checkpointed blocks then would
         # not propagate gradients to the adapters without this.
@@ -234,7 +250,8 @@ def _load_adapter_twice(model: PreTrainedModel, path: str, args: ModelArgs) -> P
         raise PrefalignError(f"no such adapter directory: {path}", "--peft_adapter_path")
     check_adapter_base(args)
     try:
-        peft_model = PeftModel.from_pretrained(model, path, is_trainable=True, adapter_name=POLICY_ADAPTER)
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(model, path, is_trainable=True, adapter_name=POLICY_ADAPTER)
         peft_model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
     except _LOAD_ERRORS as e:
         raise PrefalignError(f"cannot load a LoRA adapter from {path!r}: {_first_line(e)}", "--peft_adapter_path") from None
@@ -244,7 +261,7 @@ def _load_adapter_twice(model: PreTrainedModel, path: str, args: ModelArgs) -> P
     return peft_model
 
 
-def _bnb_config(args: ModelArgs) -> Any:
+def _bnb_config(args: LoadArgs) -> Any:
     compute = torch.bfloat16 if args.dtype in ("bfloat16", "auto") else torch.float16
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -300,12 +317,12 @@ def save_model(
         tokenizer.save_pretrained(out / "merged")
 
 
-def load_score_model(name_or_path: str | None, flag: str, args: ModelArgs | None = None, *,
+def load_score_model(name_or_path: str | None, flag: str, args: LoadArgs | None = None, *,
                      with_info: bool = False) -> Any:
     """A one-output sequence-classification model (a reward or value model): the decoder's hidden state at the last
     non-pad token through a linear `score` head. With `with_info`, (model, transformers' loading info), whose
     missing keys say whether the head was created fresh."""
-    model, info = load_pretrained(name_or_path, args or ModelArgs(), flag, auto_class=AutoModelForSequenceClassification,
+    model, info = load_pretrained(name_or_path, args or LoadArgs(), flag, auto_class=AutoModelForSequenceClassification,
                                   what="a sequence-classification model", num_labels=1, output_loading_info=True)
     if not hasattr(model, "score"):
         raise PrefalignError(f"{type(model).__name__} has no `score` head (not a decoder classifier)", flag)
@@ -313,17 +330,18 @@ def load_score_model(name_or_path: str | None, flag: str, args: ModelArgs | None
 
 
 def load_model_for_inference(path: str | None, base_model: str | None = None,
-                             tokenizer_path: str | None = None) -> tuple[Any, Any]:
+                             tokenizer_path: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode: a full model, or a base model with the LoRA adapter at `path` applied (its base
     is `base_model`, default the one adapter_config.json records)."""
-    model, tokenizer, _ = load_for_inference(path, base_model, tokenizer_path)
+    model, tokenizer, _ = load_for_inference(path, base_model, tokenizer_path, trust_remote_code)
     return model, tokenizer
 
 
-def load_for_inference(path: str | None, base_model: str | None = None,
-                       tokenizer_path: str | None = None) -> tuple[Any, Any, ProcessorMixin | None]:
+def load_for_inference(path: str | None, base_model: str | None = None, tokenizer_path: str | None = None,
+                       trust_remote_code: bool = False) -> tuple[Any, Any, ProcessorMixin | None]:
     """(model, tokenizer, processor) as `load_model_for_inference` loads them; the processor of a vision-language
     model (None for a text model)."""
+    load = LoadArgs(trust_remote_code=trust_remote_code)
     if not path:
         raise PrefalignError("is required", "--model_name_or_path")
     p = Path(path).expanduser()
@@ -331,16 +349,17 @@ def load_for_inference(path: str | None, base_model: str | None = None,
     base = None
     if is_adapter:
         base = base_model or _recorded_base(p)
-        model = load_pretrained(base, ModelArgs(), "--base_model_name_or_path")
+        model = load_pretrained(base, load, "--base_model_name_or_path")
         try:
-            model = PeftModel.from_pretrained(model, str(p))
+            with peft_wrapping():
+                model = PeftModel.from_pretrained(model, str(p))
         except _LOAD_ERRORS as e:
             raise PrefalignError(f"cannot load a LoRA adapter: {_first_line(e)}", f"--model_name_or_path {path}") from None
     else:
-        model = load_pretrained(path, ModelArgs(), "--model_name_or_path")
+        model = load_pretrained(path, load, "--model_name_or_path")
     # the adapter directory usually holds the tokenizer too; fall back to the base model's
     tok_source = tokenizer_path or (path if (p / "tokenizer_config.json").is_file() or not is_adapter else base)
-    tokenizer, processor = load_processing(ModelArgs(model_name_or_path=tok_source))
+    tokenizer, processor = load_processing(ModelSource(model_name_or_path=tok_source, trust_remote_code=trust_remote_code))
     return model.eval(), tokenizer, processor
 
 

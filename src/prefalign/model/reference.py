@@ -39,7 +39,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from prefalign.config import ModelArgs
+from prefalign.config import PolicyArgs
 from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
 from prefalign.model.load import REFERENCE_ADAPTER, load_pretrained
@@ -124,7 +124,7 @@ def inference(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def build_reference(policy: nn.Module, model_args: ModelArgs, loss_needs_reference: bool) -> Reference | None:
+def build_reference(policy: nn.Module, model_args: PolicyArgs, loss_needs_reference: bool) -> Reference | None:
     """The cheapest reference that is right for this configuration (see the module docstring). Precomputed
     reference log-probs are a separate step (precompute_reference)."""
     if not loss_needs_reference:
@@ -186,7 +186,7 @@ class ReferenceSync:
 CachedPair = tuple[Tensor, Tensor]  # (chosen_token_logps [Lc], rejected_token_logps [Lr]), float32 on CPU
 
 
-def reference_sources(model_args: ModelArgs) -> list[str]:
+def reference_sources(model_args: PolicyArgs) -> list[str]:
     """What determines the reference's weights: the model (and continued adapter) it is built from, and dtype."""
     if model_args.ref_model_name_or_path:
         sources = [model_args.ref_model_name_or_path]

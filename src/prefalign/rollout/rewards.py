@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from prefalign.data.tokenize import encode_texts, with_eos
+from prefalign.data.tokenize import encode_raw, encode_texts
 from prefalign.errors import PrefalignError
 from prefalign.model.load import load_score_model
 
@@ -269,15 +269,16 @@ class RewardModelScorer:
 
     def token_ids(self, prompts: list, completions: list) -> list[list[int]]:
         """Ids exactly as `prefalign rm` trained on them (data.tokenize.encode_pairs): a conversation rendered whole;
-        a text prompt and its completion tokenized apart, the completion ending in EOS."""
+        a text prompt + completion by the raw-text rule (the tokenizer's default special tokens, EOS at the end)."""
         texts = self.texts(prompts, completions)
-        pieces = [[p, completion_text(c)] if isinstance(p, str) else [t]
-                  for p, c, t in zip(prompts, completions, texts)]
-        flat = encode_texts(self.tokenizer, [x for piece in pieces for x in piece])  # one batched call
-        out, i, eos = [], 0, self.tokenizer.eos_token_id
-        for piece in pieces:
-            out.append(flat[i] + with_eos(flat[i + 1], eos) if len(piece) == 2 else flat[i])
-            i += len(piece)
+        raw = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+        chat = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        out: list[list[int]] = [[] for _ in prompts]
+        for i, ids in zip(chat, encode_texts(self.tokenizer, [texts[i] for i in chat])):  # one batched call each
+            out[i] = ids
+        encoded = encode_raw(self.tokenizer, [prompts[i] for i in raw], [completion_text(completions[i]) for i in raw])
+        for i, (_, ids) in zip(raw, encoded):
+            out[i] = ids
         return [ids[: self.max_length] for ids in out] if self.max_length is not None else out
 
     @torch.no_grad()

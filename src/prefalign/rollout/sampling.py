@@ -35,8 +35,10 @@ class Sampled:
 class RolloutSampler:
     """Samples completions for prompts and lays them out for scoring (shared by every on-policy stage)."""
 
-    def __init__(self, cfg: Any, tokenizer: Any, examples: list[PromptExample], prompt_ids: list[list[int]]) -> None:
+    def __init__(self, cfg: Any, tokenizer: Any, examples: list[PromptExample], prompt_ids: list[list[int]],
+                 truncated: int = 0) -> None:
         self.cfg, self.tokenizer, self.examples, self.prompt_ids = cfg, tokenizer, examples, prompt_ids
+        self.truncated = truncated  # prompts cut to --max_prompt_length
 
     def sample(self, model: torch.nn.Module, indices: list[int], num_generations: int, seed: int) -> Sampled:
         cfg = self.cfg
@@ -57,18 +59,16 @@ class RolloutSampler:
                        completions, columns)
 
 
-def load_samplers(cfg: Any, tokenizer: Any, report: Callable[[str], Any] = print
-                  ) -> tuple[RolloutSampler, RolloutSampler | None]:
-    """(train, eval) samplers of the prompt data in `cfg`, each split's prompt count sent to `report`."""
+def load_samplers(cfg: Any, tokenizer: Any) -> tuple[RolloutSampler, RolloutSampler | None]:
+    """(train, eval) samplers of the prompt data in `cfg`."""
     train, eval_ = load_prompts(cfg)
     samplers = []
-    for name, examples in (("train", train), ("eval", eval_)):
+    for examples in (train, eval_):
         if not examples:
             samplers.append(None)
             continue
         ids, cut = tokenize_prompts(examples, tokenizer, cfg.max_prompt_length, cfg.truncation_mode)
-        report(f"{name}: {len(ids)} prompts, {cut} cut to max_prompt_length")
-        samplers.append(RolloutSampler(cfg, tokenizer, examples, ids))
+        samplers.append(RolloutSampler(cfg, tokenizer, examples, ids, cut))
     return samplers[0], samplers[1]
 
 

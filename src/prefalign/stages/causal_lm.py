@@ -45,7 +45,8 @@ from prefalign.data.sft import load_sft_examples, tokenize_sft
 from prefalign.data.types import Segments
 from prefalign.errors import PrefalignError
 from prefalign.train.loop import LoopResult, shuffled_groups
-from prefalign.train.metrics import MetricSums
+from prefalign.train.metrics import MetricSums, human
+from prefalign.train.runinfo import RunFacts, SplitCount
 from prefalign.train.setup import Session, open_session, train_and_save, trainable_policy
 
 SHOWN = ("loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy")  # the closing line's metrics
@@ -153,46 +154,54 @@ def check_lm_config(cfg: SFTConfig | PretrainConfig) -> None:
 
 
 def run_lm_training(cfg: SFTConfig | PretrainConfig, name: str,
-                    build_stage: Callable[[Session], CausalLMStage]) -> LoopResult:
-    """tokenizer → stage (data) → model → loop → final model; `build_stage(session)`."""
+                    build_stage: Callable[[Session], tuple[CausalLMStage, RunFacts]]) -> LoopResult:
+    """tokenizer → stage (data) → model → loop → final model; `build_stage(session)` -> (stage, its facts)."""
     check_lm_config(cfg)
     session = open_session(cfg)
-    stage = build_stage(session)
+    stage, facts = build_stage(session)
     model = trainable_policy(cfg, session)
     if getattr(cfg, "neftune_noise_alpha", None):
         add_neftune(model, cfg.neftune_noise_alpha)
-    return train_and_save(stage, model, cfg, session, name)
+    return train_and_save(stage, model, cfg, session, name, facts)
 
 
 def train_sft(cfg: SFTConfig) -> LoopResult:
     """Run SFT end to end: rows → token ids with loss masks → loop → final model in cfg.output_dir."""
 
-    def build(session: Session) -> CausalLMStage:
+    def build(session: Session) -> tuple[CausalLMStage, RunFacts]:
         train_rows, eval_rows = load_sft_examples(cfg)
         train, stats = tokenize_sft(train_rows, session.tokenizer, cfg)
-        session.print(f"train: {stats.summary()}")
+        splits = [SplitCount.of("train", stats, "samples")]
         eval_ = None
         if eval_rows:
             eval_, eval_stats = tokenize_sft(eval_rows, session.tokenizer, cfg)
-            session.print(f"eval: {eval_stats.summary()}")
-        return CausalLMStage(
+            splits.append(SplitCount.of("eval", eval_stats, "samples"))
+        stage = CausalLMStage(
             [[s] for s in train], [[s] for s in eval_] if eval_ else None, session.tokenizer.pad_token_id,
             batch_size=cfg.per_device_train_batch_size, eval_batch_size=cfg.per_device_eval_batch_size,
             seed=cfg.seed, pack=cfg.packing, segmented=cfg.packing, max_length=cfg.max_length,
         )
+        layout = (f"packed: samples end to end in sequences of up to {cfg.max_length} tokens, no attention between "
+                  "them" if cfg.packing else "padded, one sample per row")
+        unit = "packed sequences" if cfg.packing else "samples"
+        return stage, RunFacts(splits, unit, layout, "none (supervised)")
 
     return run_lm_training(cfg, "sft", build)
 
 
 def _blocks(name: str, cfg: PretrainConfig, tokenizer: Any, config: str | None, split: str) -> list[Segments]:
-    texts = [t for t, _ in load_texts(name, config, split, cfg.dataset_text_field)]
+    texts = [t for t, _ in load_texts(name, config, split, cfg.dataset_text_field, skip_invalid=cfg.skip_invalid_rows)]
     return pack_documents(encode_documents(texts, tokenizer), cfg.max_length, cfg.per_document_attention)
+
+
+def _tokens(blocks: list[Segments]) -> int:
+    return sum(len(s.input_ids) for block in blocks for s in block)
 
 
 def train_pretrain(cfg: PretrainConfig) -> LoopResult:
     """Run pretraining end to end: documents → blocks → loop → final model in cfg.output_dir."""
 
-    def build(session: Session) -> CausalLMStage:
+    def build(session: Session) -> tuple[CausalLMStage, RunFacts]:
         train = _blocks(cfg.dataset_name, cfg, session.tokenizer, cfg.dataset_config, cfg.dataset_split)
         eval_ = None
         if cfg.eval_dataset_name:
@@ -200,12 +209,15 @@ def train_pretrain(cfg: PretrainConfig) -> LoopResult:
                             cfg.eval_dataset_split)
         elif cfg.eval_split_ratio:
             train, eval_ = split_holdout(train, cfg.eval_split_ratio, cfg.seed)
-        tokens = sum(len(s.input_ids) for b in train for s in b)
-        session.print(f"train: {len(train)} blocks of up to {cfg.max_length} tokens ({tokens} tokens)")
-        return CausalLMStage(
+        splits = [SplitCount(name, len(blocks), None, "blocks", f"{human(_tokens(blocks))} tokens")
+                  for name, blocks in (("train", train), ("eval", eval_)) if blocks]
+        stage = CausalLMStage(
             train, eval_, session.tokenizer.pad_token_id, batch_size=cfg.per_device_train_batch_size,
             eval_batch_size=cfg.per_device_eval_batch_size, seed=cfg.seed, pack=False,
             segmented=cfg.per_document_attention, max_length=cfg.max_length,
         )
+        attention = ("attention within each document (position ids restart per document)"
+                     if cfg.per_document_attention else "plain concatenation (attention across documents)")
+        return stage, RunFacts(splits, "blocks", f"blocks of {cfg.max_length} tokens, {attention}", "none (pretraining)")
 
     return run_lm_training(cfg, "pretrain", build)

@@ -55,6 +55,7 @@ from prefalign.model.reference import (
 from prefalign.model.weights import load_weights_into
 from prefalign.train.loop import LoopResult, accumulate_eval, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums
+from prefalign.train.runinfo import RunFacts, SplitCount, describe_reference
 from prefalign.train.setup import open_session, train_and_save, trainable_policy
 
 # ---------------------------------------------------------------- the seam: flags -> Objective
@@ -126,15 +127,17 @@ def resolve_dpo_config(cfg: DPOConfig) -> tuple[Objective, Truncation]:
 # ---------------------------------------------------------------- the stage
 
 
-def use_packing(cfg: DPOConfig, models: list[Any]) -> tuple[bool, str | None]:
-    """Whether the padding-free (and, with share_prompt, shared-prompt) layout runs; else a one-line notice."""
+def use_packing(cfg: DPOConfig, models: list[Any]) -> tuple[bool, str]:
+    """Whether the padding-free (and, with share_prompt, shared-prompt) layout runs, and the layout in words for the
+    start-of-run block (with the reason when it fell back to padded rows)."""
     if not cfg.padding_free:
-        return False, None  # asked for padded rows (share_prompt only exists in the packed layout)
+        return False, "padded (--padding_free false)"  # share_prompt only exists in the packed layout
     for model in models:
         ok, reason = supports_packing(model)
         if not ok:
-            return False, f"padding-free batches are not supported here ({reason}); using padded batches"
-    return True, None
+            return False, f"padded: padding-free batches are not supported here ({reason})"
+    shared = getattr(cfg, "share_prompt", False)  # KTO has no such flag: its KL rows always share
+    return True, "packed (padding-free), shared prompt" if shared else "packed (padding-free)"
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, packed: bool = False, share_prompt: bool = True,
@@ -301,20 +304,24 @@ def train_dpo(cfg: DPOConfig) -> LoopResult:
     """Run DPO end to end: data → model → reference → loop → final model in cfg.output_dir."""
     objective, limits = resolve_dpo_config(cfg)
     session = open_session(cfg)
-    train, eval_ = load_tokenized_pairs(cfg, session.tokenizer, limits, session.print, session.processor)
+    train, eval_, stats = load_tokenized_pairs(cfg, session.tokenizer, limits, session.processor)
     model = trainable_policy(cfg, session, no_dropout=cfg.disable_dropout)
     reference = build_reference(model, cfg, objective.needs_reference)
+    described = describe_reference(reference, cfg, why_none=f"{', '.join(cfg.loss_type)} needs none")
     ref_cache = None
     if cfg.precompute_ref_log_probs and reference is not None:
         ref_cache = _precompute(cfg, reference, train, eval_, session.tokenizer, session.processor)
         reference = None  # every step reads the cache: no reference forward, and a frozen copy can be freed
-    packed, notice = use_packing(cfg, [model] + ([reference.model] if reference is not None else []))
-    if notice:
-        session.print(notice)
+        described = f"log-probs of {described}, precomputed and cached on disk"
+    packed, layout = use_packing(cfg, [model] + ([reference.model] if reference is not None else []))
     sync = reference_sync(cfg, reference, model)
+    if sync is not None:
+        described += f", moved towards the policy every {cfg.ref_model_sync_steps} steps (TR-DPO)"
     stage = DPOStage(cfg, objective, train, eval_, session.tokenizer.pad_token_id, reference, ref_cache, packed=packed,
                      ref_sync=sync, processor=session.processor)
-    return train_and_save(stage, model, cfg, session, "dpo", **checkpoint_io(model, session.saved_processing, sync))
+    facts = RunFacts([SplitCount.of(split, s, "pairs") for split, s in stats.items()], "pairs", layout, described)
+    return train_and_save(stage, model, cfg, session, "dpo", facts,
+                          **checkpoint_io(model, session.saved_processing, sync))
 
 
 def pair_metrics(policy: nn.Module, reference: nn.Module | None, tokenizer: Any, pairs: list[Pair],

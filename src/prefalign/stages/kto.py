@@ -21,6 +21,7 @@ default, as in TRL) never perturbs z.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ from prefalign.data.collate import collate_padded_completions
 from prefalign.data.packing import collate_packed_completions
 from prefalign.data.tokenize import Truncation
 from prefalign.data.types import TokenizedUnpaired
-from prefalign.data.unpaired import balance_advice, load_tokenized_feedback
+from prefalign.data.unpaired import balance_advice, label_summary, load_tokenized_feedback
 from prefalign.errors import PrefalignError
 from prefalign.losses.kto import (
     UNPAIRED_LOSSES,
@@ -64,6 +65,7 @@ from prefalign.stages.dpo import default_cache_dir, reference_sync, use_packing
 from prefalign.train import distributed
 from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups, total_steps_for
 from prefalign.train.metrics import MetricSums
+from prefalign.train.runinfo import RunFacts, SplitCount, describe_reference
 from prefalign.train.setup import open_session, train_and_save, trainable_policy
 
 SAMPLING = ("random", "sequential")
@@ -345,20 +347,26 @@ def train_kto(cfg: KTOConfig) -> LoopResult:
         raise PrefalignError("an optimizer step needs at least 2 examples (per-device batch x accumulation x "
                              "processes): with one, its KL completion is its own and the KL term equals the implied "
                              "reward", "--per_device_train_batch_size")
-    train, eval_ = load_tokenized_feedback(cfg, session.tokenizer, limits, session.print)
+    train, eval_, stats = load_tokenized_feedback(cfg, session.tokenizer, limits)
     advice = balance_advice(sum(e.label for e in train), sum(not e.label for e in train), cfg.desirable_weight,
                             cfg.undesirable_weight)
     if advice:
         session.print(f"warning: {advice}")
     model = trainable_policy(cfg, session, no_dropout=cfg.disable_dropout)
     reference = build_reference(model, cfg, True)
-    packed, notice = use_packing(cfg, [model] + ([reference.model] if reference is not None else []))
-    if notice:
-        session.print(notice)
+    packed, layout = use_packing(cfg, [model] + ([reference.model] if reference is not None else []))
     stage = KTOStage(cfg, params, train, eval_, session.tokenizer.pad_token_id, model, reference,
                      session.accelerator, packed, reference_sync(cfg, reference, model))
+    described = describe_reference(reference, cfg)
     if cfg.precompute_ref_log_probs:
         settings = {k: getattr(cfg, k) for k in ("max_length", "max_prompt_length", "max_completion_length",
                                                  "truncation_mode", "chat_template", "bf16", "fp16")}
         stage.precompute(reference_sources(cfg), settings, default_cache_dir())
-    return train_and_save(stage, model, cfg, session, "kto", **_checkpoint_io(stage, model, session.tokenizer))
+        described = f"log-probs of {described}, precomputed and cached on disk"
+    if stage.ref_sync is not None:
+        described += f", moved towards the policy every {cfg.ref_model_sync_steps} steps (TR-DPO)"
+    splits = [SplitCount.of(split, s, "examples") for split, s in stats.items()]
+    splits = [dataclasses.replace(c, notes=f"{c.notes}; {label_summary(data)}")
+              for c, data in zip(splits, (train, eval_))]
+    facts = RunFacts(splits, "examples", layout, described)
+    return train_and_save(stage, model, cfg, session, "kto", facts, **_checkpoint_io(stage, model, session.tokenizer))

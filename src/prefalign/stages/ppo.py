@@ -44,8 +44,6 @@ from prefalign.train.setup import Session, disable_dropout
 
 def check_ppo_config(cfg: PPOConfig) -> None:
     check_rl_config(cfg)
-    if cfg.num_generations != 1:
-        raise PrefalignError("PPO samples one completion per prompt; use grpo or rloo for groups", "--num_generations")
     if cfg.kl_estimator not in KL_ESTIMATORS:
         raise PrefalignError(f"must be one of {', '.join(KL_ESTIMATORS)}, got {cfg.kl_estimator!r}", "--kl_estimator")
     for flag in ("num_ppo_epochs", "num_mini_batches"):

@@ -27,9 +27,10 @@ from prefalign.data.collate import collate_padded
 from prefalign.data.tokenize import Truncation, load_tokenized_pairs
 from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
-from prefalign.model.load import enable_checkpointing, load_score_model
+from prefalign.model.load import enable_checkpointing, load_score_model, peft_wrapping
 from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums, to_host
+from prefalign.train.runinfo import RunFacts, SplitCount
 from prefalign.train.setup import open_session, train_and_save
 
 
@@ -101,7 +102,8 @@ def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target_modules or _lora_targets(model),
                           task_type="SEQ_CLS", modules_to_save=["score"])
-        model = get_peft_model(model, lora)
+        with peft_wrapping():
+            model = get_peft_model(model, lora)
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return model, new_head
@@ -110,9 +112,6 @@ def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module
 def resolve_rm_config(cfg: RMConfig) -> Truncation:
     """Everything that can be checked without loading a model or data; returns the length limits."""
     require(cfg, "model_name_or_path", "dataset_name")
-    if cfg.load_in_4bit or cfg.peft_adapter_path:
-        flag = "--load_in_4bit" if cfg.load_in_4bit else "--peft_adapter_path"
-        raise PrefalignError("is not supported for reward models yet; use --use_peft", flag)
     if cfg.center_rewards_coefficient is not None and cfg.center_rewards_coefficient < 0:
         raise PrefalignError(f"must not be negative, got {cfg.center_rewards_coefficient}",
                              "--center_rewards_coefficient")
@@ -125,10 +124,13 @@ def train_rm(cfg: RMConfig) -> LoopResult:
     """Run reward modelling end to end: pairs → prompt+chosen / prompt+rejected ids → loop → saved model."""
     limits = resolve_rm_config(cfg)
     session = open_session(cfg)
-    train, eval_ = load_tokenized_pairs(cfg, session.tokenizer, limits, session.print)
+    train, eval_, stats = load_tokenized_pairs(cfg, session.tokenizer, limits)
     model, new_head = load_reward_model(cfg, session.tokenizer.pad_token_id)
     model = model.to(session.device)
-    if new_head:
-        session.print(f"{cfg.model_name_or_path} has no reward head: a new one-output score head is trained")
+    head = ("a new one-output score head, trained (the checkpoint has none)" if new_head
+            else "the checkpoint's score head")
     stage = RewardStage(cfg, train, eval_, session.tokenizer.pad_token_id)
-    return train_and_save(stage, model, cfg, session, "rm")
+    facts = RunFacts([SplitCount.of(split, s, "pairs") for split, s in stats.items()], "pairs",
+                     "padded: prompt + chosen and prompt + rejected rows; the head reads each row's last token",
+                     "none (a reward model has no reference)", {"reward head": head})
+    return train_and_save(stage, model, cfg, session, "rm", facts)

@@ -42,6 +42,7 @@ from prefalign.rollout.sampling import (
 from prefalign.rollout.schedule import RolloutPlan, RolloutRows, rollout_seed
 from prefalign.train.loop import LoopResult, sequential_groups
 from prefalign.train.metrics import MetricSums, to_host
+from prefalign.train.runinfo import RunFacts, SplitCount, describe_reference
 from prefalign.train.setup import Session, open_session, train_and_save, trainable_policy
 
 
@@ -247,12 +248,14 @@ def train_online(cfg: OnPolicyArgs, make_algorithm: AlgorithmFactory, run_name: 
     """An on-policy run end to end, after its checks: prompts → policy and reference → the algorithm → rollouts on
     the loop → final policy in cfg.output_dir."""
     session = open_session(cfg)
-    train, eval_ = load_samplers(cfg, session.tokenizer, session.print)
+    train, eval_ = load_samplers(cfg, session.tokenizer)
     reward_fns = load_reward_functions(cfg, session.device)
     policy = trainable_policy(cfg, session, no_dropout=cfg.disable_dropout)
     reference = build_reference(policy, cfg, needs_reference)
     algorithm = make_algorithm(policy, reference, session)
     stage = RolloutStage(cfg, algorithm, train, eval_, reward_fns, session.accelerator.num_processes)
+    facts = rollout_facts(cfg, stage, describe_reference(reference, cfg, why_none="--beta 0"),
+                          session.accelerator.num_processes)
 
     save_extra, load_extra = getattr(algorithm, "save_extra", None), getattr(algorithm, "load_extra", None)
 
@@ -266,4 +269,18 @@ def train_online(cfg: OnPolicyArgs, make_algorithm: AlgorithmFactory, run_name: 
         if load_extra is not None:
             load_extra(directory)
 
-    return train_and_save(stage, algorithm.model, cfg, session, run_name, final_model=policy, save=save, load=load)
+    return train_and_save(stage, algorithm.model, cfg, session, run_name, facts, final_model=policy, save=save,
+                          load=load)
+
+
+def rollout_facts(cfg: OnPolicyArgs, stage: RolloutStage, reference: str, num_processes: int) -> RunFacts:
+    """The start-of-run block's facts of an on-policy run: prompts per split, and how big a rollout is and how many
+    optimizer steps train on it."""
+    splits = [SplitCount(name, len(s.examples), None, "prompts", f"{s.truncated} cut to --max_prompt_length")
+              for name, s in stage.samplers.items() if s is not None]
+    g = stage.algorithm.num_generations
+    per_step = cfg.gradient_accumulation_steps * num_processes
+    steps = len(stage.algorithm.batching.micro_batches(0, 0, stage.rows)) // per_step
+    rollout = (f"{stage.rows} completions ({stage.rows // g} prompts x {g}) sampled with the KV cache, "
+               f"trained on for {steps} optimizer step{'s' if steps > 1 else ''}")
+    return RunFacts(splits, "completions", "padded prompt + completion rows", reference, {"rollout": rollout})

@@ -41,7 +41,7 @@ from prefalign.train.checkpoint import (
     save_after_interrupt,
     save_checkpoint,
 )
-from prefalign.train.metrics import MetricAccumulator, MetricsLog, MetricSums
+from prefalign.train.metrics import MetricAccumulator, MetricsLog, MetricSums, human
 
 Batch = dict[str, Any]
 Group = Sized  # list[int] of example indices, or an online stage's RolloutRows
@@ -91,6 +91,22 @@ class LoopResult:
     eval_metrics: dict[str, float]
     interrupted: bool = False
     interrupt_signal: int = signal.SIGINT  # what interrupted the run: SIGINT (Ctrl-C) or SIGTERM
+    train_seconds: float = 0.0  # wall time of this call's steps (sampling, evaluation, checkpoints included)
+    tokens: float = 0.0  # tokens trained on in this call (a resumed run's earlier ones not counted)
+    wall_seconds: float = 0.0  # the whole command, set by train.setup.train_and_save
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """What the loop tells `on_start` before its first step (train.runinfo prints it)."""
+
+    total_steps: int
+    start_step: int  # > 0 when resumed
+    steps_per_epoch: int
+
+
+# The progress bar: steps, elapsed and ETA by name, then tokens/s and the stage's metrics.
+BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed, ETA {remaining}{postfix}"
 
 
 def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
@@ -116,10 +132,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_ste
     )
 
 
+def steps_per_epoch(args: TrainArgs, groups_per_epoch: int, num_processes: int) -> int:
+    return max(1, math.ceil(groups_per_epoch / (args.gradient_accumulation_steps * num_processes)))
+
+
 def total_steps_for(args: TrainArgs, groups_per_epoch: int, num_processes: int) -> int:
-    per_step = args.gradient_accumulation_steps * num_processes
-    steps_per_epoch = max(1, math.ceil(groups_per_epoch / per_step))
-    return args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+    per_epoch = steps_per_epoch(args, groups_per_epoch, num_processes)
+    return args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * per_epoch))
+
+
+def _postfix(stage: Stage, last: dict[str, float], tokens: float, elapsed: float) -> dict[str, str]:
+    """tokens/s over the run so far (end to end: sampling and evaluation included), then the stage's metrics."""
+    out = {"tok/s": human(tokens / max(elapsed, 1e-9))} if tokens else {}
+    out.update({label: f"{last[k]:.4g}" for k, label in stage.progress_keys.items() if k in last})
+    return out
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -195,6 +221,7 @@ class _Run:
         self.scheduler = build_scheduler(self.optimizer, args, self.total)
         self.state = TrainState(total_steps=self.total)
         self.seen_tokens = 0.0  # cumulative tokens trained on (TRL's num_tokens); kept in checkpoints
+        self.session_tokens = 0.0  # this call's share of them (the progress bar's and the summary's tokens/s)
 
     def resume(self, ckpt: Path) -> int:
         """Restore optimizer, schedule, RNG and counters from `ckpt` (the model was loaded before sharding)."""
@@ -250,6 +277,7 @@ class _Run:
         last = _finish_metrics(metrics, self.stage, state, len(self.groups), max(time.perf_counter() - start, 1e-9))
         if metrics["_tokens"]:
             self.seen_tokens += metrics["_tokens"]
+            self.session_tokens += metrics["_tokens"]
             last["num_tokens"] = self.seen_tokens
         return last
 
@@ -263,10 +291,11 @@ def train_loop(
     load_model: Callable[[Path], None],
     plan: distributed.ShardPlan | None = None,
     checkpoint: Path | None = None,
+    on_start: Callable[[LoopPlan], None] | None = None,
 ) -> LoopResult:
     """Run the optimisation; `save_model(dir)`/`load_model(dir)` write and restore weights in HF format; with a
-    `plan` (FSDP), the model is sharded here. `checkpoint`: the one to resume from, already resolved (else
-    --resume_from_checkpoint is resolved here)."""
+    `plan` (FSDP), the model is sharded here; `on_start` hears the plan just before the first step. `checkpoint`:
+    the one to resume from, already resolved (else --resume_from_checkpoint is resolved here)."""
     ckpt = checkpoint
     if ckpt is None and args.resume_from_checkpoint:
         ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.print)
@@ -277,8 +306,12 @@ def train_loop(
         distributed.shard_reference(getattr(stage, "reference", None), plan, accelerator.device)
     run = _Run(stage, model, args, accelerator, save_model, plan)
     log = MetricsLog(args.output_dir, accelerator, resume_step=run.resume(ckpt) if ckpt is not None else None)
+    if on_start is not None:
+        on_start(LoopPlan(run.total, run.state.global_step,
+                          steps_per_epoch(args, len(run.groups), accelerator.num_processes)))
     bar = tqdm(total=run.total, initial=run.state.global_step, desc="train", dynamic_ncols=True,
-               disable=args.disable_tqdm or not accelerator.is_main_process)
+               bar_format=BAR_FORMAT, disable=args.disable_tqdm or not accelerator.is_main_process)
+    started = time.perf_counter()
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     model.train()
@@ -291,8 +324,8 @@ def train_loop(
                 continue
             last = run.step(step_groups)
             step = run.state.global_step
+            bar.set_postfix(_postfix(stage, last, run.session_tokens, time.perf_counter() - started), refresh=False)
             bar.update(1)
-            bar.set_postfix({label: f"{last[k]:.4g}" for k, label in stage.progress_keys.items() if k in last})
             if step % args.logging_steps == 0 or step == run.total:
                 log.write(step, last)
             if args.eval_steps and step % args.eval_steps == 0:
@@ -311,7 +344,8 @@ def train_loop(
     if not interrupted and stage.eval_groups() and not (args.eval_steps and step % args.eval_steps == 0):
         eval_metrics = evaluate(stage, model, accelerator)
         log.write(step, eval_metrics)
-    return LoopResult(run.state, last, eval_metrics, interrupted, cause)
+    return LoopResult(run.state, last, eval_metrics, interrupted, cause, train_seconds=time.perf_counter() - started,
+                      tokens=run.session_tokens)
 
 
 class Terminated(KeyboardInterrupt):

@@ -17,6 +17,14 @@ from prefalign.errors import PrefalignError
 MetricSums = dict[str, tuple[float, float]]
 
 
+def human(n: float) -> str:
+    """A count for people: 1234 -> '1.2K', 1.3e6 -> '1.3M', 42 -> '42'."""
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{suffix}"
+    return f"{n:.0f}" if abs(n) >= 10 or float(n).is_integer() else f"{n:.1f}"
+
+
 def to_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Scalar tensors as Python floats with one device-to-host transfer (a float() each would sync each)."""
     if not values:

@@ -1,13 +1,15 @@
 """What every training command does around the loop, written once: check the output directory before anything
-heavy happens, set up Accelerate, seeds and the tokenizer (`open_session`), load the policy to train, and after
-the loop save the final model atomically (`train_and_save`) and print one closing line (`print_summary`)."""
+heavy happens, set up Accelerate, seeds and the tokenizer (`open_session`), load the policy to train, print the
+start-of-run block (`train.runinfo`), and after the loop save the final model atomically (`train_and_save`) and
+print one closing line (`print_summary`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import signal
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,9 @@ from prefalign.model.load import check_adapter_base, load_policy, load_processin
 from prefalign.model.weights import is_main_process, load_weights_into
 from prefalign.train.distributed import check_launch, shard_plan
 from prefalign.train.files import drop_retired, publish_into, staged, staging_dir
-from prefalign.train.loop import LoopResult, Stage, Terminated, train_loop
+from prefalign.train.loop import LoopPlan, LoopResult, Stage, Terminated, train_loop
 from prefalign.train.run_dir import FINAL_WEIGHTS, check_output_dir, prepare_output_dir
+from prefalign.train.runinfo import RunFacts, start_block, summary_numbers
 
 
 def is_finished(output_dir: str | Path, what: str = "model") -> bool:
@@ -61,6 +64,7 @@ class Session:
     tokenizer: Any
     processor: Any = None
     checkpoint: Path | None = None
+    started: float = field(default_factory=time.perf_counter)  # for the closing line's total wall time
 
     @property
     def saved_processing(self) -> Any:
@@ -138,12 +142,12 @@ def save_final(output_dir: str | Path, write: Callable[[Path], None]) -> None:
         drop_retired(out)
 
 
-def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Session, run_name: str, *,
-                   final_model: Any = None, save: Callable[[Path], None] | None = None,
+def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Session, run_name: str, facts: RunFacts,
+                   *, final_model: Any = None, save: Callable[[Path], None] | None = None,
                    load: Callable[[Path], None] | None = None) -> LoopResult:
-    """The common tail of every training command: start the run (output_dir, config, trackers), the loop with
-    Hugging Face-format checkpoints, then the final model (`final_model`, default `model`) and tokenizer saved
-    atomically into output_dir by the main process."""
+    """The common tail of every training command: start the run (output_dir, config, trackers), the start-of-run
+    block (`facts` from the stage's builder), the loop with Hugging Face-format checkpoints, then the final model
+    (`final_model`, default `model`) and tokenizer saved atomically into output_dir by the main process."""
     accelerator, tokenizer = session.accelerator, session.saved_processing
     plan = shard_plan(accelerator)
     if plan is not None and getattr(cfg, "merge_adapter", False) and hasattr(final_model or model, "peft_config"):
@@ -153,20 +157,28 @@ def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Sess
     start_run(cfg, accelerator, run_name, session.checkpoint)
     save = save or (lambda d: save_model(final_model, tokenizer, d, merge_adapter=False))
     load = load or (lambda d: load_weights_into(final_model, d))
-    result = train_loop(stage, model, cfg, accelerator, save, load, plan, checkpoint=session.checkpoint)
+
+    def announce(loop_plan: LoopPlan) -> None:
+        session.print(start_block(run_name, cfg, facts, model, loop_plan, accelerator.num_processes))
+
+    result = train_loop(stage, model, cfg, accelerator, save, load, plan, checkpoint=session.checkpoint,
+                        on_start=announce)
     if result.interrupted:
         raise Terminated() if result.interrupt_signal == signal.SIGTERM else KeyboardInterrupt()
     save_final(cfg.output_dir, lambda d: save_model(final_model, tokenizer, d, merge_adapter=cfg.merge_adapter))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    result.wall_seconds = time.perf_counter() - session.started
     return result
 
 
 def print_summary(name: str, result: LoopResult, output_dir: str, shown: tuple[str, ...],
                   what: str = "model") -> None:
-    """One closing line (from the main process only): steps, the chosen metrics, where the result is."""
+    """One closing line (from the main process only): steps, the chosen metrics, throughput and wall time, where
+    the result is."""
     if not is_main_process():
         return
     metrics = {**result.last_metrics, **result.eval_metrics}
     values = ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
-    print(f"{name}: {result.state.global_step} steps, {values}; {what} saved to {output_dir}")
+    speed = summary_numbers(result.tokens, result.train_seconds, result.wall_seconds)
+    print(f"{name}: {result.state.global_step} steps, {values}; {speed}; {what} saved to {output_dir}")
