@@ -1,6 +1,7 @@
 """`prefalign <command> [flags]`: each command maps its flags onto a typed config and calls one run function.
 
-A PrefalignError (bad input, bad flag, missing model) is printed as one line on stderr with exit code 2;
+A PrefalignError (bad input, bad flag, missing model) is printed as one line on stderr with exit code 2; when
+the user's own code raised (a reward function, a reward file), its traceback comes first, then that one line.
 Ctrl-C exits with 130 (SIGTERM with 143) after the loop has saved a resumable checkpoint or said why none was.
 """
 
@@ -9,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from prefalign import __version__
 from prefalign.argparsing import parse_config
 from prefalign.commands import COMMANDS, config_class, runner
-from prefalign.errors import PrefalignError
+from prefalign.errors import PrefalignError, UserCodeError
 
 
 def _usage(group: str | None = None) -> str:
@@ -60,6 +62,14 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _print_user_traceback(error: BaseException) -> None:
+    """The traceback of an exception the user's code raised, from the frame that called it on: their lines."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("prefalign."):
+        tb = tb.tb_next  # skip our own frames (the caller of the user's function)
+    traceback.print_exception(type(error), error, tb, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         runner(name)(cfg)
     except PrefalignError as e:
+        if isinstance(e, UserCodeError) and e.__cause__ is not None:
+            _print_user_traceback(e.__cause__)
         print(f"prefalign {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # 128 + the signal, as shells report it: 130 for Ctrl-C, 143 for SIGTERM

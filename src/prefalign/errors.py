@@ -17,3 +17,8 @@ class PrefalignError(Exception):
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}" if self.where else self.reason
+
+
+class UserCodeError(PrefalignError):
+    """The user's own code (a reward function, a reward file, a judge) raised: that code's traceback is worth
+    keeping, since it points at their lines. The CLI prints the traceback of `__cause__`, then the one line."""

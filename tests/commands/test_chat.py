@@ -73,7 +73,7 @@ def test_interactive_keeps_history(tiny_model_dir, tiny_tokenizer):
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     # the second reply saw the first exchange
     assert history[3]["content"] == _expected(tiny_model_dir, tiny_tokenizer, history[:3])
-    assert out.getvalue().startswith("Commands: /reset")
+    assert out.getvalue().startswith("Commands: /help list these commands, /reset")
 
 
 def test_errors(tmp_path, tiny_model_dir, capsys):

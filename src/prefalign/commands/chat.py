@@ -2,7 +2,9 @@
 
 A directory with adapter_config.json is a LoRA adapter: its base model (adapter_config's
 base_model_name_or_path, or --base_model_name_or_path) is loaded and the adapter applied with peft
-(`model.load.load_model_for_inference`). `chat_loop` is the interactive session, usable with any loaded model.
+(`model.load.load_model_for_inference`). `chat_loop` is the interactive session, usable with any loaded model:
+lines starting with / are commands (/help lists them), never sent to the model, and Ctrl-C while a reply streams
+stops that reply, not the session.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefalign.config import ChatConfig
 from prefalign.data.images import parse_image
+from prefalign.data.templates import render, resolve_chat_template
 from prefalign.data.types import Message
 from prefalign.errors import PrefalignError
 from prefalign.model.load import load_for_inference
@@ -32,8 +35,37 @@ def _check(cfg: ChatConfig) -> None:
         raise PrefalignError(f"must be at least 1, got {cfg.max_new_tokens}", "--max_new_tokens")
 
 
-HELP = ("Commands: /reset clears the conversation, /exit (or end of input) quits, /image PATH attaches an image to "
-        "your next message (vision-language models).")
+COMMANDS = {"/help": "list these commands", "/reset": "clear the conversation (the system prompt stays)",
+            "/image PATH": "attach an image to your next message (vision-language models)",
+            "/exit": "quit (as does end of input, Ctrl-D)"}
+HELP = ("Commands: " + ", ".join(f"{name} {what}" for name, what in COMMANDS.items())
+        + ". Ctrl-C stops a reply while it streams.")
+
+
+def check_system_prompt(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> None:
+    """A template that cannot render a system message (one that raises on the role) is refused before the chat
+    starts, in one line, as training refuses it."""
+    if system_prompt is None:
+        return
+    try:
+        render(tokenizer, [{"role": "system", "content": system_prompt}, {"role": "user", "content": "hello"}], True)
+    except PrefalignError as e:
+        raise PrefalignError(f"the chat template cannot render a system message ({e.reason}); drop --system_prompt "
+                             "or choose another --chat_template", "--system_prompt") from None
+
+
+def _command(text: str, out: TextIO) -> str | None:
+    """What a /command line asks for ("exit", "reset", "image", "help"), answering /help and unknown commands
+    itself."""
+    if text in ("/exit", "/reset"):
+        return text[1:]
+    if text.split()[0] == "/image":
+        return "image"
+    if text == "/help":
+        out.write(HELP + "\n")
+    else:
+        out.write(f"unknown command {text.split()[0]}; {HELP}\n")
+    return "help"
 
 
 def chat_loop(
@@ -66,26 +98,29 @@ def chat_loop(
             out.write("\n")
             break
         text = line.strip()
-        if text == "/exit":
-            break
-        if text == "/reset":
-            history, attached = list(start), []
-            out.write("(conversation cleared)\n")
-            continue
-        if text.startswith("/image"):
-            attached += _attach(text.removeprefix("/image").strip(), processor, out)
-            continue
         if not text:
             continue
+        action = _command(text, out) if text.startswith("/") else None
+        if action == "exit":
+            break
+        if action == "reset":
+            history, attached = list(start), []
+            out.write("(conversation cleared)\n")
+        if action == "image":
+            attached += _attach(text.removeprefix("/image").strip(), processor, out)
+        if action is not None:
+            continue
         content: Any = [*attached, {"type": "text", "text": text}] if attached else text
-        history.append({"role": "user", "content": content})
+        turn = [*history, {"role": "user", "content": content}]
+        try:
+            reply = generate_reply(model, tokenizer, turn, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, stream=out, processor=processor)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply; the turn is not kept, the session goes on
+            out.write("\n(reply stopped; this turn is not kept)\n")
+            continue
         attached = []
-        reply = generate_reply(
-            model, tokenizer, history, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stream=out,
-            processor=processor,
-        )
         out.write("\n")
-        history.append({"role": "assistant", "content": reply})
+        history = [*turn, {"role": "assistant", "content": reply}]
     return history
 
 
@@ -108,6 +143,13 @@ def run_chat(cfg: ChatConfig, input_fn: Any = input, output: Any = None) -> list
     _check(cfg)
     model, tokenizer, processor = load_for_inference(cfg.model_name_or_path, cfg.base_model_name_or_path,
                                                      cfg.tokenizer_name_or_path)
+    resolve_chat_template(tokenizer, cfg.chat_template)
+    if not getattr(tokenizer, "chat_template", None):
+        raise PrefalignError("the tokenizer has no chat template; pass --chat_template (a built-in name: chatml, "
+                             "llama3, mistral, gemma, phi3, deepseek, plain; or a .jinja file)", "--chat_template")
+    if processor is not None:
+        processor.chat_template = tokenizer.chat_template
+    check_system_prompt(tokenizer, cfg.system_prompt)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     out = output if output is not None else sys.stdout

@@ -151,8 +151,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     metrics = pair_metrics(policy, reference, tokenizer, pairs, _dpo_config(cfg), processor)
     result: dict[str, Any] = {"num_pairs": len(pairs), "reference": described, "metrics": metrics, "samples": []}
     judge = (load_reward_function(cfg.judge) if cfg.judge else
-             RewardModelScorer(cfg.reward_model_name_or_path, batch_size=cfg.per_device_eval_batch_size)
+             RewardModelScorer(cfg.reward_model_name_or_path, batch_size=cfg.per_device_eval_batch_size,
+                               chat_template=cfg.reward_chat_template)
              if cfg.reward_model_name_or_path else None)
+    if isinstance(judge, RewardModelScorer):
+        judge.require_chat_template(any(p.is_conversational for p in pairs))
     if judge is None and not cfg.num_samples:
         return result
     n = len(pairs) if judge is not None else min(cfg.num_samples, len(pairs))

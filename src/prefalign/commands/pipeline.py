@@ -39,9 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from prefalign.argparsing import make_config
+from prefalign.argparsing import make_config, read_yaml
 from prefalign.commands import config_class, runner
 from prefalign.config import PipelineConfig
 from prefalign.errors import PrefalignError
@@ -110,12 +108,7 @@ def read_recipe(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise PrefalignError("no such file", f"--recipe {path}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise PrefalignError(f"invalid YAML ({getattr(e, 'problem', e)})",
-                             f"{path}:{mark.line + 1}" if mark else path) from None
+    data = read_yaml(p)  # a repeated key is refused, not silently overwritten
     defaults: dict[str, Any] = {}
     if isinstance(data, dict):
         defaults = data.get("defaults") or {}

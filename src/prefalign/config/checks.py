@@ -3,9 +3,11 @@ naming the flag. Commands run them first, and `prefalign pipeline` runs every st
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
-from prefalign.config.common import LengthArgs, TrainArgs
+from prefalign.config.common import LengthArgs, ModelArgs, TrainArgs
 from prefalign.errors import PrefalignError
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
@@ -19,8 +21,35 @@ def require(cfg: Any, *flags: str) -> None:
             raise PrefalignError("is required", f"--{flag}")
 
 
+def check_finite(cfg: Any) -> None:
+    """Every number of a config is finite: nan or inf (from the Python API; the command line refuses them while
+    parsing) would otherwise surface as a traceback from torch.optim or as a run that trains on nan."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise PrefalignError(f"must be a finite number, got {v}", f"--{f.name}")
+
+
+def check_model_args(args: ModelArgs) -> None:
+    """The LoRA settings (checked whether or not --use_peft is given: a pipeline may turn it on later)."""
+    if args.lora_r < 1:
+        raise PrefalignError(f"must be at least 1, got {args.lora_r}", "--lora_r")
+    if args.lora_alpha <= 0:
+        raise PrefalignError(f"must be positive, got {args.lora_alpha}", "--lora_alpha")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise PrefalignError(f"must be in [0, 1), got {args.lora_dropout}", "--lora_dropout")
+    if args.lora_target_modules is not None and not args.lora_target_modules:
+        raise PrefalignError("give at least one module name, or leave it out for every linear layer",
+                             "--lora_target_modules")
+
+
 def check_train_args(args: TrainArgs) -> None:
-    """The training loop's flags."""
+    """The training loop's flags, every number finite, and the model's LoRA settings when `args` carries them."""
+    check_finite(args)
+    if isinstance(args, ModelArgs):
+        check_model_args(args)
     if not args.output_dir:
         raise PrefalignError("is required", "--output_dir")
     if args.lr_scheduler_type not in SCHEDULERS:
@@ -39,6 +68,19 @@ def check_train_args(args: TrainArgs) -> None:
                              "--save_total_limit")
     if args.learning_rate < 0:
         raise PrefalignError("must not be negative", "--learning_rate")
+    if not 0.0 <= args.warmup_ratio <= 1.0:
+        raise PrefalignError(f"must be between 0 and 1 (a fraction of all steps), got {args.warmup_ratio}",
+                             "--warmup_ratio")
+    if args.warmup_steps < 0:
+        raise PrefalignError(f"must not be negative, got {args.warmup_steps}", "--warmup_steps")
+    if not 0.0 <= args.min_lr_rate <= 1.0:
+        raise PrefalignError(f"must be between 0 and 1 (a fraction of the peak), got {args.min_lr_rate}",
+                             "--min_lr_rate")
+    if args.eval_steps is not None and args.eval_steps < 1:
+        raise PrefalignError(f"must be at least 1 (leave it out to evaluate only at the end), got {args.eval_steps}",
+                             "--eval_steps")
+    if args.save_steps < 0:
+        raise PrefalignError(f"must not be negative (0 disables checkpoints), got {args.save_steps}", "--save_steps")
     if args.max_steps <= 0 and args.num_train_epochs <= 0:
         raise PrefalignError("give a positive --num_train_epochs or --max_steps", "--num_train_epochs")
     unknown = set(args.report_to) - {"none", "tensorboard", "wandb", "all"}

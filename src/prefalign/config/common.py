@@ -119,7 +119,9 @@ class PromptArgs:
     prompt_column: str = "prompt"
     """Column holding the prompt."""
     prompt_template: str | None = None
-    """Format string applied to string prompts, e.g. "Question: {prompt}\\n\\nAnswer: "."""
+    """Format string applied to string prompts: {prompt} is the prompt, any other {name} the row's column of that
+    name. Newlines must be real: in a shell $'Question: {prompt}\\n\\nAnswer: ' (in double quotes \\n stays a
+    backslash and an n), in YAML "Question: {prompt}\\n\\nAnswer: "."""
     system_prompt: str | None = None
     """System message added to conversations that have none."""
     chat_template: str | None = None

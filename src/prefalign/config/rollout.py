@@ -25,13 +25,17 @@ class GenerationArgs:
 
 @dataclass
 class RewardArgs:
-    reward_funcs: list[str] = field(default_factory=list)
+    # a YAML string here is one spec: a regex may hold commas and spaces
+    reward_funcs: list[str] = field(default_factory=list, metadata={"verbatim_items": True})
     """Reward functions: exact_match, exact_match:number, regex:PATTERN, length:N, module:function or
     file.py:function (called as fn(prompts=..., completions=..., **dataset_columns) -> list[float | None])."""
     reward_weights: list[float] | None = None
     """Weight of each reward (functions first, then the reward model); default 1 each."""
     reward_model_name_or_path: str | None = None
     """A sequence-classification reward model (e.g. from `prefalign rm`) scoring prompt + completion."""
+    reward_chat_template: str | None = None
+    """Chat template the reward model renders conversational prompts with: a built-in name or a .jinja file
+    (default: the reward tokenizer's own; needed when it has none)."""
 
 
 @dataclass

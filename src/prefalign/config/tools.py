@@ -21,6 +21,9 @@ class EvalConfig(RowFilter, PairData, ModelSource):
     """Beta of the implicit reward beta x (log pi - log pi_ref); use the value the policy was trained with."""
     reward_model_name_or_path: str | None = None
     """Score the generations of policy and reference with this sequence-classification reward model (win rate)."""
+    reward_chat_template: str | None = None
+    """Chat template the reward model renders conversational prompts with: a built-in name or a .jinja file
+    (default: the reward tokenizer's own; needed when it has none)."""
     judge: str | None = None
     """Score the generations with module:function or file.py:function, called as
     fn(prompts=..., completions=..., **columns) -> list of numbers or bools (win rate)."""
@@ -54,6 +57,9 @@ class ChatConfig:
     """Answer this one message and exit instead of starting an interactive chat."""
     system_prompt: str | None = None
     """System message at the start of the conversation."""
+    chat_template: str | None = None
+    """Chat template: a built-in name (chatml, llama3, mistral, gemma, phi3, deepseek, plain) or a .jinja file
+    (default: the tokenizer's own), as in training."""
     temperature: float = 0.7
     """Sampling temperature; 0 decodes greedily."""
     top_p: float = 0.9

@@ -8,7 +8,8 @@ C. hh-rlhf as TRL ships it: ``{"prompt": "first user turn", "chosen": [conversat
 D. UltraFeedback binarized: like C plus ``prompt_id``, ``messages``, ``score_chosen``, ``score_rejected``.
 E. Plain strings ``{"prompt": str, "chosen": str, "rejected": str}``: raw text, no chat template.
 F. Any column names via ``--prompt_column/--chosen_column/--rejected_column``; ``--prompt_template`` wraps string
-   prompts, e.g. ``"Question: {prompt}\\n\\nAnswer: "`` for lvwerra/stack-exchange-paired.
+   prompts, e.g. "Question: {prompt}" + two newlines + "Answer: " for lvwerra/stack-exchange-paired; other
+   ``{column}`` placeholders are filled from the row's columns of that name.
 
 A message's content is a string or a list of content parts (text and image parts, see data.content).
 
@@ -24,6 +25,7 @@ from typing import Any
 
 from prefalign.config import PairData
 from prefalign.data.content import images_of, normalize_content, text_of
+from prefalign.data.templates import fill_prompt_template
 from prefalign.data.types import ROLES, Message, Pair, with_system_prompt
 from prefalign.errors import PrefalignError
 
@@ -108,10 +110,7 @@ def _raw_pair(prompt: Any, chosen: str, rejected: str, *, row: dict, source: str
         if not value.strip():
             raise PrefalignError(f"column '{name}' is an empty string", where=source)
     if args.prompt_template is not None:
-        if "{prompt}" not in args.prompt_template:
-            raise PrefalignError("must contain '{prompt}'", where="--prompt_template")
-        # replace rather than str.format: user templates often contain other braces (code, JSON)
-        prompt = args.prompt_template.replace("{prompt}", prompt)
+        prompt = fill_prompt_template(args.prompt_template, prompt, row, source)
     return Pair(prompt, chosen, rejected, source, *_margin_and_extra(row, args, source))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from prefalign.config import PairData
 from prefalign.data.formats import FORMAT_NAMES, detect_format, normalize_pair
 from prefalign.data.load import load_rows
-from prefalign.data.templates import resolve_chat_template
+from prefalign.data.templates import prompt_template_warning, resolve_chat_template
 from prefalign.data.tokenize import (
     DROP_REASONS,
     PREFIX_MISMATCH,
@@ -30,7 +30,7 @@ from prefalign.data.tokenize import (
     encode_pairs,
     truncate,
 )
-from prefalign.data.types import Pair, UnpairedExample
+from prefalign.data.types import Pair, UnpairedExample, is_blank_prompt
 from prefalign.data.unpaired import balance_advice, encode_unpaired, label_summary, normalize_feedback
 from prefalign.data.vision import image_runs
 from prefalign.errors import PrefalignError
@@ -94,6 +94,9 @@ def _summary(args: PairData, tokenizer: Any, n_rows: int, pairs: list[tuple[int,
              errors: dict[int, PrefalignError], formats: Counter, encoded: list[Encoded],
              truncated: list[Truncated]) -> str:
     lines = [f"== {args.dataset_name}: {n_rows} rows, {len(pairs)} valid, {len(errors)} invalid =="]
+    template_warning = prompt_template_warning(args.prompt_template)
+    if template_warning:
+        lines.append(f"warning: {template_warning}")
     if errors:
         lines.append(f"first invalid row: {next(iter(errors.values()))}")
     lines.append("formats: " + ", ".join(f"{f} {FORMAT_NAMES[f]}: {n}" for f, n in sorted(formats.items())))
@@ -143,6 +146,9 @@ def _warnings(pairs: list[tuple[int, Pair]], encoded: list[Encoded], truncated: 
     if n and cut >= 0.25 * n:
         out.append(f"warning: {cut} of {n} pairs lose the end of a completion (often its EOS), so the model "
                    "is not taught to stop there; consider a larger --max_length")
+    blank = [p.source for _, p in pairs if is_blank_prompt(p.prompt)]
+    if blank:
+        out.append(f"warning: {len(blank)} of {n} pairs have an empty or whitespace-only prompt (first: {blank[0]})")
     margins = [p.margin for _, p in pairs if p.margin is not None]
     if margins:
         out.append(f"margin column: {len(margins)} rows, min {min(margins):g}, mean "

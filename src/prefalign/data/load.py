@@ -19,6 +19,7 @@ import datasets
 
 from prefalign.config import DataArgs
 from prefalign.data.formats import normalize_pair
+from prefalign.data.templates import prompt_template_warning
 from prefalign.data.types import Pair
 from prefalign.errors import PrefalignError
 
@@ -75,7 +76,25 @@ def _load_file(path: Path) -> list[Row]:
         if path.suffix in (".jsonl", ".json"):
             return _rows_from_json(path, data, e)
         raise PrefalignError(f"cannot read {path.suffix[1:]} file: {_one_line(e)}", where=str(path)) from e
+    if len(rows) == 1 and path.suffix in (".jsonl", ".json"):
+        _refuse_column_layout(rows[0], path)
     return list(zip(rows, _sources(path, data, len(rows))))
+
+
+def _refuse_column_layout(row: dict[str, Any], path: Path) -> None:
+    """A file holding one object of columns ({"prompt": [...], "chosen": [...]}, as pandas' to_json(orient="list")
+    writes) loads as a single row of lists; say so instead of failing later on "message 0 must be an object". A row
+    whose lists hold messages ({"role": ..., "content": ...}) is a real single conversational row."""
+    columns = list(row.values())
+    if not columns or not all(isinstance(c, list) and c for c in columns):
+        return
+    if len({len(c) for c in columns}) != 1:
+        return
+    if any(isinstance(item, dict) and "role" in item for c in columns for item in c):
+        return
+    raise PrefalignError(f"column-oriented JSON (one object of {len(columns)} columns holding {len(columns[0])} "
+                         "values each); write one object per row instead: JSON Lines, or a JSON array of objects",
+                         where=str(path))
 
 
 def _sources(path: Path, data: bytes, n: int) -> list[str]:
@@ -103,6 +122,13 @@ def _rows_from_json(path: Path, data: bytes, cause: Exception) -> list[Row]:
         except json.JSONDecodeError as e:
             raise PrefalignError(f"invalid JSON: {e.msg} (column {e.colno})", where=f"{path}:{e.lineno}") from e
         return [(r, f"{path}:row {i}") for i, r in enumerate(rows)]
+    if path.suffix == ".json":  # one object, perhaps pretty-printed over many lines
+        try:
+            whole = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = None
+        if isinstance(whole, dict):
+            _refuse_column_layout(whole, path)
     out: list[Row] = []
     for lineno, raw in enumerate(data.splitlines(), start=1):
         if not raw.strip():
@@ -190,6 +216,9 @@ def load_examples(args: DataArgs, normalize: Callable[[dict[str, Any], str, Any]
     (seeded by the run's --seed when `args` carries one), else None."""
     if not args.dataset_name:
         raise PrefalignError("no training data given", where="--dataset_name")
+    warning = prompt_template_warning(getattr(args, "prompt_template", None))
+    if warning:
+        logger.warning("warning: %s", warning)
     rows = load_rows(args.dataset_name, args.dataset_config, args.dataset_split)
     train = normalize_rows(rows, args, args.dataset_name, normalize)
     if args.eval_dataset_name:

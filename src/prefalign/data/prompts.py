@@ -21,7 +21,7 @@ from prefalign.config import DataArgs
 from prefalign.data.content import refuse_images
 from prefalign.data.load import load_examples
 from prefalign.data.sft import check_messages
-from prefalign.data.templates import render, require_chat_template
+from prefalign.data.templates import fill_prompt_template, render, require_chat_template
 from prefalign.data.tokenize import encode_texts
 from prefalign.data.types import PromptExample, with_system_prompt
 from prefalign.data.types import kind as _kind
@@ -44,7 +44,7 @@ def normalize_prompt_row(row: dict[str, Any], source: str, args: DataArgs) -> Pr
         if not value.strip():
             raise PrefalignError(f"column '{column}' is an empty string", source)
         if args.prompt_template is not None:
-            value = args.prompt_template.replace("{prompt}", value)
+            value = fill_prompt_template(args.prompt_template, value, row, source)
         return PromptExample(value, source, columns)
     if isinstance(value, list):
         messages = check_messages(value, column, source)

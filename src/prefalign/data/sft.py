@@ -29,7 +29,7 @@ from typing import Any
 from prefalign.config import DataArgs
 from prefalign.data.content import normalize_content, refuse_images
 from prefalign.data.load import load_examples
-from prefalign.data.templates import render, require_chat_template
+from prefalign.data.templates import fill_prompt_template, render, require_chat_template
 from prefalign.data.tokenize import common_prefix, encode_raw, encode_texts
 from prefalign.data.types import ROLES, Message, SFTExample, TokenizedSample, with_system_prompt
 from prefalign.data.types import kind as _kind
@@ -105,7 +105,7 @@ def normalize_sft_row(row: dict[str, Any], source: str, args: Any) -> SFTExample
         if not completion:
             raise PrefalignError("column 'completion' is an empty string", source)
         if args.prompt_template is not None:
-            prompt = args.prompt_template.replace("{prompt}", prompt)
+            prompt = fill_prompt_template(args.prompt_template, prompt, row, source)
         return SFTExample(source, prompt=prompt, text=completion)
     if row.get(text_field) is not None:
         text = row[text_field]
@@ -155,9 +155,10 @@ def _conversation_mask(ids: list[list[int]]) -> tuple[list[bool], bool]:
     return mask, mismatch
 
 
-def tokenize_sft(examples: list[SFTExample], tokenizer: Any, args: Any) -> tuple[list[TokenizedSample], SFTTokenizeStats]:
+def tokenize_sft(examples: list[SFTExample], tokenizer: Any, args: Any, what: str | None = None
+                 ) -> tuple[list[TokenizedSample], SFTTokenizeStats]:
     """Token ids and loss masks, truncated to --max_length (the end is cut, as TRL does); samples with no
-    trained token left are dropped and counted."""
+    trained token left are dropped and counted. `what` names the split in the error when every one is dropped."""
     completion_only = bool(getattr(args, "completion_only_loss", True))
     max_length = args.max_length
     if max_length is not None and max_length < 2:
@@ -203,5 +204,6 @@ def tokenize_sft(examples: list[SFTExample], tokenizer: Any, args: Any) -> tuple
                        "with its completion's start); trained spans start where the tokens diverge",
                        stats.prefix_mismatch)
     if examples and not out:
-        raise PrefalignError(f"all {len(examples)} samples dropped: no trained token left", "--max_length")
+        hint = "; raise --max_length" if what else ""
+        raise PrefalignError(f"all {len(examples)} samples dropped: no trained token left{hint}", what or "--max_length")
     return out, stats

@@ -1,4 +1,5 @@
-"""Chat templates: the tokenizer's own by default, a built-in by name, or a .jinja file.
+"""Chat templates: the tokenizer's own by default, a built-in by name, or a .jinja file; and --prompt_template,
+the format string for string prompts (`fill_prompt_template`).
 
 Built-ins other than ChatML are produced by `format_template` from LLM-Dojo-style format strings, so a model
 family missing here is one call away. They render message content verbatim (no trimming) and use the
@@ -228,3 +229,37 @@ def render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt
     if not isinstance(text, str):  # some processors return a list for batched input
         text = text[0]
     return text
+
+
+# {name} with an identifier inside: other braces (code, JSON such as {"a": 1}) are left alone
+_PROMPT_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def fill_prompt_template(template: str, prompt: str, row: dict[str, Any], source: str) -> str:
+    """--prompt_template with `{prompt}` replaced by the prompt and every other `{name}` by the row's column
+    `name`; a placeholder that names no column is a one-line error."""
+    if "{prompt}" not in template:
+        raise PrefalignError("must contain '{prompt}'", where="--prompt_template")
+
+    def fill(match: re.Match) -> str:
+        name = match.group(1)
+        if name == "prompt":
+            return prompt
+        value = row.get(name)
+        if value is None or isinstance(value, (list, dict)):
+            present = ", ".join(sorted(k for k, v in row.items() if isinstance(v, (str, int, float)))) or "none"
+            what = "is not a column" if value is None else "is not a text column"
+            raise PrefalignError(f"placeholder {{{name}}} {what} of {source} (text columns: {present})",
+                                 where="--prompt_template")
+        return str(value)
+
+    return _PROMPT_FIELD.sub(fill, template)
+
+
+def prompt_template_warning(template: str | None) -> str | None:
+    """A warning when --prompt_template holds a backslash followed by n: in a shell, "...\\n..." in double quotes
+    passes those two characters, not a newline, and every prompt would carry them."""
+    if template is None or "\\n" not in template:
+        return None
+    return ("--prompt_template contains a literal backslash-n (\\n), not a newline; in a shell write "
+            "$'Question: {prompt}\\n\\nAnswer: ' (or put the template in a YAML --config file)")

@@ -33,12 +33,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefalign.config import DataArgs, LengthArgs
+from prefalign.config import DataArgs, DatasetArgs, LengthArgs
 from prefalign.config.checks import check_truncation
 from prefalign.data.content import images_of
 from prefalign.data.load import load_pairs
 from prefalign.data.templates import render, require_chat_template
-from prefalign.data.types import Pair, TokenizedPair
+from prefalign.data.types import Pair, TokenizedPair, is_blank_prompt
 from prefalign.data.vision import expand_prompt
 from prefalign.errors import PrefalignError
 
@@ -81,6 +81,7 @@ class TokenizeStats:
     prompt_truncated: int = 0
     completion_truncated: int = 0
     prefix_mismatch: int = 0  # conversational pairs whose prompt tokens were not a prefix of the full ones
+    blank_prompts: int = 0  # pairs whose prompt is empty or whitespace only (kept, and warned about)
     dropped: Counter = field(default_factory=Counter)
     max_length: int | None = None
     unit: str = "pairs"  # what was tokenized, as the summary names it
@@ -266,18 +267,21 @@ def _truncated(enc: Encoded, prompt: list[int], chosen: list[int], rejected: lis
                      drop_reason=drop)
 
 
-def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation, processor: Any = None
-                   ) -> tuple[list[TokenizedPair], TokenizeStats]:
+def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation, processor: Any = None,
+                   what: str | None = None) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize and truncate `pairs` (image pairs through `processor`); pairs left with nothing to learn from are
-    dropped and counted."""
+    dropped and counted. `what` names the split in errors and warnings ("evaluation set eval.jsonl")."""
     stats = TokenizeStats(total=len(pairs), max_length=limits.max_length)
     out: list[TokenizedPair] = []
-    first_mismatch = None
+    first_mismatch = first_blank = None
     for pair, enc in zip(pairs, encode_pairs(pairs, tokenizer, processor)):
         t = truncate(enc, limits)
         if enc.prefix_mismatch:
             stats.prefix_mismatch += 1
             first_mismatch = first_mismatch or pair.source
+        if is_blank_prompt(pair.prompt):
+            stats.blank_prompts += 1
+            first_blank = first_blank or pair.source
         if t.drop_reason is not None:
             stats.dropped[t.drop_reason] += 1
             continue
@@ -288,11 +292,25 @@ def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation, proces
     if first_mismatch:
         logger.warning("%s: %s (%d pairs); the prompt/completion split falls where the tokens diverge",
                        first_mismatch, PREFIX_MISMATCH, stats.prefix_mismatch)
+    if first_blank:
+        logger.warning("%s: %d of %d pairs%s have an empty or whitespace-only prompt; they are trained with no "
+                       "question to answer", first_blank, stats.blank_prompts, len(pairs), f" of the {what}" if what else "")
     if pairs and not out:
         why = ", ".join(f"{stats.reason_text(r)}: {n}" for r, n in stats.dropped.most_common())
-        where = "--max_length" if "no_completion" in stats.dropped else None
-        raise PrefalignError(f"all {len(pairs)} pairs dropped: {why}", where=where)
+        cut = {"no_completion", "identical_after_truncation"} & set(stats.dropped)
+        hint = "; raise --max_length / --max_completion_length" if cut and what else ""
+        where = what or ("--max_length" if "no_completion" in stats.dropped else None)
+        raise PrefalignError(f"all {len(pairs)} pairs dropped: {why}{hint}", where=where)
     return out, stats
+
+
+def split_names(args: DatasetArgs) -> tuple[str, str]:
+    """How errors name the training and evaluation sets: 'training set FILE', 'evaluation set FILE'."""
+    if args.eval_dataset_name:
+        held_out = f"evaluation set {args.eval_dataset_name}"
+    else:
+        held_out = f"evaluation set (--eval_split_ratio {args.eval_split_ratio} of {args.dataset_name})"
+    return f"training set {args.dataset_name}", held_out
 
 
 def load_tokenized_pairs(args: DataArgs, tokenizer: Any, limits: Truncation, processor: Any = None
@@ -300,8 +318,9 @@ def load_tokenized_pairs(args: DataArgs, tokenizer: Any, limits: Truncation, pro
     """(train, eval) token ids of the preference data in `args`, and what tokenization did to each split; image
     pairs go through a vision-language model's `processor`."""
     train_rows, eval_rows = load_pairs(args)
-    train, stats = tokenize_pairs(train_rows, tokenizer, limits, processor)
+    train_name, eval_name = split_names(args)
+    train, stats = tokenize_pairs(train_rows, tokenizer, limits, processor, train_name)
     if not eval_rows:
         return train, None, {"train": stats}
-    eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, limits, processor)
+    eval_, eval_stats = tokenize_pairs(eval_rows, tokenizer, limits, processor, eval_name)
     return train, eval_, {"train": stats, "eval": eval_stats}

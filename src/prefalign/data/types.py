@@ -27,6 +27,14 @@ def kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def is_blank_prompt(prompt: str | list[Message]) -> bool:
+    """A prompt with nothing but whitespace in it (a string, or messages whose contents are all blank): allowed,
+    but the model then answers no question, which is rarely what the data meant."""
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    return not any(str(m.get("content", "")).strip() for m in prompt)
+
+
 def with_system_prompt(messages: list[Message], system: str | None) -> list[Message]:
     """`messages` led by a system turn with `system` (--system_prompt), unless they already have one."""
     if system is not None and not any(m["role"] == "system" for m in messages):

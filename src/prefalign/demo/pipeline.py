@@ -25,7 +25,7 @@ from prefalign.config.tools import DEMO_STAGES
 from prefalign.data.load import load_rows, normalize_rows
 from prefalign.demo import measure, task
 from prefalign.demo import toy as st
-from prefalign.demo.report import gains, plot_stage_accuracy, write_report
+from prefalign.demo.report import QUICK_NOTE, gains, plot_stage_accuracy, verdict, write_report
 from prefalign.errors import PrefalignError
 from prefalign.rollout.generate import greedy_completions
 from prefalign.stages.dpo import pair_metrics
@@ -168,8 +168,11 @@ def summary(report: dict[str, Any], md_path: Path) -> str:
         lines.append(f"{name:<6} {s['accuracy']:>8.3f} {s['accuracy'] - base:>+7.3f} "
                      f"{'-' if kl is None else f'{kl:.3f}':>7} {'-' if ra is None else f'{ra:.3f}':>10} "
                      f"{s['wall_time_s']:>8.1f}")
-    for name, c in gains(report).items():
-        lines.append(f"{'PASS' if c['passed'] else 'FAIL'}: {name} gains {c['gain']:+.3f} (needs {c['required']:+.2f})")
+    checks = gains(report)
+    if checks and report["settings"].get("quick"):
+        lines.append(f"note: {QUICK_NOTE}")
+    for name, c in checks.items():
+        lines.append(f"{verdict(report, c)}: {name} gains {c['gain']:+.3f} (needs {c['required']:+.2f})")
     lines.append(f"total {report['total_wall_time_s']:.0f} s of training and evaluation (this run "
                  f"{report['this_run_wall_time_s']:.0f} s); report: {md_path}")
     return "\n".join(lines)

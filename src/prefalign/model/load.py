@@ -34,6 +34,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.processing_utils import ProcessorMixin
 
 from prefalign.config import LoadArgs, ModelArgs, ModelSource
@@ -46,6 +47,8 @@ REFERENCE_ADAPTER = "reference"
 DTYPES: dict[str, Any] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 # Exceptions transformers/peft/huggingface_hub raise for a path or id that does not resolve to a model.
 _LOAD_ERRORS = (OSError, ValueError, KeyError)
+_CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def load_tokenizer(args: ModelSource) -> PreTrainedTokenizerBase:
@@ -124,6 +127,8 @@ def load_pretrained(name_or_path: str | None, args: LoadArgs, flag: str, quantiz
         kwargs["quantization_config"] = _bnb_config(args)
     if auto_class is None and is_vision_language(name_or_path, args.trust_remote_code):
         auto_class, what = AutoModelForImageTextToText, "a vision-language model"
+    elif auto_class is None:
+        _require_causal_lm(name_or_path, args, flag)
     try:
         return (auto_class or AutoModelForCausalLM).from_pretrained(name_or_path, **kwargs, **extra)
     except _LOAD_ERRORS as e:
@@ -140,6 +145,45 @@ def peft_wrapping() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+def architectures(name_or_path: str, trust_remote_code: bool = False) -> list[str]:
+    """The model classes a checkpoint's config.json names (empty when it names none or cannot be read)."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except _LOAD_ERRORS:
+        return []  # the model load that follows reports the path
+    return list(getattr(config, "architectures", None) or [])
+
+
+def _require_causal_lm(name_or_path: str, args: LoadArgs, flag: str) -> None:
+    """Refuse a checkpoint saved as something other than a causal LM: transformers would load a reward model
+    (…ForSequenceClassification) or a bare backbone as a causal LM with a freshly initialised LM head."""
+    names = architectures(name_or_path, args.trust_remote_code)
+    if names and not any(n in _CAUSAL_LM_CLASSES or n.endswith(_CAUSAL_LM_SUFFIXES) for n in names):
+        kind = "a reward/classification model" if any("Classification" in n for n in names) else "not a causal LM"
+        raise PrefalignError(f"{name_or_path} is a {names[0]} checkpoint ({kind}); a policy must be a causal "
+                             "language model (…ForCausalLM)", flag)
+
+
+def check_vocab(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, flag: str) -> None:
+    """A tokenizer with more tokens than the model has embedding rows would fail mid-forward with an IndexError."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise PrefalignError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows "
+                             "(larger ids would index past it); use the model's own tokenizer", flag)
+
+
+def check_lora_targets(model: torch.nn.Module, targets: list[str] | None, flag: str = "--lora_target_modules") -> None:
+    """Every name in --lora_target_modules must match a module (peft matches a name or a dotted suffix); a typo
+    would otherwise be a peft traceback, or, beside a correct name, a layer silently left without an adapter."""
+    if not targets:
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise PrefalignError(f"{type(model).__name__} has no module named {', '.join(map(repr, missing))}; its "
+                             f"linear layers are {', '.join(linear)}", flag)
 
 
 def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTrainedModel | PeftModel:
@@ -164,6 +208,7 @@ def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTra
     if args.peft_adapter_path:
         model = _load_adapter_twice(model, args.peft_adapter_path, args)
     elif args.use_peft or args.load_in_4bit:
+        check_lora_targets(model, args.lora_target_modules)
         with peft_wrapping():
             model = get_peft_model(model, lora_config(args, model))
     if isinstance(model, PeftModel) and gradient_checkpointing:
@@ -329,6 +374,23 @@ def load_score_model(name_or_path: str | None, flag: str, args: LoadArgs | None 
     return (model, info) if with_info else model
 
 
+def has_new_head(info: dict[str, Any]) -> bool:
+    """Whether transformers created the `score` head fresh (the checkpoint had none), from its loading info."""
+    return any(k.split(".")[0] == "score" or ".score." in k for k in info.get("missing_keys", []))
+
+
+def load_trained_score_model(name_or_path: str | None, flag: str) -> Any:
+    """A reward model that must already be trained: a checkpoint without a score head (a causal LM) is refused,
+    naming its architecture, instead of scoring with a randomly initialised head."""
+    model, info = load_score_model(name_or_path, flag, with_info=True)
+    if has_new_head(info):
+        names = architectures(str(name_or_path))
+        what = names[0] if names else type(model).__name__
+        raise PrefalignError(f"{name_or_path} is a {what} checkpoint without a trained score head; a reward model "
+                             "must be a sequence-classification model (e.g. the output of `prefalign rm`)", flag)
+    return model
+
+
 def load_model_for_inference(path: str | None, base_model: str | None = None,
                              tokenizer_path: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode: a full model, or a base model with the LoRA adapter at `path` applied (its base
@@ -360,6 +422,7 @@ def load_for_inference(path: str | None, base_model: str | None = None, tokenize
     # the adapter directory usually holds the tokenizer too; fall back to the base model's
     tok_source = tokenizer_path or (path if (p / "tokenizer_config.json").is_file() or not is_adapter else base)
     tokenizer, processor = load_processing(ModelSource(model_name_or_path=tok_source, trust_remote_code=trust_remote_code))
+    check_vocab(model, tokenizer, "--tokenizer_name_or_path" if tokenizer_path else "--model_name_or_path")
     return model.eval(), tokenizer, processor
 
 

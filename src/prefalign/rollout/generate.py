@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from prefalign.data.content import images_of
-from prefalign.data.templates import render
+from prefalign.data.templates import render, require_chat_template
 from prefalign.data.types import Message
 from prefalign.errors import PrefalignError
 
@@ -244,8 +244,9 @@ def generate_reply(
         raise PrefalignError(f"temperature must be >= 0, got {temperature}", "--temperature")
     if not 0 < top_p <= 1:
         raise PrefalignError(f"top_p must be in (0, 1], got {top_p}", "--top_p")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise PrefalignError("the tokenizer has no chat template; pass --chat_template", "tokenizer")
+    require_chat_template(tokenizer)
+    # rendered and encoded as training renders prompts (no special tokens added: the template writes its own);
+    # a template error (e.g. a role it cannot render) is a one-line PrefalignError
     inputs = _reply_inputs(tokenizer, processor, list(messages))
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}  # input_ids, attention_mask: (1, T); image inputs

@@ -9,7 +9,9 @@ completion, the prompt repeated for each of its generations); a completion is a 
 prompts a one-message list `[{"role": "assistant", "content": ...}]`. Every other dataset column arrives as a
 keyword list aligned with them (`answer=[...]`), so a function should accept `**kwargs` for the ones it ignores.
 Returning None for a completion means "this function does not apply here" (multi-task data): it is left out
-of that completion's weighted sum instead of counting as 0.
+of that completion's weighted sum instead of counting as 0. A function must return one value per completion;
+returning something else, returning nan or inf, or raising stops the run with one line that names the function
+(after the function's own traceback, when it raised).
 
 Spec strings accepted by `load_reward_function` (the CLI's `--reward_funcs`):
 
@@ -35,9 +37,10 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from prefalign.data.templates import resolve_chat_template
 from prefalign.data.tokenize import encode_raw, encode_texts
-from prefalign.errors import PrefalignError
-from prefalign.model.load import load_score_model
+from prefalign.errors import PrefalignError, UserCodeError
+from prefalign.model.load import check_vocab, load_trained_score_model
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +131,10 @@ def _import_attribute(module_part: str, attr: str, spec: str) -> Any:
             raise PrefalignError(f"reward function file {module_part} does not exist", spec)
         mod_spec = importlib.util.spec_from_file_location(f"prefalign_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
-        mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        try:
+            mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as e:  # a syntax error or a failing import in the user's file: keep its traceback
+            raise UserCodeError(f"cannot load {module_part}: {_first_line(e)}", spec) from e
     else:
         try:
             module = importlib.import_module(module_part)
@@ -170,23 +176,68 @@ def reward_function_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _described(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} ({text[:60]}{'...' if len(text) > 60 else ''})"
+
+
+def _checked_values(values: Any, n: int, where: str) -> list[float]:
+    """One float per completion (None -> nan) from what a reward function returned, or a PrefalignError saying
+    what it returned instead; nan and inf are refused (None is the way to say "does not apply")."""
+    if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise PrefalignError(f"returned {'None' if values is None else _described(values)} instead of a list of {n} "
+                             "values (one number or None per completion)", where)
+    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    if len(values) != n:
+        raise PrefalignError(f"returned {len(values)} values for {n} completions", where)
+    out: list[float] = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(math.nan)
+            continue
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise PrefalignError(f"returned a value that is neither a number nor None: completion {i} got "
+                                 f"{_described(v)}", where) from None
+    nan = sum(math.isnan(v) for v, raw in zip(out, values) if raw is not None)
+    inf = sum(math.isinf(v) for v in out)
+    if nan or inf:
+        counts = " and ".join(f"{name} for {k}" for name, k in (("nan", nan), ("inf", inf)) if k)
+        raise PrefalignError(f"returned {counts} of {n} completions; return a finite number, or None for a "
+                             "completion the function does not score", where)
+    return out
+
+
 def compute_rewards(
-    functions: Sequence[Callable[..., Any]], prompts: list, completions: list, columns: dict[str, list] | None = None
+    functions: Sequence[Callable[..., Any]], prompts: list, completions: list, columns: dict[str, list] | None = None,
+    when: str = "",
 ) -> torch.Tensor:
-    """Call every reward function; (F, N) float32 with None -> nan. A wrong return is a PrefalignError naming it."""
+    """Call every reward function; (F, N) float32 with None -> nan. A wrong return, nan or inf is a PrefalignError
+    naming the function (and `when`, e.g. "at step 3"); a function that raises keeps its traceback (UserCodeError)."""
     columns = columns or {}
     rows = []
     for fn in functions:
-        values = fn(prompts=prompts, completions=completions, **columns)
         name = reward_function_name(fn)
-        if values is None or len(values) != len(completions):
-            got = "None" if values is None else f"{len(values)} values"
-            raise PrefalignError(f"returned {got} for {len(completions)} completions", f"reward function {name}")
+        where = f"reward function {name}" + (f" {when}" if when else "")
         try:
-            rows.append([math.nan if v is None else float(v) for v in values])
-        except (TypeError, ValueError):
-            raise PrefalignError("returned a value that is neither a number nor None", f"reward function {name}") from None
+            values = fn(prompts=prompts, completions=completions, **columns)
+        except PrefalignError:
+            raise
+        except Exception as e:
+            raise UserCodeError(f"raised {_first_line(e)}", where) from e
+        rows.append(_checked_values(values, len(completions), where))
     return torch.tensor(rows, dtype=torch.float32).view(len(functions), len(completions))
+
+
+def unscored_counts(per_function: torch.Tensor, names: Sequence[str]) -> str:
+    """'exact_match: 16 None, judge: 16 None' for an (F, N) reward table (nan = None)."""
+    return ", ".join(f"{name}: {int(torch.isnan(row).sum())} None" for name, row in zip(names, per_function))
 
 
 def combine_rewards(
@@ -238,14 +289,19 @@ class RewardModelScorer:
         max_length: int | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        chat_template: str | None = None,
     ) -> None:
         flag = "--reward_model_name_or_path"
-        self.model = model_path if isinstance(model_path, torch.nn.Module) else load_score_model(str(model_path), flag)
+        self.model = (model_path if isinstance(model_path, torch.nn.Module)
+                      else load_trained_score_model(str(model_path), flag))
         if dtype is not None:
             self.model.to(dtype)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(self.model.config._name_or_path)
+            # never trust_remote_code: the reward model's directory is data, not code
+            tokenizer = AutoTokenizer.from_pretrained(self.model.config._name_or_path, trust_remote_code=False)
+        check_vocab(self.model, tokenizer, flag)
         self.tokenizer = tokenizer
+        resolve_chat_template(self.tokenizer, chat_template)  # --reward_chat_template (a built-in or .jinja)
         if self.tokenizer.pad_token_id is None:
             # the head pools the last token before the first pad; an EOS standing in for pad would end it early
             raise PrefalignError("the reward tokenizer has no pad token", flag)
@@ -257,6 +313,19 @@ class RewardModelScorer:
             self.model.to(device)
         self.batch_size, self.max_length = batch_size, max_length
         self.__name__ = Path(str(getattr(self.model.config, "_name_or_path", "reward_model")) or "reward_model").name
+
+    def require_chat_template(self, conversational: bool) -> None:
+        """Conversational prompts are rendered with the reward tokenizer's template: refuse before the first rollout
+        when it has none (rather than fail inside one)."""
+        if conversational and not getattr(self.tokenizer, "chat_template", None):
+            raise PrefalignError("the reward model's tokenizer has no chat template and the prompts are "
+                                 "conversational; pass the template it was trained with (a built-in name or a "
+                                 ".jinja file)", "--reward_chat_template")
+
+    def same_tokenizer_as(self, tokenizer: Any) -> bool:
+        """Whether `tokenizer` (the policy's) gives the reward model the same ids and template as its own."""
+        return (self.tokenizer.get_vocab() == tokenizer.get_vocab()
+                and getattr(self.tokenizer, "chat_template", None) == getattr(tokenizer, "chat_template", None))
 
     def texts(self, prompts: list, completions: list) -> list[str]:
         out = []
@@ -299,12 +368,20 @@ class RewardModelScorer:
         return scores
 
 
-def load_reward_functions(cfg: Any, device: Any) -> list:
-    """The rewards of an on-policy run: every --reward_funcs spec, then --reward_model_name_or_path's scorer."""
+def load_reward_functions(cfg: Any, device: Any, policy_tokenizer: Any = None, conversational: bool = False,
+                          report: Callable[[str], Any] = print) -> list:
+    """The rewards of an on-policy run: every --reward_funcs spec, then --reward_model_name_or_path's scorer. A
+    reward model whose tokenizer differs from the policy's is said once (`report`): completions reach it as text
+    and are re-tokenised with its own tokenizer."""
     fns = [load_reward_function(spec) for spec in cfg.reward_funcs]
     if cfg.reward_model_name_or_path:
-        fns.append(RewardModelScorer(cfg.reward_model_name_or_path, batch_size=cfg.per_device_train_batch_size,
-                                     device=device))
+        scorer = RewardModelScorer(cfg.reward_model_name_or_path, batch_size=cfg.per_device_train_batch_size,
+                                   device=device, chat_template=getattr(cfg, "reward_chat_template", None))
+        scorer.require_chat_template(conversational)
+        if policy_tokenizer is not None and not scorer.same_tokenizer_as(policy_tokenizer):
+            report(f"reward model {cfg.reward_model_name_or_path}: its tokenizer (or chat template) differs from the "
+                   "policy's; completions are decoded to text and re-tokenised with the reward model's own")
+        fns.append(scorer)
     if cfg.reward_weights is not None and len(cfg.reward_weights) != len(fns):
         raise PrefalignError(f"{len(cfg.reward_weights)} weights given for {len(fns)} rewards", "--reward_weights")
     return fns

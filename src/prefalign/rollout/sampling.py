@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from prefalign.data.prompts import PromptExample, load_prompts, tokenize_prompts
+from prefalign.errors import PrefalignError
 from prefalign.model.logprobs import completion_logps
 from prefalign.model.reference import inference
 from prefalign.rollout.generate import generate_completions
-from prefalign.rollout.rewards import combine_rewards, compute_rewards, reward_function_name
+from prefalign.rollout.rewards import combine_rewards, compute_rewards, reward_function_name, unscored_counts
 
 
 @dataclass
@@ -140,7 +141,16 @@ def completion_metrics(token_mask: Tensor, is_truncated: Tensor) -> dict[str, fl
     }
 
 
-def score(reward_fns: list, weights: list[float] | None, s: Sampled) -> tuple[Tensor, dict[str, float]]:
-    """Weighted rewards (N,) of a rollout and the per-function metrics."""
-    per_function = compute_rewards(reward_fns, s.prompts, s.completions, s.columns)  # (F, N)
-    return combine_rewards(per_function, weights, [reward_function_name(f) for f in reward_fns])
+def score(reward_fns: list, weights: list[float] | None, s: Sampled, when: str = "",
+          require_any: bool = False) -> tuple[Tensor, dict[str, float]]:
+    """Weighted rewards (N,) of a rollout and the per-function metrics; errors name `when` ("at step 3 ...").
+    With `require_any`, a rollout that no reward function scores at all (every value None) is an error: its
+    advantages would all be 0 and the step would train on nothing."""
+    per_function = compute_rewards(reward_fns, s.prompts, s.completions, s.columns, when)  # (F, N)
+    names = [reward_function_name(f) for f in reward_fns]
+    if require_any and per_function.numel() and bool(torch.isnan(per_function).all()):
+        n = per_function.size(1)
+        raise PrefalignError(f"no reward function scored any of the {n} completions ({unscored_counts(per_function, names)}); "
+                             "check that the functions apply to this data (e.g. its 'answer' column)",
+                             f"rewards {when}".strip())
+    return combine_rewards(per_function, weights, names)

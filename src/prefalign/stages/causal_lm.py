@@ -42,6 +42,7 @@ from prefalign.data.corpus import encode_documents, load_texts, pack_documents
 from prefalign.data.load import split_holdout
 from prefalign.data.packing import next_fit, pack_rows, row_length
 from prefalign.data.sft import load_sft_examples, tokenize_sft
+from prefalign.data.tokenize import split_names
 from prefalign.data.types import Segments
 from prefalign.errors import PrefalignError
 from prefalign.train.loop import LoopResult, shuffled_groups
@@ -170,11 +171,12 @@ def train_sft(cfg: SFTConfig) -> LoopResult:
 
     def build(session: Session) -> tuple[CausalLMStage, RunFacts]:
         train_rows, eval_rows = load_sft_examples(cfg)
-        train, stats = tokenize_sft(train_rows, session.tokenizer, cfg)
+        train_name, eval_name = split_names(cfg)
+        train, stats = tokenize_sft(train_rows, session.tokenizer, cfg, train_name)
         splits = [SplitCount.of("train", stats, "samples")]
         eval_ = None
         if eval_rows:
-            eval_, eval_stats = tokenize_sft(eval_rows, session.tokenizer, cfg)
+            eval_, eval_stats = tokenize_sft(eval_rows, session.tokenizer, cfg, eval_name)
             splits.append(SplitCount.of("eval", eval_stats, "samples"))
         stage = CausalLMStage(
             [[s] for s in train], [[s] for s in eval_] if eval_ else None, session.tokenizer.pad_token_id,

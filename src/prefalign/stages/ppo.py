@@ -21,6 +21,7 @@ the final output is the policy alone.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ from prefalign.rollout.sampling import Sampled, rollout_logps, take_rows
 from prefalign.stages.rollout import ShuffledMiniBatches, check_rl_config, train_online
 from prefalign.train.loop import LoopResult
 from prefalign.train.setup import Session, disable_dropout
+
+logger = logging.getLogger(__name__)
 
 
 def check_ppo_config(cfg: PPOConfig) -> None:
@@ -134,6 +137,7 @@ class PPO:
         self.model, self.policy = wrapper, wrapper.policy
         self.batching = ShuffledMiniBatches(cfg.per_device_train_batch_size, cfg.num_mini_batches, cfg.num_ppo_epochs,
                                             cfg.seed)
+        self._warned_unscored = False
 
     def prepare(self, batch: dict[str, Tensor], scores: Tensor, sampled: Sampled,
                 loss_mask: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
@@ -141,6 +145,15 @@ class PPO:
         logps, values = self._old_logps_and_values(batch)
         ref = rollout_logps(self.reference.model, batch, cfg.per_device_train_batch_size, cfg.temperature,
                             self.reference.weights)
+        # A completion no reward function scored (every one returned None) has a nan score; the stage has already
+        # refused a rollout with no score at all. Such completions get score 0 (only the KL penalty), and are
+        # counted in objective/unscored and said once.
+        unscored = int(torch.isnan(scores).sum())
+        if unscored and not self._warned_unscored:
+            logger.warning("ppo: %d of %d completions have no score (every reward function returned None); they "
+                           "are scored 0, so only the KL penalty trains them (objective/unscored counts them)",
+                           unscored, scores.numel())
+            self._warned_unscored = True
         rewards, objective = ppo_rewards(
             torch.nan_to_num(scores, nan=0.0), logps, ref, mask, kl_coef=cfg.kl_coef,
             kl_estimator=cfg.kl_estimator, missing_eos_penalty=cfg.missing_eos_penalty,
@@ -148,7 +161,7 @@ class PPO:
         )
         advantages, returns = compute_gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
         kept = {"old_logps": logps, "old_values": values, "advantages": advantages, "returns": returns}
-        return kept, {k: float(v) for k, v in objective.items()}
+        return kept, {**{k: float(v) for k, v in objective.items()}, "objective/unscored": float(unscored)}
 
     def _old_logps_and_values(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         n, chunk = batch["input_ids"].size(0), self.cfg.per_device_train_batch_size

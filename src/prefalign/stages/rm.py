@@ -27,11 +27,18 @@ from prefalign.data.collate import collate_padded
 from prefalign.data.tokenize import Truncation, load_tokenized_pairs
 from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
-from prefalign.model.load import enable_checkpointing, load_score_model, peft_wrapping
+from prefalign.model.load import (
+    check_lora_targets,
+    check_vocab,
+    enable_checkpointing,
+    has_new_head,
+    load_score_model,
+    peft_wrapping,
+)
 from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums, to_host
 from prefalign.train.runinfo import RunFacts, SplitCount
-from prefalign.train.setup import open_session, train_and_save
+from prefalign.train.setup import open_session, train_and_save, vocab_flag
 
 
 class RewardStage:
@@ -92,13 +99,14 @@ def _lora_targets(model: torch.nn.Module) -> list[str]:
 def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module, bool]:
     """(model, whether a new score head was created). With --use_peft: LoRA on the body, the head trained in full."""
     model, info = load_score_model(cfg.model_name_or_path, "--model_name_or_path", cfg, with_info=True)
-    new_head = any(k.split(".")[0] == "score" or ".score." in k for k in info.get("missing_keys", []))
+    new_head = has_new_head(info)
     # The head pools the last token that is not padding; saved in the config so that reloading pools the same.
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     if cfg.use_peft:
+        check_lora_targets(model, cfg.lora_target_modules)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target_modules or _lora_targets(model),
                           task_type="SEQ_CLS", modules_to_save=["score"])
@@ -126,6 +134,7 @@ def train_rm(cfg: RMConfig) -> LoopResult:
     session = open_session(cfg)
     train, eval_, stats = load_tokenized_pairs(cfg, session.tokenizer, limits)
     model, new_head = load_reward_model(cfg, session.tokenizer.pad_token_id)
+    check_vocab(model, session.tokenizer, vocab_flag(cfg))
     model = model.to(session.device)
     head = ("a new one-output score head, trained (the checkpoint has none)" if new_head
             else "the checkpoint's score head")

@@ -125,7 +125,8 @@ class RolloutStage:
                  eval_: RolloutSampler | None, reward_fns: list, num_processes: int = 1) -> None:
         self.cfg, self.algorithm, self.reward_fns = cfg, algorithm, reward_fns
         self.samplers = {"train": train, "eval": eval_}
-        step_rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
+        self.micro_per_step = cfg.gradient_accumulation_steps * num_processes
+        step_rows = cfg.per_device_train_batch_size * self.micro_per_step
         self.rows = algorithm.batching.rollout_rows(step_rows)
         self.plan = RolloutPlan(len(train.examples), self.rows // algorithm.num_generations, cfg.seed)
         self.progress_keys = algorithm.progress_keys
@@ -183,13 +184,19 @@ class RolloutStage:
                             self.cfg, self.algorithm.eval_reward_name)
 
     # ---------------------------------------------------------------- one rollout
+    def _when(self, epoch: int, r: int) -> str:
+        """'at step 5 (rollout 2 of epoch 1)': the first optimizer step that trains on rollout r, for messages."""
+        steps = len(self.algorithm.batching.micro_batches(epoch, r, self.rows)) // self.micro_per_step
+        step = (epoch * len(self.plan(epoch)) + r) * steps + 1
+        return f"at step {step} (rollout {r + 1} of epoch {epoch + 1})"
+
     def _sample(self, epoch: int, r: int) -> dict[str, Any]:
         """Rollout r of the epoch, sampled by the policy, scored, and prepared by the algorithm."""
         cfg = self.cfg
         s = self.samplers["train"].sample(self.algorithm.policy, self.plan(epoch)[r],  # type: ignore[union-attr]
                                           self.algorithm.num_generations, rollout_seed(cfg.seed, epoch, r))
         batch = {k: v.to(s.token_mask.device) if isinstance(v, Tensor) else v for k, v in s.batch.items()}
-        rewards, metrics = score(self.reward_fns, cfg.reward_weights, s)
+        rewards, metrics = score(self.reward_fns, cfg.reward_weights, s, self._when(epoch, r), require_any=True)
         loss_mask = s.token_mask
         if cfg.mask_truncated_completions:
             loss_mask = mask_truncated_completions(loss_mask, s.is_truncated)
@@ -205,7 +212,7 @@ def eval_rewards(sampler: RolloutSampler, model: nn.Module, indices: list[int], 
                  reward_name: str = "reward") -> MetricSums:
     """One sampled completion per held-out prompt, scored by the training rewards."""
     s = sampler.sample(model, indices, 1, rollout_seed(cfg.seed, -1, indices[0]))
-    rewards, per_fn = score(reward_fns, cfg.reward_weights, s)
+    rewards, per_fn = score(reward_fns, cfg.reward_weights, s, "in evaluation")
     n = float(len(indices))
     out: MetricSums = {reward_name: (float(torch.nansum(rewards)), float((~torch.isnan(rewards)).sum()))}
     out.update({k: (v * n, n) for k, v in per_fn.items() if k.endswith("/mean")})
@@ -249,7 +256,8 @@ def train_online(cfg: OnPolicyArgs, make_algorithm: AlgorithmFactory, run_name: 
     the loop → final policy in cfg.output_dir."""
     session = open_session(cfg)
     train, eval_ = load_samplers(cfg, session.tokenizer)
-    reward_fns = load_reward_functions(cfg, session.device)
+    conversational = any(e.is_conversational for e in train.examples)
+    reward_fns = load_reward_functions(cfg, session.device, session.tokenizer, conversational, session.print)
     policy = trainable_policy(cfg, session, no_dropout=cfg.disable_dropout)
     reference = build_reference(policy, cfg, needs_reference)
     algorithm = make_algorithm(policy, reference, session)

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from prefalign.config import ModelArgs, TrainArgs
 from prefalign.data.templates import resolve_chat_template
 from prefalign.errors import PrefalignError
-from prefalign.model.load import check_adapter_base, load_policy, load_processing, save_model
+from prefalign.model.load import check_adapter_base, check_vocab, load_policy, load_processing, save_model
 from prefalign.model.weights import is_main_process, load_weights_into
 from prefalign.train.distributed import check_launch, shard_plan
 from prefalign.train.files import drop_retired, publish_into, staged, staging_dir
@@ -101,10 +101,16 @@ def trainable_policy(cfg: ModelArgs, session: Session, *, no_dropout: bool = Fal
     """The policy to train (full weights, LoRA, continued adapter or QLoRA) on the session's device; with
     `no_dropout` every dropout is zeroed (see `disable_dropout`)."""
     model = load_policy(cfg, gradient_checkpointing=getattr(cfg, "gradient_checkpointing", False))
+    check_vocab(model, session.tokenizer, vocab_flag(cfg))
     model = model.to(session.device)
     if no_dropout:
         disable_dropout(model)
     return model
+
+
+def vocab_flag(cfg: ModelArgs) -> str:
+    """The flag a tokenizer/embedding size mismatch is blamed on: the tokenizer's when one is given apart."""
+    return "--tokenizer_name_or_path" if cfg.tokenizer_name_or_path else "--model_name_or_path"
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
