@@ -67,3 +67,20 @@ def vlm_pairs_file(tmp_path_factory) -> Path:
     rejected answers); the images are PNG files given by paths relative to the data file."""
     d = tmp_path_factory.mktemp("vlm_data")
     return write_jsonl(d / "pairs.jsonl", vlm_rows(d / "images"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A 2-layer Qwen2ForSequenceClassification with one label (a reward model as `prefalign rm` saves it)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    config = Qwen2Config(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("reward_model")
+    Qwen2ForSequenceClassification(config).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d

@@ -91,3 +91,40 @@ def test_cli_prompt(tiny_model_dir, tiny_tokenizer, capsys):
                  "--max_new_tokens", "8"]) == 0
     want = _expected(tiny_model_dir, tiny_tokenizer, [{"role": "user", "content": "hello"}])
     assert capsys.readouterr().out == want + "\n"
+
+
+@pytest.fixture()
+def no_template_dir(tiny_model_dir, tmp_path):
+    """The tiny model with its tokenizer saved without a chat template (a base model)."""
+    import json
+    import shutil
+
+    d = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_chat_takes_the_template_flags_of_training(no_template_dir, tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                   capsys):
+    args = ["chat", "--model_name_or_path", str(no_template_dir), "--prompt", "hello", "--temperature", "0",
+            "--max_new_tokens", "8"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        "prefalign chat: error: --chat_template: the tokenizer has no chat template; pass --chat_template (a built-in "
+        "name: chatml, llama3, mistral, gemma, phi3, deepseek, plain; or a .jinja file)")
+    assert main([*args, "--chat_template", "chatml"]) == 0  # the tiny tokenizer's own template is ChatML
+    want = _expected(tiny_model_dir, tiny_tokenizer, [{"role": "user", "content": "hello"}])
+    assert capsys.readouterr().out == want + "\n"
+    # a template that cannot render a system role: one line, as `prefalign dpo` gives, not the template's traceback
+    jinja = tmp_path / "nosys.jinja"
+    jinja.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                     "supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    assert main([*args, "--chat_template", str(jinja), "--system_prompt", "Be brief."]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["prefalign chat: error: --system_prompt: the chat template cannot render a system message (chat "
+                   "template failed: System role not supported); drop --system_prompt or choose another "
+                   "--chat_template"]

@@ -99,3 +99,39 @@ def test_chat_loop_history_grows_and_eof_ends(model, tiny_tokenizer):
     assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant"]
     # the second reply saw the whole conversation: it equals a fresh greedy reply to the first four messages
     assert history[4]["content"] == generate_reply(model, tiny_tokenizer, history[:4], max_new_tokens=5)
+
+
+def test_help_and_unknown_commands_are_not_sent_to_the_model(model, tiny_tokenizer):
+    inputs = iter(["/help", "/hlep", "hello", "/exit"])
+    out = io.StringIO()
+    history = chat_loop(model, tiny_tokenizer, input_fn=lambda _p: next(inputs), output=out, max_new_tokens=4)
+    assert [m["content"] for m in history if m["role"] == "user"] == ["hello"]
+    text = out.getvalue()
+    assert text.count("Commands: /help list these commands, /reset clear the conversation") == 3  # start, /help, /hlep
+    assert "unknown command /hlep; Commands:" in text
+
+
+def test_ctrl_c_stops_the_reply_not_the_session(model, tiny_tokenizer):
+    """Ctrl-C arrives while the reply streams (here: raised from the stream on its first piece, where a real
+    SIGINT lands inside model.generate); that turn is dropped and the next one is answered normally."""
+    inputs = iter(["first", "second", "/exit"])
+    armed: list[str] = []
+
+    def input_fn(_prompt: str) -> str:
+        line = next(inputs)
+        if line == "first":
+            armed.append(line)
+        return line
+
+    class Interrupting(io.StringIO):
+        def write(self, text: str) -> int:
+            if armed:  # the first thing written after "first" is read is a streamed piece of its reply
+                armed.clear()
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    out = Interrupting()
+    history = chat_loop(model, tiny_tokenizer, input_fn=input_fn, output=out, max_new_tokens=6)
+    assert "(reply stopped; this turn is not kept)" in out.getvalue()
+    assert [m["content"] for m in history if m["role"] == "user"] == ["second"]
+    assert history[1]["content"] == generate_reply(model, tiny_tokenizer, history[:1], max_new_tokens=6)

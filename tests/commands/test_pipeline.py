@@ -103,6 +103,15 @@ def test_every_stage_is_validated_before_anything_runs(tmp_path, capsys):
         plan(recipe(tmp_path, [{"stage": "sft"}]))
 
 
+def test_a_repeated_key_in_a_recipe_is_refused(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"stages:\n  - stage: sft\n    output_dir: {tmp_path / 'o'}\n    max_steps: 3\n"
+                    "    max_steps: 30\n")
+    assert main(["pipeline", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"prefalign pipeline: error: {path}:5: invalid YAML (duplicate key "
+                                               "'max_steps' (first on line 4))")
+
+
 @pytest.mark.slow
 def test_full_pipeline_runs_then_skips_finished_stages(tmp_path, capsys):
     path = full_recipe(tmp_path)

@@ -62,6 +62,32 @@ def test_prompt_template_keeps_other_braces_and_must_name_prompt():
     assert e.value.where == "--prompt_template"
 
 
+def test_prompt_template_fills_other_placeholders_from_columns():
+    """{question} comes from the row's column of that name; the prompt's own text is not substituted again; a
+    placeholder naming no text column is a one-line error that names it, the row and the columns there are."""
+    row = {"prompt": "say {topic}", "topic": "sums", "id": 3, "chosen": "a", "rejected": "b", "tags": ["x"]}
+    args = DataArgs(prompt_template="[{topic} #{id}] {prompt}")
+    assert normalize_pair(row, "x:1", args).prompt == "[sums #3] say {topic}"
+    for template, what in (("{missing} {prompt}", "is not a column"), ("{tags} {prompt}", "is not a text column")):
+        with pytest.raises(PrefalignError) as e:
+            normalize_pair(row, "x:1", DataArgs(prompt_template=template))
+        name = template.split()[0]
+        assert str(e.value) == (f"--prompt_template: placeholder {name} {what} of x:1 (text columns: chosen, id, "
+                                "prompt, rejected, topic)")
+
+
+def test_prompt_template_placeholders_in_sft_and_rl_prompts():
+    from prefalign.data.prompts import normalize_prompt_row
+    from prefalign.data.sft import normalize_sft_row
+
+    args = DataArgs(prompt_template="({level}) {prompt}")
+    row = {"prompt": "2+2?", "level": "easy", "completion": "4"}
+    assert normalize_prompt_row(row, "x:1", args).prompt == "(easy) 2+2?"
+    assert normalize_sft_row(row, "x:1", args).prompt == "(easy) 2+2?"
+    with pytest.raises(PrefalignError, match=r"placeholder \{level\} is not a column of x:2"):
+        normalize_prompt_row({"prompt": "2+2?"}, "x:2", args)
+
+
 def test_system_prompt_added_only_where_missing():
     args = DataArgs(system_prompt="you are helpful")
     no_system = normalize_pair({"prompt": conv(("user", "hi")), "chosen": CHOSEN, "rejected": REJECTED}, "x:1", args)

@@ -45,10 +45,11 @@ def test_summary_numbers(data, tok):
     # prompt is a list in one row and a string in others, so datasets stores rows as JSON: an absent key stays absent
     assert lines[1] == f"first invalid row: {data}:5: missing column 'rejected' (columns present: chosen, prompt)"
     assert lines[2] == "formats: B prompt messages + assistant answers (TRL): 1, E plain strings: 2"
-    table = {line.split()[0]: line.split()[-4:] for line in lines if line.startswith("  ")}
+    # each row of the table: its label (which may hold spaces) in the first 26 columns, then four numbers
+    table = {line[:26].strip(): line[26:].split() for line in lines if line.startswith("  ")}
     # nearest-rank percentiles of 3 values: p50 is the 2nd smallest, p90/p99/max the largest
     assert table == {"prompt": ["2", "19", "19", "19"], "chosen": ["3", "4", "4", "4"],
-                     "rejected": ["3", "3", "3", "3"], ["prompt", "+", "longer", "answer"][0]: ["5", "23", "23", "23"]}
+                     "rejected": ["3", "3", "3", "3"], "prompt + longer answer": ["5", "23", "23", "23"]}
     # max_length 12: the B row keeps 12 - 4 = 8 prompt tokens; the E rows (5 tokens) fit
     assert ("truncation (max_length=12, max_prompt_length=None, max_completion_length=None, keep_end): "
             "prompt cut in 1, completion cut in 0 of 2 kept pairs") in lines
@@ -134,3 +135,33 @@ def test_unpaired_feedback_report(tmp_path, tok):
     # row 3 is the pair: shown as its two examples, chosen desirable, rejected undesirable
     assert out.count(f"== row 3: {path}:4 (desirable") == 1 and out.count(f"== row 3: {path}:4 (undesirable") == 1
     assert "hello[[ yes<|im_end|>]]" in out and "hello[[ no<|im_end|>]]" in out
+
+
+def test_warnings_for_a_literal_backslash_n_and_blank_prompts(tmp_path, tok):
+    rows = [{"prompt": " ", "chosen": "yes", "rejected": "no"}, {"prompt": "hello", "chosen": "yes", "rejected": "no"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = inspect_dataset(DataArgs(dataset_name=str(path), prompt_template="Q: {prompt}\\nA:"), tok, color=False)
+    lines = out.splitlines()
+    assert lines[1].startswith("warning: --prompt_template contains a literal backslash-n (\\n), not a newline; in a "
+                               "shell write $'Question: {prompt}\\n\\nAnswer: '")
+    assert lines[2] == f"warning: 1 of 2 rows have an empty or whitespace-only 'prompt' column (first: {path}:1)"
+    clean = inspect_dataset(DataArgs(dataset_name=str(path), prompt_template="Q: {prompt}\nA:"), tok, color=False)
+    assert "backslash-n" not in clean
+
+
+def test_data_inspect_cli_entry(tiny_model_dir, tmp_path, capsys):
+    """`prefalign data inspect` is a two-word command: the CLI finds it, prints the report, and exits 0."""
+    from prefalign.cli import main
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    assert main(["data", "inspect", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(path),
+                 "--row", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"== {path}: 2 rows, 2 valid, 0 invalid ==\n")
+    assert f"== row 1: {path}:2 (format E: plain strings; raw text: no chat template, EOS appended) ==" in out
+    assert "[[four<|im_end|>]]" in out  # not a terminal: scored tokens in brackets, the EOS appended to raw text
+    assert main(["data", "inspect", "--dataset_name", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == ("prefalign data inspect: error: --model_name_or_path: is required (the "
+                                               "tokenizer to render with)")

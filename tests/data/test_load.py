@@ -194,3 +194,30 @@ def test_no_dataset_names_the_flag():
     with pytest.raises(PrefalignError) as e:
         load_pairs(DataArgs())
     assert e.value.where == "--dataset_name"
+
+
+def test_column_oriented_json_is_recognised(tmp_path):
+    """pandas' to_json(orient="list") layout loads as one row of lists; it is named as such, compact or
+    pretty-printed, conversational columns included, while a real single conversational row still loads."""
+    columns = {"prompt": [conv(("user", "a")), conv(("user", "b"))], "chosen": ["x", "y"], "rejected": ["u", "v"]}
+    for name, text in (("c.json", json.dumps(columns)), ("p.json", json.dumps(columns, indent=2)),
+                       ("l.jsonl", json.dumps(columns) + "\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(PrefalignError) as e:
+            load_rows(str(tmp_path / name))
+        assert str(e.value) == (f"{tmp_path / name}: column-oriented JSON (one object of 3 columns holding 2 values "
+                                "each); write one object per row instead: JSON Lines, or a JSON array of objects")
+    one = {"prompt": conv(("user", "hi")), "chosen": conv(("assistant", "a")), "rejected": conv(("assistant", "b"))}
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    assert [r for r, _ in load_rows(str(tmp_path / "one.json"))] == [one]
+
+
+def test_blank_prompts_are_counted_in_one_warning(tmp_path, caplog):
+    rows = [{"prompt": " \t", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b"},
+            {"prompt": conv(("user", "  ")), "chosen": conv(("assistant", "a")), "rejected": conv(("assistant", "b"))}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="prefalign.data"):
+        train, _ = load_pairs(DataArgs(dataset_name=str(path)))
+    assert len(train) == 3  # kept: a row may have no context
+    assert (f"{path}: 2 of 3 rows have an empty or whitespace-only 'prompt' column (first: {path}:1)"
+            in caplog.text)

@@ -14,7 +14,7 @@ import pytest
 from helpers import conv
 from prefalign.config import DataArgs
 from prefalign.data.formats import normalize_pair
-from prefalign.data.tokenize import Truncation, tokenize_pairs
+from prefalign.data.tokenize import Truncation, split_names, tokenize_pairs
 from prefalign.data.types import Pair
 from prefalign.errors import PrefalignError
 
@@ -155,6 +155,19 @@ def test_all_dropped_explains_why(tiny_tokenizer):
         tokenize_pairs(pairs, tiny_tokenizer, Truncation.of(DataArgs(max_length=8, truncation_mode="keep_start")))
     assert str(e.value) == ("--max_length: all 12 pairs dropped: no completion token left "
                             "(prompt fills --max_length=8): 12")
+
+
+def test_all_dropped_names_the_split_and_its_file(tiny_tokenizer):
+    pairs = [chat_pair(source=f"a:{i}") for i in range(3)]
+    limits = Truncation.of(DataArgs(max_length=8, truncation_mode="keep_start"))
+    with pytest.raises(PrefalignError) as e:
+        tokenize_pairs(pairs, tiny_tokenizer, limits, what="evaluation set held.jsonl")
+    assert str(e.value) == ("evaluation set held.jsonl: all 3 pairs dropped: no completion token left (prompt fills "
+                            "--max_length=8): 3; raise --max_length / --max_completion_length")
+    assert split_names(DataArgs(dataset_name="t.jsonl", eval_dataset_name="e.jsonl")) == (
+        "training set t.jsonl", "evaluation set e.jsonl")
+    assert split_names(DataArgs(dataset_name="t.jsonl", eval_split_ratio=0.1))[1] == (
+        "evaluation set (--eval_split_ratio 0.1 of t.jsonl)")
 
 
 def test_prompt_not_a_token_prefix_splits_where_tokens_diverge(tiny_tokenizer, caplog):

@@ -59,3 +59,20 @@ def test_invalid_report(tmp_path, bad):
     with pytest.raises(PrefalignError, match="report"):
         write_report(tmp_path, bad)
     assert not (tmp_path / "report.json").exists()
+
+
+def test_quick_runs_say_not_checked_instead_of_fail(tmp_path):
+    """--quick trains far too little for the targets: its report must not print FAIL for a machinery check."""
+    from prefalign.demo.pipeline import summary
+
+    report = {**_report(), "settings": {"quick": True}, "this_run_wall_time_s": 30.0}
+    _, md_path = write_report(tmp_path, report)
+    md = md_path.read_text()
+    assert "FAIL" not in md and "PASS" not in md
+    assert "- not checked (quick): grpo gains +0.125 over the baseline (needs >= +0.20)" in md
+    assert "quick mode checks the machinery, not the accuracy targets" in md
+    text = summary(report, md_path)
+    assert "FAIL" not in text and "not checked (quick): grpo gains +0.125 (needs +0.20)" in text
+    assert "note: quick mode checks the machinery, not the accuracy targets (run without --quick for those)" in text
+    full = summary({**report, "settings": {"quick": False}}, md_path)
+    assert "FAIL: grpo gains +0.125 (needs +0.20)" in full and "PASS: dpo gains +0.375" in full

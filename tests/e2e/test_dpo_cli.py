@@ -155,11 +155,60 @@ def test_malformed_data_via_real_entry_point(tiny_model_dir, tmp_path):
     assert len(lines) == 1 and "bad.jsonl:2" in lines[0] and "Traceback" not in proc.stderr
 
 
-def test_reference_free_and_combined_losses(tiny_model_dir, pairs_file, tmp_path):
+def _hand_logps(model_dir, pairs_file) -> list[tuple[float, int, float, int]]:
+    """(sum of chosen token log-probs, chosen tokens, the same for rejected) of every pair, from one plain
+    full-sequence forward per completion of the untrained model: the step-1 inputs, computed apart from the stage."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefalign.config import DataArgs
+    from prefalign.data.load import load_pairs
+    from prefalign.data.tokenize import Truncation, tokenize_pairs
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    pairs, _ = tokenize_pairs(load_pairs(DataArgs(dataset_name=str(pairs_file)))[0],
+                              AutoTokenizer.from_pretrained(model_dir), Truncation(max_length=1024))
+    out = []
+    with torch.no_grad():
+        for pair in pairs:
+            row = []
+            for completion in (pair.chosen_ids, pair.rejected_ids):
+                ids = torch.tensor([pair.prompt_ids + completion])
+                logps = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+                start = len(pair.prompt_ids)
+                row += [sum(logps[t - 1, ids[0, t]].item() for t in range(start, ids.size(1))), len(completion)]
+            out.append(tuple(row))
+    return out
+
+
+def test_reference_free_and_combined_losses_at_step_1(tiny_model_dir, pairs_file, tmp_path):
+    """Step 1 (all 16 pairs in one batch, before any update) against the formulas written out here, beta 0.1:
+    SimPO  -log σ(β(ā_c − ā_r) − γ), ā = mean token log-prob, γ = 0.5;
+    ORPO   −ā_c − β log σ((ā_c − ā_r) − (log(1 − e^ā_c) − log(1 − e^ā_r)));
+    DPO + SFT: ln 2 (policy = reference) + the chosen NLL −ā_c."""
+    hand = _hand_logps(tiny_model_dir, pairs_file)
+    beta, gamma = 0.1, 0.5
+
+    def logsig(z: float) -> float:
+        return -math.log1p(math.exp(-z))
+
+    def mean(values) -> float:
+        values = list(values)
+        return sum(values) / len(values)
+
+    avg = [(sc / nc, sr / nr) for sc, nc, sr, nr in hand]
+    expected = {
+        "simpo": mean(-logsig(beta * (c - r) - gamma) for c, r in avg),
+        "orpo": mean(-c - beta * logsig((c - r) - (math.log(-math.expm1(c)) - math.log(-math.expm1(r))))
+                     for c, r in avg),
+        "sigmoid_sft": math.log(2) + mean(-c for c, _ in avg),
+    }
     for losses in (["simpo"], ["orpo"], ["sigmoid", "sft"]):
         out = tmp_path / "_".join(losses)
-        assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 2, "--loss_type", *losses) == 0
-        assert all(math.isfinite(r["loss"]) for r in read_metrics(out / "metrics.jsonl"))
+        assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 1, "--per_device_train_batch_size", 16,
+                    "--loss_type", *losses) == 0
+        (first,) = read_metrics(out / "metrics.jsonl")
+        assert first["loss"] == pytest.approx(expected["_".join(losses)], rel=1e-5), losses
+    assert first["logps/chosen"] == pytest.approx(mean(h[0] for h in hand), rel=1e-5)  # sums of token log-probs
 
 
 def test_python_api(tiny_model_dir, pairs_file, tmp_path):
@@ -171,11 +220,43 @@ def test_python_api(tiny_model_dir, pairs_file, tmp_path):
     assert result.state.global_step == 2 and "loss" in result.last_metrics
 
 
+class _ForwardLog:
+    """Every forward of a whole causal LM in this process, as (model id, grad enabled), via torch's global
+    forward pre-hook. Training forwards the policy with grad; a reference forward runs without."""
+
+    def __enter__(self):
+        from transformers import PreTrainedModel
+
+        self.calls: list[tuple[int, bool]] = []
+
+        def hook(module, _args):
+            if isinstance(module, PreTrainedModel) and hasattr(module, "lm_head"):
+                self.calls.append((id(module), torch.is_grad_enabled()))
+
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def reference_forwards_during_training(self) -> int:
+        """No-grad forwards after the first training (grad) forward."""
+        first = next(i for i, (_, grad) in enumerate(self.calls) if grad)
+        return sum(not grad for _, grad in self.calls[first:])
+
+
 def test_precomputed_reference_matches_live_and_is_reused(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFALIGN_CACHE_DIR", str(tmp_path / "cache"))
     live, pre, again = tmp_path / "live", tmp_path / "pre", tmp_path / "again"
-    assert _run(tiny_model_dir, pairs_file, live, "--max_steps", 3) == 0
-    assert _run(tiny_model_dir, pairs_file, pre, "--max_steps", 3, "--precompute_ref_log_probs") == 0
+    with _ForwardLog() as live_log:
+        assert _run(tiny_model_dir, pairs_file, live, "--max_steps", 3) == 0
+    with _ForwardLog() as pre_log:
+        assert _run(tiny_model_dir, pairs_file, pre, "--max_steps", 3, "--precompute_ref_log_probs") == 0
+    # 16 pairs in batches of 4: the live run forwards the reference once per micro-batch, the precomputed one
+    # forwards it only before training (16 pairs in batches of per_device_eval_batch_size 8) and never during it
+    assert live_log.reference_forwards_during_training() == 3
+    assert pre_log.reference_forwards_during_training() == 0
+    assert sum(not grad for _, grad in pre_log.calls) == 2
     files = list((tmp_path / "cache" / "ref_logps").glob("*.safetensors"))
     assert len(files) == 1
     stamp = files[0].stat().st_mtime_ns
@@ -235,12 +316,15 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tiny_model_dir, pairs_file, tmp_pat
 def test_bf16_autocast_and_tensorboard(tiny_model_dir, pairs_file, tmp_path):
     out = tmp_path / "bf16"
     assert _run(tiny_model_dir, pairs_file, out, "--max_steps", 2, "--bf16", "--report_to", "tensorboard") == 0
-    records = read_metrics(out / "metrics.jsonl")
-    assert all(math.isfinite(r["loss"]) for r in records)
+    first, second = read_metrics(out / "metrics.jsonl")
+    # under bf16 autocast policy and reference still run the same computation on the same weights at step 1
+    assert first["rewards/margins"] == 0.0 and first["rewards/chosen"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert math.isfinite(second["loss"]) and second["rewards/margins"] != 0.0  # and it trains
     assert list(out.rglob("events.out.tfevents.*"))
 
 
-def test_fast_path_is_default_and_equals_padded(tiny_model_dir, tmp_path):
+def test_fast_path_is_default_and_equals_padded(tiny_model_dir, tmp_path, capsys):
     """Packed shared-prompt batches (the default), packed without sharing, and padded rows give the same curve;
     multi-turn prompts of mixed lengths make padding and prompt sharing matter."""
     rows = []
@@ -249,11 +333,15 @@ def test_fast_path_is_default_and_equals_padded(tiny_model_dir, tmp_path):
         rows.append({"prompt": conv(*history), "chosen": conv(("assistant", f"{i + i % 3}")),
                      "rejected": conv(("assistant", f"{i + i % 3 + 1} " + "no " * (i % 3)))})
     data = write_jsonl(tmp_path / "multi.jsonl", rows)
-    curves = {}
+    curves, layouts = {}, {}
     for name, extra in {"shared": [], "packed": ["--share_prompt", "false"],
                         "padded": ["--padding_free", "false"]}.items():
         assert _run(tiny_model_dir, data, tmp_path / name, "--max_steps", 3, *extra) == 0
         curves[name] = read_metrics(tmp_path / name / "metrics.jsonl")
+        layouts[name] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  layout ")]
+    # the default really ran packed with a shared prompt (a silent fallback to padding would pass the curves)
+    assert layouts == {"shared": ["  layout      packed (padding-free), shared prompt"],
+                       "packed": ["  layout      packed (padding-free)"], "padded": ["  layout      padded (--padding_free false)"]}
     for name in ("shared", "packed"):
         for a, b in zip(curves["padded"], curves[name]):
             for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "grad_norm"):

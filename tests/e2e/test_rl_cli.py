@@ -90,3 +90,69 @@ def test_bad_flags_are_one_line_errors(tiny_model_dir, prompts, tmp_path, capsys
     assert _run(command, tiny_model_dir, prompts, tmp_path / "x", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+REWARDS = '''
+def never(prompts, completions, **kw):
+    return [None for _ in completions]
+
+
+def boom(prompts, completions, **kw):
+    scores = []
+    for c in completions:
+        scores.append(len(c) / 0)  # the user's bug
+    return scores
+
+
+def half(prompts, completions, answer, **kw):
+    return [None if int(a) % 2 else 1.0 for a in answer]
+'''
+
+
+@pytest.fixture()
+def rewards_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARDS)
+    return path
+
+
+def test_a_rollout_no_reward_scores_is_a_one_line_error(tiny_model_dir, prompts, rewards_file, tmp_path, capsys):
+    out = tmp_path / "none"
+    assert _run("grpo", tiny_model_dir, prompts, out, "--reward_funcs", f"{rewards_file}:never", "length:3",
+                "--reward_weights", 1, 0, "--num_generations", 4, "--per_device_train_batch_size", 4,
+                "--max_steps", 2) == 0  # one function that scores is enough
+    assert _run("grpo", tiny_model_dir, prompts, out, "--reward_funcs", f"{rewards_file}:never",
+                "--num_generations", 4, "--per_device_train_batch_size", 4, "--max_steps", 2,
+                "--overwrite_output_dir") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["prefalign grpo: error: rewards at step 1 (rollout 1 of epoch 1): no reward function scored any "
+                   "of the 4 completions (never: 4 None); check that the functions apply to this data (e.g. its "
+                   "'answer' column)"]
+
+
+def test_a_raising_reward_function_keeps_its_traceback_then_one_line(tiny_model_dir, prompts, rewards_file, tmp_path,
+                                                                     capsys):
+    assert _run("grpo", tiny_model_dir, prompts, tmp_path / "boom", "--reward_funcs", f"{rewards_file}:boom",
+                "--num_generations", 4, "--per_device_train_batch_size", 4, "--max_steps", 2) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):"
+    assert any(f'File "{rewards_file}", line 9, in boom' in line for line in err)
+    assert "scores.append(len(c) / 0)  # the user's bug" in "\n".join(err)
+    assert not any("prefalign/rollout" in line for line in err)  # our frames are left out
+    assert err[-2] == "ZeroDivisionError: division by zero"
+    assert err[-1] == ("prefalign grpo: error: reward function boom at step 1 (rollout 1 of epoch 1): raised "
+                       "ZeroDivisionError: division by zero")
+
+
+def test_ppo_counts_unscored_completions(tiny_model_dir, prompts, rewards_file, tmp_path, caplog):
+    """`half` scores the rows with an even answer only: 4 of the 8 prompts (answers 2..6, one completion each)."""
+    import logging
+
+    out = tmp_path / "ppo"
+    with caplog.at_level(logging.WARNING, logger="prefalign.stages.ppo"):
+        assert _run("ppo", tiny_model_dir, prompts, out, "--reward_funcs", f"{rewards_file}:half",
+                    "--per_device_train_batch_size", 8, "--max_steps", 1, "--num_ppo_epochs", 1) == 0
+    (record,) = read_metrics(out / "metrics.jsonl")
+    answers = [a + b for a in range(1, 5) for b in (1, 2)]
+    assert record["objective/unscored"] == sum(x % 2 for x in answers) == 4
+    assert "ppo: 4 of 8 completions have no score (every reward function returned None)" in caplog.text

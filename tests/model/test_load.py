@@ -189,3 +189,71 @@ def test_save_peft_saves_only_policy_adapter_and_merged(tiny_model_dir, tiny_tok
     # Saving did not merge into (or unload) the live training model.
     assert set(model.peft_config) == {POLICY_ADAPTER, REFERENCE_ADAPTER}
     torch.testing.assert_close(_logits(model), expected, atol=0, rtol=0)
+
+
+@pytest.fixture()
+def remote_code_dir(tiny_model_dir, tmp_path):
+    """The tiny model with an auto_map pointing at a module that, when imported, leaves a marker file: what a
+    checkpoint carrying its own code looks like. The classes it names are transformers' own."""
+    import json
+    import shutil
+
+    d = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, d)
+    marker = tmp_path / "remote_code_ran"
+    (d / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                               "from transformers import Qwen2Config as EvilConfig, Qwen2ForCausalLM as EvilModel\n"
+                               "from transformers import Qwen2ForSequenceClassification as EvilScore\n")
+    config = json.loads((d / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel",
+                          "AutoModelForSequenceClassification": "evil.EvilScore"}
+    (d / "config.json").write_text(json.dumps(config))
+    return d, marker
+
+
+def test_no_loader_runs_checkpoint_code_unless_asked(remote_code_dir, tiny_reward_model_dir) -> None:
+    """trust_remote_code stays off in every loader: the policy's, the reward and value models' (scorer, PPO's
+    value model) and the chat/eval one; only --trust_remote_code runs the checkpoint's code."""
+    from prefalign.model.load import load_model_for_inference, load_pretrained, load_score_model
+    from prefalign.rollout.rewards import RewardModelScorer
+
+    d, marker = remote_code_dir
+    load_tokenizer(ModelArgs(model_name_or_path=str(d)))
+    load_policy(ModelArgs(model_name_or_path=str(d)))
+    load_score_model(str(d), "--value_model_name_or_path")
+    load_model_for_inference(str(d))
+    RewardModelScorer(tiny_reward_model_dir)
+    assert not marker.exists()
+    load_pretrained(str(d), ModelArgs(trust_remote_code=True), "--model_name_or_path")
+    assert marker.exists()  # the fixture really carries code: the flag, and only the flag, runs it
+
+
+def test_a_classification_checkpoint_is_refused_as_a_causal_lm(tiny_reward_model_dir) -> None:
+    from prefalign.model.load import load_model_for_inference, load_pretrained
+
+    message = (f"{tiny_reward_model_dir} is a Qwen2ForSequenceClassification checkpoint (a reward/classification "
+               "model); a policy must be a causal language model (…ForCausalLM)")
+    for load, flag in ((lambda: load_pretrained(str(tiny_reward_model_dir), ModelArgs(), "--ref_model_name_or_path"),
+                        "--ref_model_name_or_path"),
+                       (lambda: load_model_for_inference(str(tiny_reward_model_dir)), "--model_name_or_path")):
+        with pytest.raises(PrefalignError) as e:
+            load()
+        assert str(e.value) == f"{flag}: {message}"
+
+
+def test_lora_targets_and_vocabulary_are_checked(tiny_model_dir, tiny_llama_dir, tmp_path) -> None:
+    from helpers import build_tokenizer
+    from prefalign.model.load import check_lora_targets, check_vocab
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    check_lora_targets(model, ["q_proj", "self_attn.v_proj", "layers.0.mlp.up_proj"])  # names and dotted suffixes
+    with pytest.raises(PrefalignError) as e:
+        check_lora_targets(model, ["q_proj", "qproj"])  # one typo beside a real name would leave a layer bare
+    assert str(e.value) == ("--lora_target_modules: LlamaForCausalLM has no module named 'qproj'; its linear layers "
+                            "are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
+    check_vocab(model, AutoTokenizer.from_pretrained(tiny_model_dir), "--model_name_or_path")
+    big = build_tokenizer(tmp_path / "big", vocab_size=500)
+    with pytest.raises(PrefalignError) as e:
+        check_vocab(model, big, "--tokenizer_name_or_path")
+    assert str(e.value) == (f"--tokenizer_name_or_path: the tokenizer has {len(big)} tokens but the model's embedding "
+                            "has 400 rows (larger ids would index past it); use the model's own tokenizer")

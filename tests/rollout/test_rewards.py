@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -98,19 +99,8 @@ def test_compute_rewards_checks_returns():
 
 
 @pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory, tiny_tokenizer):
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
-
-    config = Qwen2Config(
-        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForSequenceClassification(config)
-    d = tmp_path_factory.mktemp("rm")
-    model.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+def reward_model_dir(tiny_reward_model_dir):
+    return tiny_reward_model_dir
 
 
 def test_reward_model_scorer_matches_unpadded_forward(reward_model_dir, tiny_tokenizer):
@@ -144,3 +134,126 @@ def test_reward_model_scorer_conversational_template(reward_model_dir, tiny_toke
     assert scorer(prompts=[prompt, prompt], completions=[completion, [{"role": "assistant", "content": "no"}]]) == [0.0, 0.0]
     with pytest.raises(PrefalignError, match="does not exist"):
         RewardModelScorer(reward_model_dir / "nope", tiny_tokenizer)
+
+
+@pytest.mark.parametrize("returned, message", [
+    (0.5, "returned float (0.5) instead of a list of 2 values (one number or None per completion)"),
+    (None, "returned None instead of a list of 2 values"),
+    ("0.5", "returned str ('0.5') instead of a list of 2 values"),
+    ({"a": 1}, "returned dict ({'a': 1}) instead of a list of 2 values"),
+    ([1.0, 2.0, 3.0], "returned 3 values for 2 completions"),
+    ([1.0, "high"], "returned a value that is neither a number nor None: completion 1 got str ('high')"),
+    ([math.nan, 1.0], "returned nan for 1 of 2 completions; return a finite number, or None for a completion the "
+                      "function does not score"),
+    ([math.inf, -math.inf], "returned inf for 2 of 2 completions"),
+    ([math.nan, math.inf], "returned nan for 1 and inf for 1 of 2 completions"),
+])
+def test_a_wrong_return_names_the_function_and_what_it_returned(returned, message):
+    def my_reward(prompts, completions, **kw):
+        return returned
+
+    with pytest.raises(PrefalignError) as e:
+        compute_rewards([my_reward], ["p", "p"], ["a", "b"], when="at step 3 (rollout 3 of epoch 1)")
+    assert str(e.value).startswith(f"reward function my_reward at step 3 (rollout 3 of epoch 1): {message}")
+    assert "\n" not in str(e.value)
+
+
+def test_tuples_tensors_and_none_are_accepted():
+    def as_tensor(prompts, completions, **kw):
+        return torch.tensor([1.0, 2.0])
+
+    def as_tuple(prompts, completions, **kw):
+        return (None, 3)
+
+    out = compute_rewards([as_tensor, as_tuple], ["p", "p"], ["a", "b"])
+    assert out[0].tolist() == [1.0, 2.0] and math.isnan(out[1, 0].item()) and out[1, 1].item() == 3.0
+
+
+def test_a_raising_function_keeps_its_traceback(tmp_path):
+    from prefalign.errors import UserCodeError
+
+    (tmp_path / "mine.py").write_text("def judge(prompts, completions, **kw):\n    return [1 / 0 for _ in completions]\n")
+    fn = load_reward_function(f"{tmp_path / 'mine.py'}:judge")
+    with pytest.raises(UserCodeError) as e:
+        compute_rewards([fn], ["p"], ["a"], when="at step 2 (rollout 2 of epoch 1)")
+    assert str(e.value) == "reward function judge at step 2 (rollout 2 of epoch 1): raised ZeroDivisionError: division by zero"
+    assert isinstance(e.value.__cause__, ZeroDivisionError)  # the CLI prints its traceback, which points at mine.py
+    (tmp_path / "broken.py").write_text("def judge(prompts, completions:\n    return []\n")
+    with pytest.raises(UserCodeError) as e:
+        load_reward_function(f"{tmp_path / 'broken.py'}:judge")
+    assert str(e.value).startswith(f"{tmp_path / 'broken.py'}:judge: cannot load {tmp_path / 'broken.py'}: SyntaxError")
+    assert isinstance(e.value.__cause__, SyntaxError)
+
+
+def test_a_rollout_no_function_scores_is_an_error_with_counts():
+    from prefalign.rollout.sampling import Sampled, score
+
+    def never(prompts, completions, **kw):
+        return [None] * len(completions)
+
+    s = Sampled({}, torch.ones(3, 1), torch.zeros(3, dtype=torch.bool), ["p"] * 3, ["a", "b", "c"], {"answer": [None] * 3})
+    fns = [never, load_reward_function("exact_match")]
+    with pytest.raises(PrefalignError) as e:
+        score(fns, None, s, "at step 1 (rollout 1 of epoch 1)", require_any=True)
+    assert str(e.value) == ("rewards at step 1 (rollout 1 of epoch 1): no reward function scored any of the 3 "
+                            "completions (never: 3 None, exact_match: 3 None); check that the functions apply to "
+                            "this data (e.g. its 'answer' column)")
+    rewards, _ = score(fns, None, s)  # evaluation: reported as nan, not refused
+    assert torch.isnan(rewards).all()
+
+
+def test_reward_model_scorer_refuses_a_causal_lm_and_names_the_flag(tiny_model_dir, tiny_tokenizer):
+    """A causal LM has no trained score head: transformers would score with a random one."""
+    with pytest.raises(PrefalignError) as e:
+        RewardModelScorer(tiny_model_dir)
+    assert str(e.value) == (f"--reward_model_name_or_path: {tiny_model_dir} is a Qwen2ForCausalLM checkpoint without a "
+                            "trained score head; a reward model must be a sequence-classification model (e.g. the "
+                            "output of `prefalign rm`)")
+    import copy
+
+    no_pad = copy.deepcopy(tiny_tokenizer)
+    no_pad.pad_token = None
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    with pytest.raises(PrefalignError, match=r"^--reward_model_name_or_path: the reward tokenizer has no pad token$"):
+        RewardModelScorer(model, no_pad)
+
+
+def test_reward_tokenizer_differences_are_said_once_and_a_missing_template_refused(
+        tiny_reward_model_dir, tiny_tokenizer, tmp_path):
+    import copy
+
+    from prefalign.config import GRPOConfig
+    from prefalign.rollout.rewards import load_reward_functions
+
+    cfg = GRPOConfig(reward_model_name_or_path=str(tiny_reward_model_dir))
+    said: list[str] = []
+    fns = load_reward_functions(cfg, "cpu", tiny_tokenizer, conversational=True, report=said.append)
+    assert len(fns) == 1 and said == []  # the same tokenizer and template: nothing to say
+    other = copy.deepcopy(tiny_tokenizer)
+    other.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    load_reward_functions(cfg, "cpu", other, conversational=True, report=said.append)
+    assert said == [f"reward model {tiny_reward_model_dir}: its tokenizer (or chat template) differs from the "
+                    "policy's; completions are decoded to text and re-tokenised with the reward model's own"]
+
+    # the same reward model, its tokenizer saved without a chat template
+    import shutil
+
+    bare = tmp_path / "bare_rm"
+    shutil.copytree(tiny_reward_model_dir, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    cfg = GRPOConfig(reward_model_name_or_path=str(bare))
+    with pytest.raises(PrefalignError) as e:
+        load_reward_functions(cfg, "cpu", tiny_tokenizer, conversational=True, report=said.append)
+    assert str(e.value) == ("--reward_chat_template: the reward model's tokenizer has no chat template and the "
+                            "prompts are conversational; pass the template it was trained with (a built-in name or "
+                            "a .jinja file)")
+    load_reward_functions(cfg, "cpu", tiny_tokenizer, conversational=False)  # text prompts need no template
+    cfg.reward_chat_template = "chatml"
+    (scorer,) = load_reward_functions(cfg, "cpu", tiny_tokenizer, conversational=True)
+    assert scorer.texts([[{"role": "user", "content": "hi"}]], [ASSISTANT]) == [
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n 42\n<|im_end|>\n"]

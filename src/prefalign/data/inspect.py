@@ -18,7 +18,7 @@ from typing import Any
 
 from prefalign.config import PairData
 from prefalign.data.formats import FORMAT_NAMES, detect_format, normalize_pair
-from prefalign.data.load import load_rows
+from prefalign.data.load import Row, blank_prompt_rows, load_rows
 from prefalign.data.templates import prompt_template_warning, resolve_chat_template
 from prefalign.data.tokenize import (
     DROP_REASONS,
@@ -30,7 +30,7 @@ from prefalign.data.tokenize import (
     encode_pairs,
     truncate,
 )
-from prefalign.data.types import Pair, UnpairedExample, is_blank_prompt
+from prefalign.data.types import Pair, UnpairedExample
 from prefalign.data.unpaired import balance_advice, encode_unpaired, label_summary, normalize_feedback
 from prefalign.data.vision import image_runs
 from prefalign.errors import PrefalignError
@@ -70,7 +70,7 @@ def inspect_dataset(args: PairData, tokenizer: Any, row: int | None = None, colo
             errors[i] = e
     encoded = encode_pairs([p for _, p in pairs], tokenizer, processor)
     truncated = [truncate(e, limits) for e in encoded]
-    sections = [_summary(args, tokenizer, len(rows), pairs, errors, formats, encoded, truncated)]
+    sections = [_summary(args, tokenizer, rows, pairs, errors, formats, encoded, truncated)]
     by_row = {i: k for k, (i, _) in enumerate(pairs)}
     if index in by_row:
         k = by_row[index]
@@ -90,13 +90,18 @@ def _percentiles(values: list[int]) -> list[int]:
     return [s[min(len(s) - 1, max(0, -(-q * len(s) // 100) - 1))] for q in (50, 90, 99)] + [s[-1]]
 
 
-def _summary(args: PairData, tokenizer: Any, n_rows: int, pairs: list[tuple[int, Pair]],
+def _summary(args: PairData, tokenizer: Any, rows: list[Row], pairs: list[tuple[int, Pair]],
              errors: dict[int, PrefalignError], formats: Counter, encoded: list[Encoded],
              truncated: list[Truncated]) -> str:
+    n_rows = len(rows)
     lines = [f"== {args.dataset_name}: {n_rows} rows, {len(pairs)} valid, {len(errors)} invalid =="]
     template_warning = prompt_template_warning(args.prompt_template)
     if template_warning:
         lines.append(f"warning: {template_warning}")
+    blank = blank_prompt_rows(rows, args.prompt_column)
+    if blank:
+        lines.append(f"warning: {len(blank)} of {n_rows} rows have an empty or whitespace-only '{args.prompt_column}' "
+                     f"column (first: {blank[0]})")
     if errors:
         lines.append(f"first invalid row: {next(iter(errors.values()))}")
     lines.append("formats: " + ", ".join(f"{f} {FORMAT_NAMES[f]}: {n}" for f, n in sorted(formats.items())))
@@ -146,9 +151,6 @@ def _warnings(pairs: list[tuple[int, Pair]], encoded: list[Encoded], truncated: 
     if n and cut >= 0.25 * n:
         out.append(f"warning: {cut} of {n} pairs lose the end of a completion (often its EOS), so the model "
                    "is not taught to stop there; consider a larger --max_length")
-    blank = [p.source for _, p in pairs if is_blank_prompt(p.prompt)]
-    if blank:
-        out.append(f"warning: {len(blank)} of {n} pairs have an empty or whitespace-only prompt (first: {blank[0]})")
     margins = [p.margin for _, p in pairs if p.margin is not None]
     if margins:
         out.append(f"margin column: {len(margins)} rows, min {min(margins):g}, mean "

@@ -20,7 +20,7 @@ import datasets
 from prefalign.config import DataArgs
 from prefalign.data.formats import normalize_pair
 from prefalign.data.templates import prompt_template_warning
-from prefalign.data.types import Pair
+from prefalign.data.types import Pair, is_blank_prompt
 from prefalign.errors import PrefalignError
 
 T = TypeVar("T")
@@ -193,9 +193,21 @@ def normalize_rows(rows: list[Row], args: DataArgs, what: str,
             errors.append(e)
     if errors:
         logger.warning("%s: skipped %d invalid rows of %d (first: %s)", what, len(errors), len(rows), errors[0])
+    blank = blank_prompt_rows(rows, getattr(args, "prompt_column", "prompt"))
+    if blank:
+        logger.warning("%s: %d of %d rows have an empty or whitespace-only '%s' column (first: %s); the model is "
+                       "trained on them with no question to answer", what, len(blank), len(rows),
+                       getattr(args, "prompt_column", "prompt"), blank[0])
     if not out:
         raise PrefalignError(f"all {len(rows)} rows are invalid; first: {errors[0]}", where=what)
     return out
+
+
+def blank_prompt_rows(rows: list[Row], column: str) -> list[str]:
+    """Sources of the rows whose prompt column is present but empty or whitespace only (a string, or messages whose
+    contents all are). Allowed (a row may have no context), but rarely what the data meant."""
+    return [source for row, source in rows
+            if isinstance(row, dict) and isinstance(row.get(column), (str, list)) and is_blank_prompt(row[column])]
 
 
 def split_holdout(items: list[T], ratio: float, seed: int) -> tuple[list[T], list[T]]:

@@ -38,7 +38,7 @@ from prefalign.config.checks import check_truncation
 from prefalign.data.content import images_of
 from prefalign.data.load import load_pairs
 from prefalign.data.templates import render, require_chat_template
-from prefalign.data.types import Pair, TokenizedPair, is_blank_prompt
+from prefalign.data.types import Pair, TokenizedPair
 from prefalign.data.vision import expand_prompt
 from prefalign.errors import PrefalignError
 
@@ -81,7 +81,6 @@ class TokenizeStats:
     prompt_truncated: int = 0
     completion_truncated: int = 0
     prefix_mismatch: int = 0  # conversational pairs whose prompt tokens were not a prefix of the full ones
-    blank_prompts: int = 0  # pairs whose prompt is empty or whitespace only (kept, and warned about)
     dropped: Counter = field(default_factory=Counter)
     max_length: int | None = None
     unit: str = "pairs"  # what was tokenized, as the summary names it
@@ -273,15 +272,12 @@ def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation, proces
     dropped and counted. `what` names the split in errors and warnings ("evaluation set eval.jsonl")."""
     stats = TokenizeStats(total=len(pairs), max_length=limits.max_length)
     out: list[TokenizedPair] = []
-    first_mismatch = first_blank = None
+    first_mismatch = None
     for pair, enc in zip(pairs, encode_pairs(pairs, tokenizer, processor)):
         t = truncate(enc, limits)
         if enc.prefix_mismatch:
             stats.prefix_mismatch += 1
             first_mismatch = first_mismatch or pair.source
-        if is_blank_prompt(pair.prompt):
-            stats.blank_prompts += 1
-            first_blank = first_blank or pair.source
         if t.drop_reason is not None:
             stats.dropped[t.drop_reason] += 1
             continue
@@ -292,9 +288,6 @@ def tokenize_pairs(pairs: list[Pair], tokenizer: Any, limits: Truncation, proces
     if first_mismatch:
         logger.warning("%s: %s (%d pairs); the prompt/completion split falls where the tokens diverge",
                        first_mismatch, PREFIX_MISMATCH, stats.prefix_mismatch)
-    if first_blank:
-        logger.warning("%s: %d of %d pairs%s have an empty or whitespace-only prompt; they are trained with no "
-                       "question to answer", first_blank, stats.blank_prompts, len(pairs), f" of the {what}" if what else "")
     if pairs and not out:
         why = ", ".join(f"{stats.reason_text(r)}: {n}" for r, n in stats.dropped.most_common())
         cut = {"no_completion", "identical_after_truncation"} & set(stats.dropped)

@@ -32,7 +32,7 @@ def is_blank_prompt(prompt: str | list[Message]) -> bool:
     but the model then answers no question, which is rarely what the data meant."""
     if isinstance(prompt, str):
         return not prompt.strip()
-    return not any(str(m.get("content", "")).strip() for m in prompt)
+    return not any(str(m.get("content") or "").strip() for m in prompt if isinstance(m, dict))
 
 
 def with_system_prompt(messages: list[Message], system: str | None) -> list[Message]:

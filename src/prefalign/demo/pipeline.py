@@ -169,7 +169,7 @@ def summary(report: dict[str, Any], md_path: Path) -> str:
                      f"{'-' if kl is None else f'{kl:.3f}':>7} {'-' if ra is None else f'{ra:.3f}':>10} "
                      f"{s['wall_time_s']:>8.1f}")
     checks = gains(report)
-    if checks and report["settings"].get("quick"):
+    if checks and (report.get("settings") or {}).get("quick"):
         lines.append(f"note: {QUICK_NOTE}")
     for name, c in checks.items():
         lines.append(f"{verdict(report, c)}: {name} gains {c['gain']:+.3f} (needs {c['required']:+.2f})")
