@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# checkpoint code a test runs on purpose (trust_remote_code) is copied here, not into ~/.cache/huggingface
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="prefalign-test-modules-"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import build_model, build_tokenizer, build_vlm, vlm_rows, write_jsonl  # noqa: E402

@@ -201,9 +201,12 @@ def remote_code_dir(tiny_model_dir, tmp_path):
     d = tmp_path / "remote"
     shutil.copytree(tiny_model_dir, d)
     marker = tmp_path / "remote_code_ran"
+    # subclasses, so that running this code (the control below) registers only them in transformers
     (d / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                               "from transformers import Qwen2Config as EvilConfig, Qwen2ForCausalLM as EvilModel\n"
-                               "from transformers import Qwen2ForSequenceClassification as EvilScore\n")
+                               "from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification\n"
+                               "class EvilConfig(Qwen2Config):\n    pass\n"
+                               "class EvilModel(Qwen2ForCausalLM):\n    config_class = EvilConfig\n"
+                               "class EvilScore(Qwen2ForSequenceClassification):\n    config_class = EvilConfig\n")
     config = json.loads((d / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel",
                           "AutoModelForSequenceClassification": "evil.EvilScore"}
@@ -211,7 +214,7 @@ def remote_code_dir(tiny_model_dir, tmp_path):
     return d, marker
 
 
-def test_no_loader_runs_checkpoint_code_unless_asked(remote_code_dir, tiny_reward_model_dir) -> None:
+def test_no_loader_runs_checkpoint_code_unless_asked(remote_code_dir) -> None:
     """trust_remote_code stays off in every loader: the policy's, the reward and value models' (scorer, PPO's
     value model) and the chat/eval one; only --trust_remote_code runs the checkpoint's code."""
     from prefalign.model.load import load_model_for_inference, load_pretrained, load_score_model
@@ -222,10 +225,11 @@ def test_no_loader_runs_checkpoint_code_unless_asked(remote_code_dir, tiny_rewar
     load_policy(ModelArgs(model_name_or_path=str(d)))
     load_score_model(str(d), "--value_model_name_or_path")
     load_model_for_inference(str(d))
-    RewardModelScorer(tiny_reward_model_dir)
+    with pytest.raises(PrefalignError, match="without a trained score head"):  # loaded (no code run), then refused
+        RewardModelScorer(d)
     assert not marker.exists()
-    load_pretrained(str(d), ModelArgs(trust_remote_code=True), "--model_name_or_path")
-    assert marker.exists()  # the fixture really carries code: the flag, and only the flag, runs it
+    model = load_pretrained(str(d), ModelArgs(trust_remote_code=True), "--model_name_or_path")
+    assert marker.exists() and type(model).__name__ == "EvilModel"  # the fixture carries code; only the flag runs it
 
 
 def test_a_classification_checkpoint_is_refused_as_a_causal_lm(tiny_reward_model_dir) -> None:
