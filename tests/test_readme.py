@@ -18,23 +18,33 @@ def test_flag_tables_are_current():
 
 
 def test_flag_table_defaults_are_the_commands_own():
-    """Read back from README.md, independently of the generator: every flag of `prefalign dpo` is listed once
-    with the default the command really runs with (a table built from the shared groups would show TrainArgs'
-    learning_rate 5e-05, not DPO's 1e-06)."""
+    """Read back from README.md, independently of the generator: each table is titled with the commands it holds
+    ("**Training (dpo, kto)**"); a row marked "(dpo)" holds for that command only. Every flag of `prefalign dpo` and
+    `prefalign kto` is listed once per command, with the default the command really runs with (a table built from
+    the shared groups would show TrainArgs' learning_rate 5e-05, not DPO's 1e-06)."""
     import dataclasses
+    import re
 
-    from prefalign.config import DPOConfig
+    from prefalign.config import DPOConfig, KTOConfig
 
     text = (ROOT / "README.md").read_text()
-    rows = [line.split(" | ") for line in text[text.index(BEGIN):text.index(END)].splitlines()
-            if line.startswith("| `--")]
-    listed = {cells[0].strip("| `-"): cells[1] for cells in rows}
-    assert len(listed) == len(rows)  # no flag twice
-    defaults = DPOConfig()
-    assert set(listed) == {f.name for f in dataclasses.fields(DPOConfig)}
-    for name, shown in listed.items():
-        assert shown == format_default(getattr(defaults, name)), name
-    assert listed["learning_rate"] == "1e-06"
+    listed: dict[str, dict[str, list[str]]] = {"dpo": {}, "kto": {}}
+    commands: list[str] = []
+    for line in text[text.index(BEGIN):text.index(END)].splitlines():
+        title = re.fullmatch(r"\*\*.*\((.*)\)\*\*", line)
+        if title:
+            commands = title.group(1).split(", ")
+        elif line.startswith("| `--"):
+            cells = line.split(" | ")
+            flag = re.fullmatch(r"\| `--(\w+)`(?: \((\w+)\))?", cells[0])
+            for command in ([flag.group(2)] if flag.group(2) else commands):
+                listed[command].setdefault(flag.group(1), []).append(cells[1])
+    for command, config in (("dpo", DPOConfig), ("kto", KTOConfig)):
+        defaults = config()
+        assert set(listed[command]) == {f.name for f in dataclasses.fields(config)}, command
+        for name, shown in listed[command].items():
+            assert shown == [format_default(getattr(defaults, name))], (command, name)
+    assert listed["dpo"]["learning_rate"] == ["1e-06"]
 
 
 def test_readme_names_the_two_commands():
