@@ -160,7 +160,7 @@ def test_data_inspect_cli_entry(tiny_model_dir, tmp_path, capsys):
                  "--row", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"== {path}: 2 rows, 2 valid, 0 invalid ==\n")
-    assert f"== row 1: {path}:2 (format E: plain strings; raw text: no chat template, EOS appended) ==" in out
+    assert f"== row 1: {path}:2 (format E: plain strings; raw text: no chat template, no BOS (the tokenizer adds none), EOS appended) ==" in out
     assert "[[four<|im_end|>]]" in out  # not a terminal: scored tokens in brackets, the EOS appended to raw text
     assert main(["data", "inspect", "--dataset_name", str(path)]) == 2
     assert capsys.readouterr().err.strip() == ("prefalign data inspect: error: --model_name_or_path: is required (the "

@@ -110,8 +110,8 @@ def test_pairs_identical_after_truncation_are_dropped_and_counted(tiny_model_dir
     out = tmp_path / "run"
     assert run_cli("dpo", tiny_model_dir, data, out, "--max_steps", 1, "--max_completion_length", 2) == 0
     printed = capsys.readouterr().out
-    assert ("train: tokenized 5 pairs: kept 4, prompt truncated 0, completion truncated 4, dropped 1 (chosen and "
-            "rejected identical after truncation: 1)") in printed
+    assert ("train: 4 of 5 pairs kept (prompt truncated 0, completion truncated 4, dropped 1 (chosen and "
+            "rejected identical after truncation: 1))") in printed
     first = read_metrics(out / "metrics.jsonl")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
