@@ -66,7 +66,7 @@ def test_flag_prefixes_are_not_abbreviations():
     """argparse would take --learning_rat for --learning_rate; a typo must never set another flag."""
     with pytest.raises(PrefalignError) as e:
         parse_config(DPOConfig, ["--learning_rat", "1e-3"], "prefalign dpo")
-    assert str(e.value) == "prefalign dpo: unrecognized arguments: --learning_rat 1e-3"
+    assert str(e.value) == "unrecognized arguments: --learning_rat 1e-3"
     assert parse_config(DPOConfig, ["--learning_rate", "1e-3"], "dpo").learning_rate == 1e-3
 
 

@@ -34,7 +34,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises PrefalignError instead of printing usage and exiting, so the CLI prints one line."""
 
     def error(self, message: str) -> typing.NoReturn:
-        raise PrefalignError(message, f"prefalign {self.prog.split()[-1]}")
+        raise PrefalignError(message)  # the CLI's "prefalign <command>: error: " already names the command
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:

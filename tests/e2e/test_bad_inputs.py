@@ -58,8 +58,7 @@ def _fails(capsys, *argv) -> str:
 
 
 CASES = {  # id: (extra flags, with {d} for the data directory and {rm} for a reward model; expected message)
-    "abbreviated flag": (["--learning_rat", "1e-3"], "prefalign dpo: error: prefalign dpo: unrecognized arguments: "
-                                                     "--learning_rat 1e-3"),
+    "abbreviated flag": (["--learning_rat", "1e-3"], "prefalign dpo: error: unrecognized arguments: --learning_rat 1e-3"),
     "lr nan": (["--learning_rate", "nan"], "--learning_rate: expected a finite number, got 'nan'"),
     "lr inf": (["--learning_rate", "inf"], "--learning_rate: expected a finite number, got 'inf'"),
     "warmup ratio 2": (["--warmup_ratio", "2"], "--warmup_ratio: must be between 0 and 1"),
