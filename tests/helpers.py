@@ -187,3 +187,72 @@ def build_llama3_style_tokenizer(vocab_size: int = 400):
                                    pad_token=LLAMA3_EOS, additional_special_tokens=specials[2:])
     fast.chat_template = BUILTIN_TEMPLATES["llama3"]
     return fast
+
+
+def _permute_for_gguf(weight, n_heads: int):
+    """llama.cpp stores Llama's q/k projections with each head's rotary halves interleaved; transformers undoes it."""
+    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+GGUF_LLAMA_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def write_gguf(model, tokenizer, path: Path, qtype: str = "Q8_0", architecture: str = "llama") -> Path:
+    """A GGUF file of a tiny Llama as llama.cpp's converter lays it out: metadata, a byte-level BPE tokenizer with its
+    chat template, matrices quantized to `qtype` and vectors in F32 (tests of GGUF loading, no download)."""
+    import gguf  # optional extra (prefalign[gguf]); only GGUF tests call this
+
+    c, q = model.config, gguf.GGMLQuantizationType[qtype]
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name("tiny llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([3 if t in special else 1 for t, _ in vocab])  # 3 = control
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_bos_token_id(tokenizer.convert_tokens_to_ids("<|im_start|>"))
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+    def add(name: str, array) -> None:
+        if array.ndim == 2:
+            writer.add_tensor(name, gguf.quants.quantize(array, q), raw_dtype=q)
+        else:
+            writer.add_tensor(name, array.astype(np.float32))
+
+    add("token_embd.weight", state["model.embed_tokens.weight"])
+    add("output_norm.weight", state["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        add("output.weight", state["lm_head.weight"])
+    for i in range(c.num_hidden_layers):
+        for hf_name, gguf_name in GGUF_LLAMA_NAMES.items():
+            array = state[f"model.layers.{i}.{hf_name}.weight"]
+            if gguf_name == "attn_q":
+                array = _permute_for_gguf(array, c.num_attention_heads)
+            elif gguf_name == "attn_k":
+                array = _permute_for_gguf(array, c.num_key_value_heads)
+            add(f"blk.{i}.{gguf_name}.weight", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -10,6 +10,7 @@ from typing import Any
 from prefalign.config.common import LengthArgs, ModelArgs, TrainArgs
 from prefalign.errors import PrefalignError
 
+QUANT_TYPES = ("nf4", "fp4")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
@@ -33,7 +34,8 @@ def check_finite(cfg: Any) -> None:
 
 
 def check_model_args(args: ModelArgs) -> None:
-    """The LoRA settings (checked whether or not --use_peft is given: a pipeline may turn it on later)."""
+    """The LoRA and 4-bit settings (checked whether or not --use_peft / --load_in_4bit is given: a pipeline may turn
+    them on later)."""
     if args.lora_r < 1:
         raise PrefalignError(f"must be at least 1, got {args.lora_r}", "--lora_r")
     if args.lora_alpha <= 0:
@@ -43,6 +45,8 @@ def check_model_args(args: ModelArgs) -> None:
     if args.lora_target_modules is not None and not args.lora_target_modules:
         raise PrefalignError("give at least one module name, or leave it out for every linear layer",
                              "--lora_target_modules")
+    if getattr(args, "bnb_4bit_quant_type", "nf4") not in QUANT_TYPES:
+        raise PrefalignError(f"must be nf4 or fp4, got {args.bnb_4bit_quant_type!r}", "--bnb_4bit_quant_type")
 
 
 def check_train_args(args: TrainArgs) -> None:

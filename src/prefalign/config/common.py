@@ -15,9 +15,10 @@ class ModelSource:
     """Which model (and tokenizer) a command reads."""
 
     model_name_or_path: str | None = None
-    """Policy to train: a local directory in Hugging Face format or a hub id."""
+    """Policy to train: a local directory in Hugging Face format, a hub id, or a GGUF checkpoint (a .gguf file, or a
+    directory holding exactly one; its weights are dequantized to --dtype)."""
     tokenizer_name_or_path: str | None = None
-    """Tokenizer to use (default: the policy's own)."""
+    """Tokenizer to use (default: the policy's own); a .gguf file works too."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint to run. Off by default: only enable it for checkpoints you trust."""
 
@@ -47,7 +48,8 @@ class LoraArgs:
     lora_target_modules: list[str] | None = None
     """Modules that get adapters (default: every linear layer except the LM head)."""
     merge_adapter: bool = False
-    """With --use_peft: also save the adapter merged into full weights (output_dir/merged)."""
+    """With --use_peft: also save the adapter merged into full weights (output_dir/merged); with --load_in_4bit into
+    a float32 copy of the base dequantized from its 4-bit weights."""
 
 
 @dataclass
@@ -61,7 +63,13 @@ class ModelArgs(LoraArgs, LoadArgs):
     """Load --peft_adapter_path onto --model_name_or_path even though its adapter_config.json names another base
     model (refused otherwise); the output records the base really used."""
     load_in_4bit: bool = False
-    """QLoRA: load the base model 4-bit quantized with bitsandbytes (needs a CUDA GPU)."""
+    """QLoRA: load the base model 4-bit quantized with bitsandbytes and train a LoRA adapter on it (CPU with
+    bitsandbytes >= 0.49, or a CUDA GPU; computes in float32 on CPU, bfloat16 on GPU)."""
+    bnb_4bit_quant_type: str = "nf4"
+    """4-bit data type of --load_in_4bit: nf4 or fp4."""
+    use_bnb_nested_quant: bool = False
+    """Double quantization with --load_in_4bit: the quantization constants are quantized too (saves ~0.4 bit per
+    weight)."""
     freeze_vision_tower: bool = True
     """Vision-language models: keep the vision encoder's weights fixed, so LoRA adapts the language model only and full
     fine-tuning leaves the encoder as it was; false trains it too."""
@@ -72,7 +80,8 @@ class ReferenceArgs:
     """The reference a policy is held close to (DPO and the on-policy stages)."""
 
     ref_model_name_or_path: str | None = None
-    """Reference model (default: a frozen copy of the initial policy; with --use_peft, the base with the adapter disabled)."""
+    """Reference model, in any form --model_name_or_path takes (default: a frozen copy of the initial policy; with
+    --use_peft, the base with the adapter disabled)."""
 
 
 @dataclass

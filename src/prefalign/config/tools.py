@@ -48,7 +48,7 @@ class ChatConfig:
     """Configuration of `prefalign chat`."""
 
     model_name_or_path: str | None = None
-    """Model directory, or a LoRA adapter directory (one with adapter_config.json)."""
+    """Model directory, a GGUF checkpoint (.gguf file), or a LoRA adapter directory (one with adapter_config.json)."""
     base_model_name_or_path: str | None = None
     """Base model of a LoRA adapter (default: the base recorded in adapter_config.json)."""
     tokenizer_name_or_path: str | None = None

