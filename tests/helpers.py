@@ -217,7 +217,7 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "Q8_0", architecture: 
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     writer.add_vocab_size(c.vocab_size)
-    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType[f"MOSTLY_{qtype}"])
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
     special = set(tokenizer.all_special_tokens)

@@ -20,7 +20,6 @@ summary: "GGUF Q4_1 (210 Q4_1, 1 Q8_0, 61 F32 tensors)".
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import struct
 import tempfile
@@ -143,8 +142,10 @@ def _type_names() -> dict[int, str]:
 
 def require_gguf_package(flag: str) -> None:
     """transformers needs the gguf package to read the file; say which extra to install instead of a traceback."""
-    if importlib.util.find_spec("gguf") is None:
-        raise PrefalignError(f"loading a .gguf file needs the gguf package: {EXTRA}", flag)
+    try:
+        import gguf  # noqa: F401  (optional extra, prefalign[gguf]; only a .gguf input gets here)
+    except ImportError:
+        raise PrefalignError(f"loading a .gguf file needs the gguf package: {EXTRA}", flag) from None
 
 
 def gguf_kwargs(path: Path) -> dict[str, Any]:
@@ -160,13 +161,15 @@ def load_gguf(auto_class: Any, path: Path, flag: str, **kwargs: Any) -> Any:
     """`auto_class.from_pretrained` of a GGUF file (a model class or AutoTokenizer), read through an empty directory
     so that nothing next to the file overrides it; transformers' errors become one-line PrefalignErrors."""
     require_gguf_package(flag)
+    is_tokenizer = auto_class is transformers.AutoTokenizer
+    where = gguf_kwargs(path) if not is_tokenizer else {"gguf_file": str(path)}  # a quantization is for weights
     with tempfile.TemporaryDirectory(prefix="prefalign-gguf-") as empty:
         try:
-            loaded = auto_class.from_pretrained(empty, **gguf_kwargs(path), **kwargs)
+            loaded = auto_class.from_pretrained(empty, **where, **kwargs)
         except (OSError, ValueError, KeyError, ImportError) as e:
             raise PrefalignError(_reason(e, path), flag) from None
-    if hasattr(loaded, "init_kwargs"):  # a tokenizer: keep its files free of the temporary directory's name
-        for key in ("is_local", "local_files_only"):
+    if is_tokenizer:  # its saved files must neither name the temporary directory nor send a reload to the .gguf
+        for key in ("is_local", "local_files_only", "gguf_file"):
             loaded.init_kwargs.pop(key, None)
     loaded.name_or_path = str(path)
     if hasattr(loaded, "config"):
@@ -198,15 +201,6 @@ def strip_marker(model: Any) -> None:
     quantizer.remove_quantization_config(model)
     if hasattr(model.config, "_is_quantized"):
         del model.config._is_quantized
-
-
-def convert_to_hf(model: Any, tokenizer: Any, out_dir: Path) -> Path:
-    """Save a GGUF-loaded model and its tokenizer as a Hugging Face directory (safetensors, tokenizer, chat
-    template) that AutoModelForCausalLM loads."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def load_gguf_model(path: Path, args: Any, flag: str, quantize: bool, auto_class: Any, **kwargs: Any) -> Any:

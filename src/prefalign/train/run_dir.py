@@ -6,7 +6,8 @@ cannot be loaded or was trained on other data, batches or seed (`check_resume`; 
 restarts the data), and other changed settings are named. When training starts (`prepare_output_dir`): leftovers of
 killed writers are cleared, an overwritten run is moved aside whole (`train.files.retire`; deleted after the new run's
 first save), and the configs are written: the new one, and the one it replaces when a resume changed settings.
-`prefalign_run.json` records what the run really used: its command, base model and reference (read by eval).
+`prefalign_run.json` records what the run really used: its command, base model and reference (read by eval), and
+what a GGUF base's weights were dequantized from.
 """
 
 from __future__ import annotations
@@ -208,9 +209,10 @@ def reference_of(cfg: Any) -> dict[str, Any]:
 
 
 def prepare_output_dir(cfg: Any, run_name: str, resumed_from: Path | None = None,
-                       note: Callable[[str], None] = print) -> None:
+                       note: Callable[[str], None] = print, weights_from: str | None = None) -> None:
     """Main process, when training starts: create output_dir, clear what killed writers left, retire an overwritten
-    run, write the config (keeping the previous one when a resume changed it) and the run record."""
+    run, write the config (keeping the previous one when a resume changed it) and the run record (with
+    `weights_from`, what the base model's weights were converted from: a GGUF file's quantization)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
@@ -234,4 +236,15 @@ def prepare_output_dir(cfg: Any, run_name: str, resumed_from: Path | None = None
     config_file.write_text(json.dumps(record, indent=2))
     run = {"command": run_name, "base_model": getattr(cfg, "model_name_or_path", None),
            "reference": reference_of(cfg)}
+    if weights_from:
+        run["weights_from"] = weights_from
     (out / RUN_FILE).write_text(json.dumps(run, indent=2))
+
+
+def read_run_record(output_dir: str | Path) -> dict[str, Any]:
+    """The run record in `output_dir` ({} when there is none or it cannot be read)."""
+    try:
+        record = json.loads((Path(output_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}

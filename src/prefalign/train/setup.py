@@ -26,7 +26,7 @@ from prefalign.model.weights import is_main_process, load_weights_into
 from prefalign.train.distributed import check_launch, shard_plan
 from prefalign.train.files import drop_retired, publish_into, staged, staging_dir
 from prefalign.train.loop import LoopPlan, LoopResult, Stage, Terminated, train_loop
-from prefalign.train.run_dir import FINAL_WEIGHTS, check_output_dir, prepare_output_dir
+from prefalign.train.run_dir import FINAL_WEIGHTS, check_output_dir, prepare_output_dir, read_run_record
 from prefalign.train.runinfo import RunFacts, start_block, summary_numbers
 
 
@@ -123,11 +123,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def start_run(args: TrainArgs, accelerator: Accelerator, run_name: str, resumed_from: Path | None = None) -> None:
+def start_run(args: TrainArgs, accelerator: Accelerator, run_name: str, resumed_from: Path | None = None,
+              weights_from: str | None = None) -> None:
     """Prepare output_dir (`train.run_dir.prepare_output_dir`: stale leftovers, an overwritten run moved aside, the
     config and run record written), then start trackers."""
     if accelerator.is_main_process:
-        prepare_output_dir(args, run_name, resumed_from, note=accelerator.print)
+        prepare_output_dir(args, run_name, resumed_from, note=accelerator.print, weights_from=weights_from)
     if accelerator.log_with:
         accelerator.init_trackers(run_name, config={k: str(v) for k, v in dataclasses.asdict(args).items()})
     accelerator.wait_for_everyone()
@@ -160,7 +161,8 @@ def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Sess
         raise PrefalignError("cannot merge a sharded (FSDP) model; merge the saved adapter afterwards",
                              "--merge_adapter")
     final_model = model if final_model is None else final_model
-    start_run(cfg, accelerator, run_name, session.checkpoint)
+    # A GGUF base says what its weights were dequantized from (model.gguf.load_gguf_model); peft forwards the lookup.
+    start_run(cfg, accelerator, run_name, session.checkpoint, getattr(final_model, "dequantized_from", None))
     save = save or (lambda d: save_model(final_model, tokenizer, d, merge_adapter=False))
     load = load or (lambda d: load_weights_into(final_model, d))
 
@@ -181,10 +183,12 @@ def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Sess
 def print_summary(name: str, result: LoopResult, output_dir: str, shown: tuple[str, ...],
                   what: str = "model") -> None:
     """One closing line (from the main process only): steps, the chosen metrics, throughput and wall time, where
-    the result is."""
+    the result is, and what a GGUF base was dequantized from (the run record's `weights_from`)."""
     if not is_main_process():
         return
     metrics = {**result.last_metrics, **result.eval_metrics}
     values = ", ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
     speed = summary_numbers(result.tokens, result.train_seconds, result.wall_seconds)
-    print(f"{name}: {result.state.global_step} steps, {values}; {speed}; {what} saved to {output_dir}")
+    source = read_run_record(output_dir).get("weights_from")
+    print(f"{name}: {result.state.global_step} steps, {values}; {speed}; {what} saved to {output_dir}"
+          + (f" (base weights from {source})" if source else ""))
