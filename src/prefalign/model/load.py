@@ -352,8 +352,8 @@ def save_model(
         merged = PeftModel.from_pretrained(dequantized_base(model), str(out)).merge_and_unload()
         merged.save_pretrained(out / "merged")
         tokenizer.save_pretrained(out / "merged")
-        print(f"--merge_adapter: {out / 'merged'} holds the adapter merged into a float32 copy of the 4-bit base, "
-              "dequantized (the weights training saw)")
+        print("--merge_adapter: merged/ holds the adapter merged into a float32 copy of the 4-bit base, dequantized "
+              "(the weights training saw), not into the 4-bit weights")
     elif merge_adapter:  # never sharded here: train_and_save refuses --merge_adapter under FSDP before training
         # Merge into a copy: merge_and_unload rewrites the modules in place and the caller may keep training.
         merged_source = copy.deepcopy(model)

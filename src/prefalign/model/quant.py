@@ -75,21 +75,25 @@ def dequantized_base(model: Any) -> PreTrainedModel:
     for key in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, key):
             delattr(config, key)
-    state: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
     for name, module in base.named_modules():
         weight = getattr(module, "weight", None)
         if weight is not None and getattr(weight, "quant_state", None) is not None:
-            state[_plain_name(name) + ".weight"] = bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    for name, p in [*base.named_parameters(), *base.named_buffers()]:
-        key = _plain_name(name)
-        if "lora_" in name or ".modules_to_save." in name or key in state:
-            continue
-        state[key] = p.detach().float() if p.is_floating_point() else p.detach()
+            dequantized[_plain_name(name) + ".weight"] = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    kept = {_plain_name(n): p for n, p in [*base.named_parameters(), *base.named_buffers()]
+            if "lora_" not in n and ".modules_to_save." not in n}
     dense = type(base)(config).float()
-    missing, unexpected = dense.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
+    state, missing = {}, []
+    for key in dense.state_dict():  # what a plain model holds (not the 4-bit quantization constants)
+        value = dequantized.get(key, kept.get(key))
+        if value is None:
+            missing.append(key)
+        else:
+            state[key] = value.detach().float().cpu() if value.is_floating_point() else value.detach().cpu()
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    if [k for k in missing if not (tied and k == "lm_head.weight")] or unexpected:
-        raise ValueError(f"dequantized state does not match {type(base).__name__}: {missing[:3]} {unexpected[:3]}")
+    if [k for k in missing if not (tied and k == "lm_head.weight")]:
+        raise ValueError(f"dequantized state does not match {type(base).__name__}: missing {missing[:3]}")
+    dense.load_state_dict(state, strict=False)
     if tied:
         dense.tie_weights()
     return dense.eval()
