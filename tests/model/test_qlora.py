@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from helpers import conv, run_cli, write_jsonl
+from helpers import conv, run_cli, write_gguf, write_jsonl
 from prefalign.config import ModelArgs
 from prefalign.config.tools import ModelShape
 from prefalign.model.init import init_model
@@ -160,3 +160,16 @@ def test_sft_and_grpo_train_on_a_4bit_base(model64_dir, tmp_path):
     grpo = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if "reward" in r]
     assert grpo[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # the reference is the disabled adapter
     assert grpo[1]["kl"] > 0  # the adapter moved after the first update, through rollouts in eval mode
+
+
+def test_a_gguf_base_in_4_bits(model64_dir, tmp_path):
+    """transformers cannot quantize a GGUF file with bitsandbytes: its dequantized weights go through a temporary
+    Hugging Face directory, and the model still names the .gguf file (what a saved adapter records as its base)."""
+    pytest.importorskip("gguf")
+    path = write_gguf(AutoModelForCausalLM.from_pretrained(model64_dir), AutoTokenizer.from_pretrained(model64_dir),
+                      tmp_path / "llama64.gguf", "Q8_0")
+    model = load_policy(ModelArgs(model_name_or_path=str(path), load_in_4bit=True, lora_r=4))
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 14
+    assert model.dequantized_from == "GGUF Q8_0 (15 Q8_0, 5 F32 tensors), dequantized and requantized to 4-bit nf4"
+    assert model.get_base_model().name_or_path == str(path)
+    assert model.peft_config["default"].base_model_name_or_path == str(path)

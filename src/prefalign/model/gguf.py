@@ -14,8 +14,8 @@ Three things transformers leaves to the caller, handled here:
 - bitsandbytes 4-bit loading cannot start from a GGUF file: the dense weights are written to a temporary Hugging
   Face directory first (`load_gguf_model` does that).
 
-`describe` reads only the file's header (architecture and the tensor types, ~10 ms) for the notices and the run
-summary: "GGUF Q4_1 (210 Q4_1, 1 Q8_0, 61 F32 tensors)".
+`read_info` reads only the file's header (architecture and tensor types; the vocabulary arrays are skipped, not
+read) for the notices and the run summary: "GGUF Q4_1 (210 Q4_1, 61 F32, 1 Q8_0 tensors)".
 """
 
 from __future__ import annotations
