@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -173,3 +174,13 @@ def test_a_gguf_base_in_4_bits(model64_dir, tmp_path):
     assert model.dequantized_from == "GGUF Q8_0 (15 Q8_0, 5 F32 tensors), dequantized and requantized to 4-bit nf4"
     assert model.get_base_model().name_or_path == str(path)
     assert model.peft_config["default"].base_model_name_or_path == str(path)
+
+
+def test_qlora_errors_are_one_line(model64_dir, pairs_file, tmp_path, monkeypatch, capsys):
+    assert run_cli("dpo", model64_dir, pairs_file, tmp_path / "a", "--load_in_4bit", "--bnb_4bit_quant_type",
+                   "int4") == 2
+    assert capsys.readouterr().err == "prefalign dpo: error: --bnb_4bit_quant_type: must be nf4 or fp4, got 'int4'\n"
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed: `import bitsandbytes` fails
+    assert run_cli("dpo", model64_dir, pairs_file, tmp_path / "b", "--load_in_4bit") == 2
+    assert capsys.readouterr().err == ("prefalign dpo: error: --load_in_4bit: 4-bit loading needs bitsandbytes: "
+                                       "pip install 'prefalign[qlora]'\n")
