@@ -34,10 +34,10 @@ _CHECK = re.compile(r"^_?(check_|check$|require$)")
 # (command, flag) -> why a run here cannot read it; each one is a flag read only on another branch.
 UNREAD_BY_DESIGN = {
     **{(c, "eval_split_ratio"): "read only without --eval_dataset_name (the run gives one)"
-       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo")},
+       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "distill")},
     **{(c, "ignore_data_skip"): "read only when resuming from a checkpoint"
-       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo")},
-    **{(c, flag): why for c in ("dpo", "kto", "sft", "pretrain", "grpo", "rloo", "ppo") for flag, why in (
+       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "distill")},
+    **{(c, flag): why for c in ("dpo", "kto", "sft", "pretrain", "grpo", "rloo", "ppo", "distill") for flag, why in (
         ("freeze_vision_tower", "read only for a vision-language model (the tiny model is text-only)"),
         ("ignore_adapter_base", "read only with --peft_adapter_path"))},
     **{(c, flag): "read only with --sync_ref_model" for c in ("dpo", "kto")
@@ -85,6 +85,7 @@ def files(tmp_path_factory, tiny_model_dir):
     prompts = [{"prompt": conv(("user", f"what is {i} + {i}")), "answer": str(2 * i)} for i in range(3)]
     prompts += [{"prompt": "what is 1 + 1", "answer": "2"}, bad]
     out = {"pairs": write_jsonl(d / "pairs.jsonl", pairs), "sft": write_jsonl(d / "sft.jsonl", sft),
+           "sft_prompted": write_jsonl(d / "sft_prompted.jsonl", sft[:2] * 2 + [bad]),
            "prompts": write_jsonl(d / "prompts.jsonl", prompts), "dir": d, "model": tiny_model_dir}
     (d / "corpus.txt").write_text("hello world the sky is blue\nwhat is the answer\n" * 20)
     out["corpus"] = d / "corpus.txt"
@@ -122,6 +123,10 @@ def _argv(name: str, f: dict) -> list[str]:
                  "--beta", "0.1", "--ref_model_name_or_path", model],
         "rloo": [*common, *rl, "--use_peft", "--per_device_train_batch_size", "4", "--ref_model_name_or_path", model],
         "ppo": [*common, *rl, "--use_peft", "--per_device_train_batch_size", "2", "--ref_model_name_or_path", model],
+        "distill": [*common, "--dataset_name", str(f["sft_prompted"]), "--eval_dataset_name", str(f["sft_prompted"]),
+                    "--use_peft", "--teacher_model_name_or_path", model, "--per_device_train_batch_size", "2",
+                    "--max_new_tokens", "3", "--lmbda", "0.5", "--seq_kd", "--prompt_template", "Q: {prompt}",
+                    "--system_prompt", "x"],
         "eval": ["--model_name_or_path", model, "--ref_model_name_or_path", model, "--dataset_name", str(f["pairs"]),
                  "--skip_invalid_rows", "--num_samples", "1", "--temperature", "0.5", "--max_new_tokens", "2",
                  "--prompt_template", "Q: {prompt}", "--system_prompt", "x", "--output_json", str(d / "eval.json")],
@@ -138,7 +143,7 @@ def _argv(name: str, f: dict) -> list[str]:
     }[name]
 
 
-RUN_ORDER = ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "eval", "chat", "data inspect", "init-model",
+RUN_ORDER = ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "distill", "eval", "chat", "data inspect", "init-model",
              "train-tokenizer", "pipeline", "plot"]
 
 
@@ -176,7 +181,7 @@ def test_every_listed_flag_is_read(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo"])
+@pytest.mark.parametrize("name", ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "distill"])
 def test_every_training_stage_prints_the_start_block_and_closing_line(runs, name, files):
     """The same runs: one start block per stage with every field, before the closing line with the throughput."""
     printed = runs[name][1].splitlines()
