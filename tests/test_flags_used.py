@@ -34,21 +34,23 @@ _CHECK = re.compile(r"^_?(check_|check$|require$)")
 # (command, flag) -> why a run here cannot read it; each one is a flag read only on another branch.
 UNREAD_BY_DESIGN = {
     **{(c, "eval_split_ratio"): "read only without --eval_dataset_name (the run gives one)"
-       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "distill")},
+       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo", "distill")},
     **{(c, "ignore_data_skip"): "read only when resuming from a checkpoint"
-       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "distill")},
-    **{(c, flag): why for c in ("dpo", "kto", "sft", "pretrain", "grpo", "rloo", "ppo", "distill") for flag, why in (
+       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo", "distill")},
+    **{(c, flag): why for c in ("dpo", "kto", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo", "distill")
+       for flag, why in (
         ("freeze_vision_tower", "read only for a vision-language model (the tiny model is text-only)"),
         ("ignore_adapter_base", "read only with --peft_adapter_path"))},
     **{(c, flag): "read only with --sync_ref_model" for c in ("dpo", "kto")
        for flag in ("ref_model_mixup_alpha", "ref_model_sync_steps")},
     ("data inspect", "completion_column"): "read only for unpaired (KTO) rows; the run inspects pairs",
     **{(c, "reward_chat_template"): "read only with --reward_model_name_or_path (the runs score with functions)"
-       for c in ("grpo", "rloo", "ppo", "eval")},
+       for c in ("grpo", "rloo", "ppo", "online-dpo", "eval")},
 }
 # Flags read only by a check: kept in --help on purpose, each with the reason.
 CHECK_ONLY = {
-    **{(c, "use_vllm"): "refused with a one-line error until the vLLM backend exists" for c in ("grpo", "rloo", "ppo")},
+    **{(c, "use_vllm"): "refused with a one-line error until the vLLM backend exists"
+       for c in ("grpo", "rloo", "ppo", "online-dpo")},
     # Known, not by design: RLOOConfig inherits GRPO's flags and RLOO's advantages ignore this one; RLOO's loss
     # flags belong to the RLOO rewrite, which drops or uses it (then this entry fails and goes).
     ("rloo", "scale_rewards"): "validated as GRPO's flag, unused by RLOO's leave-one-out advantages",
@@ -123,6 +125,9 @@ def _argv(name: str, f: dict) -> list[str]:
                  "--beta", "0.1", "--ref_model_name_or_path", model],
         "rloo": [*common, *rl, "--use_peft", "--per_device_train_batch_size", "4", "--ref_model_name_or_path", model],
         "ppo": [*common, *rl, "--use_peft", "--per_device_train_batch_size", "2", "--ref_model_name_or_path", model],
+        "online-dpo": [*common, *rl, "--use_peft", "--per_device_train_batch_size", "2", "--ref_model_name_or_path",
+                       model, "--missing_eos_penalty", "1.0", "--mask_truncated_completions", "--use_weighting",
+                       "--rpo_alpha", "0.5", "--dpop_lambda", "1.0", "--ld_alpha", "0.5"],
         "distill": [*common, "--dataset_name", str(f["sft_prompted"]), "--eval_dataset_name", str(f["sft_prompted"]),
                     "--use_peft", "--teacher_model_name_or_path", model, "--per_device_train_batch_size", "2",
                     "--max_new_tokens", "3", "--lmbda", "0.5", "--seq_kd", "--prompt_template", "Q: {prompt}",
@@ -143,7 +148,7 @@ def _argv(name: str, f: dict) -> list[str]:
     }[name]
 
 
-RUN_ORDER = ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "distill", "eval", "chat", "data inspect", "init-model",
+RUN_ORDER = ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo", "distill", "eval", "chat", "data inspect", "init-model",
              "train-tokenizer", "pipeline", "plot"]
 
 
@@ -181,7 +186,8 @@ def test_every_listed_flag_is_read(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "distill"])
+@pytest.mark.parametrize("name", ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo",
+                                  "distill"])
 def test_every_training_stage_prints_the_start_block_and_closing_line(runs, name, files):
     """The same runs: one start block per stage with every field, before the closing line with the throughput."""
     printed = runs[name][1].splitlines()

@@ -33,6 +33,8 @@ COMMANDS: dict[str, Command] = {
     "grpo": Command("grpo", "GRPOConfig", "Group relative policy optimisation with reward functions or models."),
     "rloo": Command("rloo", "RLOOConfig", "REINFORCE leave-one-out: GRPO's machinery with a leave-one-out baseline."),
     "ppo": Command("ppo", "PPOConfig", "PPO with a reward model, a value model and GAE."),
+    "online-dpo": Command("online_dpo", "OnlineDPOConfig",
+                          "Online DPO: pairs sampled from the current policy and judged by rewards, then DPO steps."),
     "distill": Command("distill", "DistillConfig", "On-policy distillation into a student from a teacher (GKD)."),
     "pipeline": Command("pipeline", "PipelineConfig", "Run a YAML list of stages, each stage's output feeding the next.",
                         positional="recipe"),

@@ -30,11 +30,12 @@ from prefalign.config.preference import (
     DPOConfig,
     KTOArgs,
     KTOConfig,
+    PreferenceLossArgs,
     RefSyncArgs,
     RMConfig,
     UnpairedArgs,
 )
-from prefalign.config.rollout import GRPOConfig, OnlineDPOConfig, PPOConfig, RLOOConfig
+from prefalign.config.rollout import GRPOConfig, OnlineDPOArgs, OnlineDPOConfig, PPOConfig, RLOOConfig
 from prefalign.config.tools import (
     ChatConfig,
     DemoConfig,
@@ -48,7 +49,7 @@ from prefalign.config.tools import (
 
 __all__ = ["ChatConfig", "DPOArgs", "DPOConfig", "DataArgs", "DatasetArgs", "DatasetSource", "DemoConfig", "DistillConfig", "EvalConfig",
            "GKDArgs", "GRPOConfig", "InitModelConfig", "InspectConfig", "KTOArgs", "KTOConfig", "LengthArgs", "LoadArgs",
-           "LoraArgs", "ModelArgs", "ModelSource", "OnlineDPOConfig", "PPOConfig", "PairArgs", "PairData", "PipelineConfig",
-           "PlotConfig", "PolicyArgs", "PretrainConfig", "PromptArgs", "RLOOConfig", "RMConfig", "RefSyncArgs",
+           "LoraArgs", "ModelArgs", "ModelSource", "OnlineDPOArgs", "OnlineDPOConfig", "PPOConfig", "PairArgs", "PairData", "PipelineConfig",
+           "PlotConfig", "PolicyArgs", "PreferenceLossArgs", "PretrainConfig", "PromptArgs", "RLOOConfig", "RMConfig", "RefSyncArgs",
            "ReferenceArgs", "RowFilter", "SFTConfig", "TrainArgs", "TrainTokenizerConfig", "UnpairedArgs",
            "field_help"]
