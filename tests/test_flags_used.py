@@ -34,10 +34,11 @@ _CHECK = re.compile(r"^_?(check_|check$|require$)")
 # (command, flag) -> why a run here cannot read it; each one is a flag read only on another branch.
 UNREAD_BY_DESIGN = {
     **{(c, "eval_split_ratio"): "read only without --eval_dataset_name (the run gives one)"
-       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo")},
+       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo", "distill")},
     **{(c, "ignore_data_skip"): "read only when resuming from a checkpoint"
-       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo")},
-    **{(c, flag): why for c in ("dpo", "kto", "sft", "pretrain", "grpo", "rloo", "ppo") for flag, why in (
+       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo", "distill")},
+    **{(c, flag): why for c in ("dpo", "kto", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo", "distill")
+       for flag, why in (
         ("freeze_vision_tower", "read only for a vision-language model (the tiny model is text-only)"),
         ("ignore_adapter_base", "read only with --peft_adapter_path"),
         ("bnb_4bit_quant_type", "read only with --load_in_4bit (tests/model/test_qlora.py runs it)"),
@@ -46,11 +47,12 @@ UNREAD_BY_DESIGN = {
        for flag in ("ref_model_mixup_alpha", "ref_model_sync_steps")},
     ("data inspect", "completion_column"): "read only for unpaired (KTO) rows; the run inspects pairs",
     **{(c, "reward_chat_template"): "read only with --reward_model_name_or_path (the runs score with functions)"
-       for c in ("grpo", "rloo", "ppo", "eval")},
+       for c in ("grpo", "rloo", "ppo", "online-dpo", "eval")},
 }
 # Flags read only by a check: kept in --help on purpose, each with the reason.
 CHECK_ONLY = {
-    **{(c, "use_vllm"): "refused with a one-line error until the vLLM backend exists" for c in ("grpo", "rloo", "ppo")},
+    **{(c, "use_vllm"): "refused with a one-line error until the vLLM backend exists"
+       for c in ("grpo", "rloo", "ppo", "online-dpo")},
     # Known, not by design: RLOOConfig inherits GRPO's flags and RLOO's advantages ignore this one; RLOO's loss
     # flags belong to the RLOO rewrite, which drops or uses it (then this entry fails and goes).
     ("rloo", "scale_rewards"): "validated as GRPO's flag, unused by RLOO's leave-one-out advantages",
@@ -87,6 +89,7 @@ def files(tmp_path_factory, tiny_model_dir):
     prompts = [{"prompt": conv(("user", f"what is {i} + {i}")), "answer": str(2 * i)} for i in range(3)]
     prompts += [{"prompt": "what is 1 + 1", "answer": "2"}, bad]
     out = {"pairs": write_jsonl(d / "pairs.jsonl", pairs), "sft": write_jsonl(d / "sft.jsonl", sft),
+           "sft_prompted": write_jsonl(d / "sft_prompted.jsonl", sft[:2] * 2 + [bad]),
            "prompts": write_jsonl(d / "prompts.jsonl", prompts), "dir": d, "model": tiny_model_dir}
     (d / "corpus.txt").write_text("hello world the sky is blue\nwhat is the answer\n" * 20)
     out["corpus"] = d / "corpus.txt"
@@ -124,6 +127,13 @@ def _argv(name: str, f: dict) -> list[str]:
                  "--beta", "0.1", "--ref_model_name_or_path", model],
         "rloo": [*common, *rl, "--use_peft", "--per_device_train_batch_size", "4", "--ref_model_name_or_path", model],
         "ppo": [*common, *rl, "--use_peft", "--per_device_train_batch_size", "2", "--ref_model_name_or_path", model],
+        "online-dpo": [*common, *rl, "--use_peft", "--per_device_train_batch_size", "2", "--ref_model_name_or_path",
+                       model, "--missing_eos_penalty", "1.0", "--mask_truncated_completions", "--use_weighting",
+                       "--rpo_alpha", "0.5", "--dpop_lambda", "1.0", "--ld_alpha", "0.5"],
+        "distill": [*common, "--dataset_name", str(f["sft_prompted"]), "--eval_dataset_name", str(f["sft_prompted"]),
+                    "--use_peft", "--teacher_model_name_or_path", model, "--per_device_train_batch_size", "2",
+                    "--max_new_tokens", "3", "--lmbda", "0.5", "--seq_kd", "--prompt_template", "Q: {prompt}",
+                    "--system_prompt", "x"],
         "eval": ["--model_name_or_path", model, "--ref_model_name_or_path", model, "--dataset_name", str(f["pairs"]),
                  "--skip_invalid_rows", "--num_samples", "1", "--temperature", "0.5", "--max_new_tokens", "2",
                  "--prompt_template", "Q: {prompt}", "--system_prompt", "x", "--output_json", str(d / "eval.json")],
@@ -140,7 +150,7 @@ def _argv(name: str, f: dict) -> list[str]:
     }[name]
 
 
-RUN_ORDER = ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "eval", "chat", "data inspect", "init-model",
+RUN_ORDER = ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo", "distill", "eval", "chat", "data inspect", "init-model",
              "train-tokenizer", "pipeline", "plot"]
 
 
@@ -178,7 +188,8 @@ def test_every_listed_flag_is_read(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo"])
+@pytest.mark.parametrize("name", ["dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo",
+                                  "distill"])
 def test_every_training_stage_prints_the_start_block_and_closing_line(runs, name, files):
     """The same runs: one start block per stage with every field, before the closing line with the throughput."""
     printed = runs[name][1].splitlines()

@@ -35,15 +35,18 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     first = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
 
-    assert list(report["stages"]) == ["sft", "dpo", "grpo", "ppo"]
+    assert list(report["stages"]) == ["sft", "dpo", "grpo", "ppo", "online-dpo", "distill"]
     for name, stage in report["stages"].items():
         assert 0.0 <= stage["accuracy"] <= 1.0 and stage["wall_time_s"] > 0, name
         if name != "sft":
             assert stage["kl"] >= 0.0 and 0.0 <= stage["reward_accuracy"] <= 1.0, name
-    assert report["required_gain"] == {"dpo": 0.30, "grpo": 0.20, "ppo": 0.20}
-    assert set(report["checks"]) == {"dpo", "grpo", "ppo"}  # quick mode is too small to pass them; they are reported
+    assert report["required_gain"] == {"dpo": 0.30, "grpo": 0.20, "ppo": 0.20, "online-dpo": 0.30}
+    assert report["teacher_gap"] == {"distill": {"teacher": "dpo", "max_gap": 0.10}}
+    # quick mode is too small to pass them; they are reported
+    assert set(report["checks"]) == {"dpo", "grpo", "ppo", "online-dpo", "distill"}
     heldout = [s["prompt"] for s in report["samples"]]
-    assert len(heldout) == 6 and all(set(s) == {"prompt", "reference", "sft", "dpo", "grpo", "ppo"}
+    assert len(heldout) == 6 and all(set(s) == {"prompt", "reference", "sft", "dpo", "grpo", "ppo", "online-dpo",
+                                                 "distill"}
                                      for s in report["samples"])
     assert report["samples"][0]["reference"] == task.reference_answer(heldout[0])
 
@@ -59,7 +62,8 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
                            for r in rm_rows)
 
     for plot in ("accuracy.png", "sft/loss.png", "dpo/loss.png", "dpo/rewards_margins.png",
-                 "dpo/rewards_accuracies.png", "rm/loss.png", "grpo/loss.png", "ppo/loss.png"):
+                 "dpo/rewards_accuracies.png", "rm/loss.png", "grpo/loss.png", "ppo/loss.png", "online-dpo/loss.png",
+                 "distill/loss.png"):
         assert plot in report["plots"] and (out / plot).read_bytes()[:8] == PNG_MAGIC, plot
     md = (out / "report.md").read_text()
     assert "![dpo/loss.png](dpo/loss.png)" in md and "| dpo |" in md
@@ -71,7 +75,8 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     mtime = (out / "dpo" / "model.safetensors").stat().st_mtime_ns
     assert main(["demo", "--output_dir", str(out), "--quick", "--disable_tqdm"]) == 0
     second = capsys.readouterr().out
-    for name in ("tokenizer", "init", "sft", "dpo", "grpo", "rm_data", "rm", "ppo"):
+    for name in ("tokenizer", "init", "sft", "dpo", "grpo", "rm_data", "rm", "ppo", "online-dpo", "distill_init",
+                 "distill"):
         assert f"[demo] {name}: done already" in second, name
     assert (out / "dpo" / "model.safetensors").stat().st_mtime_ns == mtime
     again = json.loads((out / "report.json").read_text())
@@ -103,3 +108,13 @@ def test_mean_token_kl_by_hand(tiny_model_dir, tiny_tokenizer):
             n += 1
     assert mean_token_kl(policy, ref, tok, prompts, completions) == pytest.approx(total / n, rel=1e-4)
     assert mean_token_kl(ref, ref, tok, prompts, completions) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("stages, message", [
+    (["dpo", "sppo"], "--stages: unknown stage 'sppo'"),
+    (["online-dpo", "distill"], "--stages: distill needs dpo: the DPO model is the student's teacher"),
+])
+def test_bad_stage_lists_are_one_line_errors(tmp_path, capsys, stages, message):
+    assert main(["demo", "--output_dir", str(tmp_path / "d"), "--quick", "--stages", *stages]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

@@ -29,8 +29,19 @@ def _report():
 def test_gains_pass_and_fail():
     # dpo: 0.875 - 0.5 = 0.375 >= 0.30 passes; grpo: 0.625 - 0.5 = 0.125 < 0.20 fails
     g = gains(_report())
-    assert g["dpo"] == {"gain": 0.375, "required": 0.30, "passed": True}
-    assert g["grpo"] == {"gain": 0.125, "required": 0.20, "passed": False}
+    assert g["dpo"] == {"gain": 0.375, "required": 0.30, "passed": True, "baseline": "sft"}
+    assert g["grpo"] == {"gain": 0.125, "required": 0.20, "passed": False, "baseline": "sft"}
+
+
+def test_teacher_gap_checks_a_student_against_its_teacher():
+    report = _report()
+    report["stages"]["distill"] = {"accuracy": 0.8}
+    report["stages"]["small"] = {"accuracy": 0.7}
+    report["teacher_gap"] = {"distill": {"teacher": "dpo", "max_gap": 0.10},
+                             "small": {"teacher": "dpo", "max_gap": 0.10}}
+    g = gains(report)
+    assert g["distill"] == {"gain": pytest.approx(-0.075), "required": -0.10, "passed": True, "baseline": "dpo"}
+    assert g["small"]["passed"] is False  # 0.7 is 0.175 below its teacher
 
 
 def test_write_report_files(tmp_path):
@@ -69,10 +80,10 @@ def test_quick_runs_say_not_checked_instead_of_fail(tmp_path):
     _, md_path = write_report(tmp_path, report)
     md = md_path.read_text()
     assert "FAIL" not in md and "PASS" not in md
-    assert "- not checked (quick): grpo gains +0.125 over the baseline (needs >= +0.20)" in md
+    assert "- not checked (quick): grpo gains +0.125 over sft (needs >= +0.20)" in md
     assert "quick mode checks the machinery, not the accuracy targets" in md
     text = summary(report, md_path)
-    assert "FAIL" not in text and "not checked (quick): grpo gains +0.125 (needs +0.20)" in text
+    assert "FAIL" not in text and "not checked (quick): grpo gains +0.125 over sft (needs +0.20)" in text
     assert "note: quick mode checks the machinery, not the accuracy targets (run without --quick for those)" in text
     full = summary({**report, "settings": {"quick": False}}, md_path)
-    assert "FAIL: grpo gains +0.125 (needs +0.20)" in full and "PASS: dpo gains +0.375" in full
+    assert "FAIL: grpo gains +0.125 over sft (needs +0.20)" in full and "PASS: dpo gains +0.375" in full

@@ -1,8 +1,9 @@
 """`prefalign pipeline --recipe recipe.yaml`: run a YAML list of stages, each one's output feeding the next.
 
 A recipe is a list of stages (at top level, or under `stages:`), each a mapping with `stage:` (a command of
-`STAGES`: train-tokenizer, init-model, pretrain, sft, rm, dpo, kto, grpo, rloo, ppo) and that command's flags, plus an
-optional top-level `defaults:` mapping applied to every stage whose command has those flags (a stage's own value wins):
+`STAGES`: train-tokenizer, init-model, pretrain, sft, rm, dpo, kto, grpo, rloo, ppo, online-dpo, distill) and that command's flags,
+plus an optional top-level `defaults:` mapping applied to every stage whose command has those flags (a stage's own
+value wins):
 
     defaults: {disable_tqdm: true, logging_steps: 10}
     stages:
@@ -13,12 +14,13 @@ optional top-level `defaults:` mapping applied to every stage whose command has 
       - {stage: dpo, dataset_name: pairs.jsonl, output_dir: out/dpo}
 
 Chaining, for every flag the stage leaves unset: the tokenizer of train-tokenizer becomes init-model's `tokenizer`;
-the model of the latest stage that writes a policy (init-model, pretrain, sft, dpo, kto, grpo, rloo, ppo) becomes
-`model_name_or_path` of the next stage that reads one (an rm stage does not move the policy on); the SFT model becomes
-DPO's / KTO's `ref_model_name_or_path` when their policy is another model; the latest rm stage's model becomes
-`reward_model_name_or_path` of a grpo / rloo / ppo stage that names neither reward functions nor a reward model. A
-LoRA stage's adapter continues into DPO or KTO as `peft_adapter_path` on its base model; other stages need full weights
-(`merge_adapter: true`).
+the model of the latest stage that writes a policy (init-model, pretrain, sft, dpo, kto, grpo, rloo, ppo, online-dpo,
+distill) becomes `model_name_or_path` of the next stage that reads one (an rm stage does not move the policy on); the
+SFT model becomes DPO's / KTO's `ref_model_name_or_path` when their policy is another model; the latest rm stage's
+model becomes `reward_model_name_or_path` of a grpo / rloo / ppo / online-dpo stage that names neither reward
+functions nor a reward model. A LoRA stage's adapter continues into DPO or KTO as `peft_adapter_path` on its base
+model; other stages need full weights (`merge_adapter: true`). A distill stage's teacher is always named
+(`teacher_model_name_or_path`).
 
 Planning checks, before the first stage runs, everything that can be checked without training: every stage's flags
 and its own config checks (`check_*_config` / `resolve_*_config` of its stage module), output directories (distinct,
@@ -69,7 +71,7 @@ class StageKind:
     output: str = "model"  # what its output_dir holds when finished: "model" or "tokenizer"
 
 
-# One line per command that can be a stage (online-dpo, distill: one line each once they exist).
+# One line per command that can be a stage.
 STAGES: dict[str, StageKind] = {
     "train-tokenizer": StageKind("prefalign.data.tokenizer:check_tokenizer_config", output="tokenizer"),
     "init-model": StageKind("prefalign.model.init:check_init_config", writes_policy=True),
@@ -86,10 +88,13 @@ STAGES: dict[str, StageKind] = {
                       reads_reward_model=True),
     "ppo": StageKind("prefalign.stages.ppo:check_ppo_config", reads_policy=True, writes_policy=True,
                      reads_reward_model=True),
+    "online-dpo": StageKind("prefalign.stages.online_dpo:check_online_dpo_config", reads_policy=True,
+                            writes_policy=True, reads_reward_model=True),
+    "distill": StageKind("prefalign.stages.distill:check_distill_config", reads_policy=True, writes_policy=True),
 }
 _DATA_FLAGS = ("dataset_name", "eval_dataset_name")
 _MODEL_FLAGS = ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path", "peft_adapter_path",
-                "reward_model_name_or_path", "value_model_name_or_path", "tokenizer")
+                "reward_model_name_or_path", "value_model_name_or_path", "teacher_model_name_or_path", "tokenizer")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
 

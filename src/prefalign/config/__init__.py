@@ -23,17 +23,19 @@ from prefalign.config.common import (
     RowFilter,
     TrainArgs,
 )
+from prefalign.config.distill import DistillConfig, GKDArgs
 from prefalign.config.fields import field_help
 from prefalign.config.preference import (
     DPOArgs,
     DPOConfig,
     KTOArgs,
     KTOConfig,
+    PreferenceLossArgs,
     RefSyncArgs,
     RMConfig,
     UnpairedArgs,
 )
-from prefalign.config.rollout import GRPOConfig, PPOConfig, RLOOConfig
+from prefalign.config.rollout import GRPOConfig, OnlineDPOArgs, OnlineDPOConfig, PPOConfig, RLOOConfig
 from prefalign.config.tools import (
     ChatConfig,
     DemoConfig,
@@ -45,9 +47,9 @@ from prefalign.config.tools import (
     TrainTokenizerConfig,
 )
 
-__all__ = ["ChatConfig", "DPOArgs", "DPOConfig", "DataArgs", "DatasetArgs", "DatasetSource", "DemoConfig", "EvalConfig",
-           "GRPOConfig", "InitModelConfig", "InspectConfig", "KTOArgs", "KTOConfig", "LengthArgs", "LoadArgs",
-           "LoraArgs", "ModelArgs", "ModelSource", "PPOConfig", "PairArgs", "PairData", "PipelineConfig",
-           "PlotConfig", "PolicyArgs", "PretrainConfig", "PromptArgs", "RLOOConfig", "RMConfig", "RefSyncArgs",
+__all__ = ["ChatConfig", "DPOArgs", "DPOConfig", "DataArgs", "DatasetArgs", "DatasetSource", "DemoConfig", "DistillConfig", "EvalConfig",
+           "GKDArgs", "GRPOConfig", "InitModelConfig", "InspectConfig", "KTOArgs", "KTOConfig", "LengthArgs", "LoadArgs",
+           "LoraArgs", "ModelArgs", "ModelSource", "OnlineDPOArgs", "OnlineDPOConfig", "PPOConfig", "PairArgs", "PairData", "PipelineConfig",
+           "PlotConfig", "PolicyArgs", "PreferenceLossArgs", "PretrainConfig", "PromptArgs", "RLOOConfig", "RMConfig", "RefSyncArgs",
            "ReferenceArgs", "RowFilter", "SFTConfig", "TrainArgs", "TrainTokenizerConfig", "UnpairedArgs",
            "field_help"]

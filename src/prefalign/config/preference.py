@@ -9,7 +9,10 @@ from prefalign.config.common import DataArgs, LoadArgs, LoraArgs, PolicyArgs, Tr
 
 
 @dataclass
-class DPOArgs:
+class PreferenceLossArgs:
+    """The preference losses and how they read log-probs: what `stages.dpo.preference_objective` resolves (dpo and
+    online-dpo)."""
+
     beta: float = 0.1
     """Strength of the KL constraint to the reference (temperature of the implicit reward)."""
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
@@ -40,6 +43,10 @@ class DPOArgs:
     """Weight pairs by their policy probability (WPO)."""
     ld_alpha: float | None = None
     """LD-DPO: tokens past the shorter completion's length count with this weight."""
+
+
+@dataclass
+class DPOArgs(PreferenceLossArgs):
     disable_dropout: bool = True
     """Turn dropout off in the policy (and reference), as TRL does, so that before the first update policy and
     reference agree exactly and the implicit rewards are not noise."""

@@ -1,10 +1,11 @@
-"""Configs of the on-policy stages: sampling, rewards, and GRPO / RLOO / PPO on top of them."""
+"""Configs of the on-policy stages: sampling, rewards, and GRPO / RLOO / PPO / online DPO on top of them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from prefalign.config.common import DatasetArgs, PolicyArgs, PromptArgs, TrainArgs
+from prefalign.config.preference import PreferenceLossArgs
 
 
 @dataclass
@@ -141,3 +142,26 @@ class PPOConfig(PPOArgs, OnPolicyArgs):
     """Sampling temperature; log-probs are computed at the same temperature (TRL's PPO default)."""
     max_completion_length: int | None = 53
     """Most tokens sampled per completion (TRL's response_length)."""
+
+
+@dataclass
+class OnlineDPOArgs:
+    num_generations: int = 2
+    """Completions sampled per prompt; the best and the worst by score form its (chosen, rejected) pair (TRL: 2)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of completions that reach --max_completion_length without EOS, before the pair is
+    chosen (TRL's OnlineDPO option)."""
+
+
+@dataclass
+class OnlineDPOConfig(OnlineDPOArgs, PreferenceLossArgs, OnPolicyArgs):
+    """Configuration of `prefalign online-dpo`."""
+
+    learning_rate: float = 5e-7
+    """Peak learning rate of AdamW (TRL's OnlineDPO default)."""
+    per_device_train_batch_size: int = 8
+    """Prompts per micro-batch on each device; each is sampled --num_generations times and gives one pair."""
+    temperature: float = 0.9
+    """Sampling temperature (TRL's OnlineDPO default); the DPO log-probs are the model's own (temperature 1)."""
+    max_completion_length: int | None = 64
+    """Most tokens sampled per completion (TRL's max_new_tokens)."""

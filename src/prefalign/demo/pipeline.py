@@ -2,8 +2,8 @@
 
 train-tokenizer -> init-model -> SFT on answers of mixed quality -> DPO on (right, wrong) pairs with the SFT model
 as reference -> (right, wrong) pairs of the SFT model's own judged answers -> reward model -> PPO with it, and GRPO
-with the task's judge as reward, both from the SFT model -> held-out evaluation of every stage -> report.json,
-report.md and PNG plots in --output_dir.
+and online DPO with the task's judge as reward, all from the SFT model -> a fresh smaller student distilled from
+the DPO model -> held-out evaluation of every stage -> report.json, report.md and PNG plots in --output_dir.
 
 Every stage is a real trainer called in-process with its typed config (`demo/stages.py`). A rerun skips every stage
 whose final model exists, and every evaluation whose result file (`<stage>/demo_eval.json`) exists.
@@ -31,7 +31,8 @@ from prefalign.rollout.generate import greedy_completions
 from prefalign.stages.dpo import pair_metrics
 from prefalign.train.plots import plot_run
 
-REQUIRED_GAIN = {"dpo": 0.30, "grpo": 0.20, "ppo": 0.20}
+REQUIRED_GAIN = {"dpo": 0.30, "grpo": 0.20, "ppo": 0.20, "online-dpo": 0.30}
+TEACHER_GAP = {"distill": ("dpo", 0.10)}  # a distilled student must come within this of its teacher's accuracy
 NUM_SAMPLES = 6
 PAIR_EVAL = DPOConfig(beta=0.1, max_length=64, per_device_eval_batch_size=64)  # how reward accuracy is measured
 
@@ -43,6 +44,8 @@ class Demo:
         unknown = set(cfg.stages) - set(DEMO_STAGES)
         if unknown:
             raise PrefalignError(f"unknown stage {sorted(unknown)[0]!r}; choose from {', '.join(DEMO_STAGES)}", "--stages")
+        if "distill" in cfg.stages and "dpo" not in cfg.stages:
+            raise PrefalignError("distill needs dpo: the DPO model is the student's teacher", "--stages")
         self.cfg = cfg
         self.sizes = st.QUICK if cfg.quick else st.FULL
         self.out = Path(cfg.output_dir)
@@ -97,6 +100,13 @@ class Demo:
             self._timed("rm", lambda: st.reward_model(p("sft"), d / "rm_pairs.jsonl", d / "heldout_pairs.jsonl",
                                                       p("rm"), s, seed, quiet))
             self._timed("ppo", lambda: st.ppo(p("sft"), p("rm"), d / "prompts.jsonl", p("ppo"), s, seed, quiet))
+        if "online-dpo" in stages:
+            self._timed("online-dpo", lambda: st.online_dpo(p("sft"), d / "prompts.jsonl", p("online-dpo"), s, seed,
+                                                            quiet))
+        if "distill" in stages:
+            self._timed("distill_init", lambda: st.init_model(p("tokenizer"), p("distill_init"), seed + 31, 48))
+            self._timed("distill", lambda: st.distill(p("dpo"), p("distill_init"), d / "sft.jsonl", p("distill"), s,
+                                                      seed, quiet))
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, name: str, reference: Any, tokenizer: Any) -> dict[str, Any]:
@@ -127,7 +137,7 @@ class Demo:
 
 def _plots(demo: Demo, stages: dict[str, Any]) -> list[str]:
     written = [plot_stage_accuracy({k: v["accuracy"] for k, v in stages.items()}, demo.out / "accuracy.png")]
-    for name in ("sft", "dpo", "rm", "grpo", "ppo"):
+    for name in ("sft", "dpo", "rm", "grpo", "ppo", "online-dpo", "distill"):
         if (demo.path(name) / "metrics.jsonl").is_file():
             written += plot_run(demo.path(name))
     return [p.relative_to(demo.out).as_posix() for p in written]
@@ -138,7 +148,8 @@ def build_report(demo: Demo, results: dict[str, dict[str, Any]], this_run: float
     for name, r in results.items():
         stages[name] = {k: r[k] for k in ("accuracy", "kl", "reward_accuracy", "reward_margin") if k in r}
         # PPO's cost includes what only it needs: the reward model's on-policy data and its training
-        extra = demo.times.get("rm_data", 0.0) + demo.times.get("rm", 0.0) if name == "ppo" else 0.0
+        extra = {"ppo": demo.times.get("rm_data", 0.0) + demo.times.get("rm", 0.0),
+                 "distill": demo.times.get("distill_init", 0.0)}.get(name, 0.0)
         stages[name]["wall_time_s"] = demo.times.get(name, 0.0) + extra
         stages[name]["eval_time_s"] = r.get("eval_time_s")
     samples = [{"prompt": p, "reference": task.reference_answer(p), **{n: r["answers"][i] for n, r in results.items()}}
@@ -146,11 +157,12 @@ def build_report(demo: Demo, results: dict[str, dict[str, Any]], this_run: float
     return {
         "stages": stages, "baseline": "sft",
         "required_gain": {k: v for k, v in REQUIRED_GAIN.items() if k in stages},
+        "teacher_gap": {k: {"teacher": t, "max_gap": gap} for k, (t, gap) in TEACHER_GAP.items() if k in stages},
         "samples": samples, "plots": _plots(demo, stages),
         # the whole demo's cost: every stage's training and evaluation, also when this run skipped some of them
         "total_wall_time_s": sum(demo.times.values()) + sum(r.get("eval_time_s", 0.0) for r in results.values()),
         "this_run_wall_time_s": this_run,
-        "setup_wall_time_s": {k: demo.times[k] for k in ("tokenizer", "init", "rm_data", "rm")
+        "setup_wall_time_s": {k: demo.times[k] for k in ("tokenizer", "init", "rm_data", "rm", "distill_init")
                               if k in demo.times},
         "settings": {"seed": demo.cfg.seed, "quick": demo.cfg.quick, "heldout_prompts": len(demo.heldout),
                      "sizes": asdict(demo.sizes),
@@ -161,18 +173,19 @@ def build_report(demo: Demo, results: dict[str, dict[str, Any]], this_run: float
 
 def summary(report: dict[str, Any], md_path: Path) -> str:
     """The closing lines: accuracy table, checks and where the report is."""
-    lines = ["", f"{'stage':<6} {'accuracy':>8} {'gain':>7} {'KL':>7} {'reward acc':>10} {'time (s)':>8}"]
+    lines = ["", f"{'stage':<10} {'accuracy':>8} {'gain':>7} {'KL':>7} {'reward acc':>10} {'time (s)':>8}"]
     base = report["stages"]["sft"]["accuracy"]
     for name, s in report["stages"].items():
         kl, ra = s.get("kl"), s.get("reward_accuracy")
-        lines.append(f"{name:<6} {s['accuracy']:>8.3f} {s['accuracy'] - base:>+7.3f} "
+        lines.append(f"{name:<10} {s['accuracy']:>8.3f} {s['accuracy'] - base:>+7.3f} "
                      f"{'-' if kl is None else f'{kl:.3f}':>7} {'-' if ra is None else f'{ra:.3f}':>10} "
                      f"{s['wall_time_s']:>8.1f}")
     checks = gains(report)
     if checks and (report.get("settings") or {}).get("quick"):
         lines.append(f"note: {QUICK_NOTE}")
     for name, c in checks.items():
-        lines.append(f"{verdict(report, c)}: {name} gains {c['gain']:+.3f} (needs {c['required']:+.2f})")
+        lines.append(f"{verdict(report, c)}: {name} gains {c['gain']:+.3f} over {c.get('baseline', 'sft')} "
+                     f"(needs {c['required']:+.2f})")
     lines.append(f"total {report['total_wall_time_s']:.0f} s of training and evaluation (this run "
                  f"{report['this_run_wall_time_s']:.0f} s); report: {md_path}")
     return "\n".join(lines)

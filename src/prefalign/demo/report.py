@@ -10,6 +10,7 @@ The report dict, as the demo pipeline builds it:
       },
       "baseline": "sft",                           # optional; default "sft" when present
       "required_gain": {"dpo": 0.30},              # optional: minimum accuracy gain over the baseline
+      "teacher_gap": {"distill": {"teacher": "dpo", "max_gap": 0.10}},   # optional: student vs its teacher
       "samples": [{"prompt": "...", "reference": "...", "sft": "...", "dpo": "..."}],   # optional
       "plots": ["accuracy.png", "dpo/loss.png"],   # optional, relative to out_dir
       "settings": {...}, "total_wall_time_s": 301.0 # optional
@@ -64,7 +65,14 @@ def gains(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         gain = stages[name]["accuracy"] - stages[baseline]["accuracy"]
         # rounding guard: a gain printed as 0.300 must not fail a 0.30 requirement through float noise
-        out[name] = {"gain": gain, "required": need, "passed": gain >= need - 1e-9}
+        out[name] = {"gain": gain, "required": need, "passed": gain >= need - 1e-9, "baseline": baseline}
+    for name, spec in (report.get("teacher_gap") or {}).items():  # a student within max_gap of its teacher
+        teacher = spec["teacher"]
+        if name not in stages or teacher not in stages:
+            continue
+        gain = stages[name]["accuracy"] - stages[teacher]["accuracy"]
+        out[name] = {"gain": gain, "required": -spec["max_gap"], "passed": gain >= -spec["max_gap"] - 1e-9,
+                     "baseline": teacher}
     return out
 
 
@@ -113,7 +121,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if (report.get("settings") or {}).get("quick"):
             lines += [f"The {QUICK_NOTE}.", ""]
         for name, c in checks.items():
-            lines.append(f"- {verdict(report, c)}: {name} gains {c['gain']:+.3f} over the baseline "
+            lines.append(f"- {verdict(report, c)}: {name} gains {c['gain']:+.3f} over {c.get('baseline', 'the baseline')} "
                          f"(needs >= {c['required']:+.2f})")
         lines.append("")
     lines += _samples(report)

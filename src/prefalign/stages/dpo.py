@@ -20,7 +20,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from prefalign.config import DPOArgs, DPOConfig
+from prefalign.config import DPOConfig, PreferenceLossArgs
 from prefalign.config.checks import check_ref_sync, check_train_args, require
 from prefalign.data.collate import collate_padded, padded_row_images
 from prefalign.data.packing import collate_packed, pack_pairs, packed_row_images
@@ -61,7 +61,7 @@ from prefalign.train.setup import open_session, train_and_save, trainable_policy
 # ---------------------------------------------------------------- the seam: flags -> Objective
 
 
-def preference_objective(cfg: DPOArgs) -> Objective:
+def preference_objective(cfg: PreferenceLossArgs) -> Objective:
     """The loss settings of `cfg`, checked once; PrefalignError names the bad flag."""
     names = list(cfg.loss_type)
     valid = ", ".join(LOSSES)
@@ -84,7 +84,7 @@ def preference_objective(cfg: DPOArgs) -> Objective:
                      ld_alpha=cfg.ld_alpha, dpop_lambda=cfg.dpop_lambda)
 
 
-def _check_loss_options(names: list[str], cfg: DPOArgs) -> None:
+def _check_loss_options(names: list[str], cfg: PreferenceLossArgs) -> None:
     if cfg.f_divergence_type not in F_DIVERGENCES:
         raise PrefalignError(f"unknown divergence {cfg.f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}",
                              "--f_divergence_type")

@@ -1,4 +1,4 @@
-"""The one on-policy stage GRPO, RLOO and PPO share, and the algorithm objects composed into it.
+"""The one on-policy stage GRPO, RLOO, PPO and online DPO share, and the algorithm objects composed into it.
 
 A rollout is a batch of prompts, each sampled `num_generations` times (`rollout.sampling`), scored by the reward
 functions and/or reward model, and handed to an `Algorithm`, which adds what it needs (old-policy and reference
@@ -7,9 +7,9 @@ algorithm shares: which prompts each rollout samples (a (seed, epoch, rollout)-s
 the loop hook where a rollout is sampled (`begin_step`, called by the loop before it weighs an optimizer step's
 micro-batches), the micro-batches' weights and the metrics tail.
 
-An algorithm is an object, not a subclass: GRPO (`stages.grpo`), RLOO (`stages.rloo`) and PPO (`stages.ppo`)
-each say how a rollout's rows split into micro-batches over its optimizer steps, what to compute from a scored
-rollout, and the loss.
+An algorithm is an object, not a subclass: GRPO (`stages.grpo`), RLOO (`stages.rloo`), PPO (`stages.ppo`) and
+online DPO (`stages.online_dpo`) each say how a rollout's rows split into micro-batches over its optimizer steps,
+what to compute from a scored rollout, and the loss.
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ class ShuffledMiniBatches:
 
 class Algorithm(Protocol):
     """What an on-policy algorithm adds to the shared rollout stage. Optionally also `save_extra(directory)` /
-    `load_extra(directory)`: what a checkpoint holds besides the policy (PPO's value model)."""
+    `load_extra(directory)`: what a checkpoint holds besides the policy (PPO's value model), and
+    `row_weighted_metrics = True` when the metrics `loss` returns are means over rows, not tokens (online DPO's
+    per-pair metrics), and `batch_unit` when --per_device_train_batch_size counts something else than completions."""
 
     model: nn.Module  # what the loop optimises (the policy, or PPO's policy + value)
     policy: nn.Module  # what samples, and what is saved as the final model
@@ -175,7 +177,9 @@ class RolloutStage:
         host = to_host({"tokens": tokens_t, "loss": loss_sum, **token_metrics})
         tokens = host.pop("tokens")
         metrics: MetricSums = {"loss": (host.pop("loss"), tokens if self.algorithm.per_token else rows)}
-        metrics.update({k: (v * tokens, tokens) for k, v in host.items()})
+        # token metrics are means over the micro-batch's loss tokens, or (row_weighted_metrics) over its rows
+        weight = rows if getattr(self.algorithm, "row_weighted_metrics", False) else tokens
+        metrics.update({k: (v * weight, weight) for k, v in host.items()})
         metrics.update({k: (v, 1.0) for k, v in batch["rollout_metrics"].items()})
         return loss_sum, metrics
 
@@ -251,7 +255,7 @@ AlgorithmFactory = Callable[[nn.Module, Reference | None, Session], Algorithm]
 
 
 def train_online(cfg: OnPolicyArgs, make_algorithm: AlgorithmFactory, run_name: str,
-                 needs_reference: bool) -> LoopResult:
+                 needs_reference: bool, why_no_reference: str = "--beta 0") -> LoopResult:
     """An on-policy run end to end, after its checks: prompts → policy and reference → the algorithm → rollouts on
     the loop → final policy in cfg.output_dir."""
     session = open_session(cfg)
@@ -262,7 +266,7 @@ def train_online(cfg: OnPolicyArgs, make_algorithm: AlgorithmFactory, run_name: 
     reference = build_reference(policy, cfg, needs_reference)
     algorithm = make_algorithm(policy, reference, session)
     stage = RolloutStage(cfg, algorithm, train, eval_, reward_fns, session.accelerator.num_processes)
-    facts = rollout_facts(cfg, stage, describe_reference(reference, cfg, why_none="--beta 0"),
+    facts = rollout_facts(cfg, stage, describe_reference(reference, cfg, why_none=why_no_reference),
                           session.accelerator.num_processes)
 
     save_extra, load_extra = getattr(algorithm, "save_extra", None), getattr(algorithm, "load_extra", None)
@@ -291,4 +295,5 @@ def rollout_facts(cfg: OnPolicyArgs, stage: RolloutStage, reference: str, num_pr
     steps = len(stage.algorithm.batching.micro_batches(0, 0, stage.rows)) // per_step
     rollout = (f"{stage.rows} completions ({stage.rows // g} prompts x {g}) sampled with the KV cache, "
                f"trained on for {steps} optimizer step{'s' if steps > 1 else ''}")
-    return RunFacts(splits, "completions", "padded prompt + completion rows", reference, {"rollout": rollout})
+    unit = getattr(stage.algorithm, "batch_unit", "completions")  # what --per_device_train_batch_size counts
+    return RunFacts(splits, unit, "padded prompt + completion rows", reference, {"rollout": rollout})

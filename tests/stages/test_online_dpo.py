@@ -1,0 +1,79 @@
+"""Online DPO's pair selection and loss against hand-derived values on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prefalign.config import OnlineDPOConfig
+from prefalign.model.reference import FrozenModelReference
+from prefalign.rollout.sampling import Sampled, padded_layout
+from prefalign.stages.online_dpo import OnlineDPO, check_online_dpo_config, select_pairs
+
+
+def test_select_pairs_best_and_worst_with_ties_and_nan():
+    # pairs of two: sample 2 wins; a tie keeps sample 1 as chosen (TRL's rule); sample 1 wins
+    chosen, rejected = select_pairs(torch.tensor([1.0, 2.0, 3.0, 3.0, 2.0, -1.0]), 2)
+    assert chosen.tolist() == [1, 2, 4] and rejected.tolist() == [0, 3, 5]
+    # groups of three: NaN (unscored) is the worst; the first best is chosen, the last worst rejected
+    chosen, rejected = select_pairs(torch.tensor([0.0, 5.0, math.nan, 5.0, 1.0, 1.0]), 3)
+    assert chosen.tolist() == [1, 3] and rejected.tolist() == [2, 5]
+
+
+def _sampled(prompts, completions):
+    width = max(len(c) for c in completions)
+    ids = torch.tensor([c + [0] * (width - len(c)) for c in completions])
+    mask = (torch.arange(width)[None] < torch.tensor([len(c) for c in completions])[:, None]).long()
+    batch = padded_layout(prompts, ids, mask, pad=0)
+    return batch, Sampled(batch, mask, torch.tensor([False, True, False, False]), [], [], {})
+
+
+def _seq_logp(model, prompt, completion):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logp = model(ids).logits[0, :-1].log_softmax(-1)
+    return sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(completion))
+
+
+def test_loss_and_metrics_by_hand(tiny_model_dir):
+    """Two prompts x 2 samples; the reference is the policy with noise, so the DPO margin is not 0."""
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in ref_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    cfg = OnlineDPOConfig(model_name_or_path="m", dataset_name="d", output_dir="o", reward_funcs=["length:3"], beta=0.2,
+                          missing_eos_penalty=10.0, per_device_train_batch_size=2)
+    objective = check_online_dpo_config(cfg)
+    algo = OnlineDPO(cfg, objective, policy, FrozenModelReference(ref_model))
+    prompts = [[5, 6, 7], [5, 6, 7], [20, 21], [20, 21]]
+    completions = [[8, 9, 2], [10, 11, 12, 13], [30, 2], [31, 32, 2]]
+    batch, sampled = _sampled(prompts, completions)
+    # scores: row 1 is the best but has no EOS, so the penalty makes it the worst; rows 2, 3 tie -> 2 chosen
+    kept, metrics = algo.prepare(batch, torch.tensor([1.0, 5.0, 2.0, 2.0]), sampled, sampled.token_mask)
+    assert kept["pair_rank"].tolist() == [0, 1, 0, 1]
+    assert metrics["objective/scores"] == pytest.approx((1 - 5 + 2 + 2) / 4)
+    assert metrics["objective/scores_margin"] == pytest.approx(((1 + 5) + 0) / 2)
+    assert metrics["val/contain_eos_token"] == pytest.approx(0.75)
+
+    loss, m = algo.loss(policy, {**batch, **kept, "loss_mask": sampled.token_mask})
+    s = [_seq_logp(policy, p, c) for p, c in zip(prompts, completions)]
+    r = [_seq_logp(ref_model, p, c) for p, c in zip(prompts, completions)]
+    margins = [(s[0] - r[0]) - (s[1] - r[1]), (s[2] - r[2]) - (s[3] - r[3])]
+    want = sum(-math.log(1 / (1 + math.exp(-0.2 * d))) for d in margins) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    close = {"rel": 1e-4, "abs": 1e-6}  # sums of ~-30 log-probs: float32 summation order
+    assert m["rewards/chosen"].item() == pytest.approx(0.2 * ((s[0] - r[0]) + (s[2] - r[2])) / 2, **close)
+    assert m["rewards/margins"].item() == pytest.approx(0.2 * sum(margins) / 2, **close)
+    assert m["rewards/accuracies"].item() == sum(d > 0 for d in margins) / 2
+    assert m["logps/rejected"].item() == pytest.approx((s[1] + s[3]) / 2, rel=1e-5)
+    kl = [s[i] - r[i] for i in (0, 2, 1, 3)]
+    assert m["objective/kl"].item() == pytest.approx(sum(kl) / 4, **close)
+    assert m["objective/entropy"].item() == pytest.approx(-sum(s) / 4, rel=1e-5)
+    scores = [1.0, 2.0, -5.0, 2.0]  # chosen rows then rejected, after the penalty
+    assert m["objective/rlhf_reward"].item() == pytest.approx(sum(x - 0.2 * k for x, k in zip(scores, kl)) / 4,
+                                                              **close)
