@@ -67,3 +67,53 @@ def test_vlm_two_processes_match_one(tiny_vlm_dir, tmp_path):
     for ra, rb in zip(a, b):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+
+
+REWARD_FILE = '''
+import os
+
+
+def reward(prompts, completions, **columns):
+    """Shorter is better; also records how many completions this process scored."""
+    with open(os.environ["SCORED_LOG"] + "." + os.environ.get("RANK", "0"), "a") as f:
+        f.write(f"{len(completions)}\\n")
+    return [-float(len(c[0]["content"])) for c in completions]
+'''
+
+
+def test_grpo_processes_sample_their_share_and_match_one(tiny_model_dir, tmp_path):
+    """GRPO with 2 processes x batch 4 samples 8 completions (2 prompts x 4) per step like 1 process x batch 4 x
+    accumulation 2, but each process samples and scores only its prompt's group (4 completions), old-policy and
+    reference log-probs included (num_iterations 2, beta 0.1); the gathered rollout trains to the same metrics."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": conv(("user", f"what is {a} + {b}"))}
+                                                    for a in range(1, 5) for b in (1, 2)])
+    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    common = ["grpo", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--max_steps", "3",
+              "--logging_steps", "1", "--disable_tqdm", "--learning_rate", "1e-2", "--per_device_train_batch_size",
+              "4", "--num_generations", "4", "--max_completion_length", "6", "--num_iterations", "2", "--beta", "0.1",
+              "--reward_funcs", f"{tmp_path / 'rewards.py'}:reward", "--loss_type", "grpo", "--save_steps", "0"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), "OMP_NUM_THREADS": "1"}
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "prefalign.cli", *common, "--output_dir",
+                          str(tmp_path / "two")], env={**env, "SCORED_LOG": str(tmp_path / "two.log")},
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "prefalign.cli", *common, "--gradient_accumulation_steps", "2",
+                          "--output_dir", str(tmp_path / "one")], env={**env, "SCORED_LOG": str(tmp_path / "one.log")},
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    # 3 steps of num_iterations 2: 2 rollouts; each process scored 4 of each rollout's 8 completions
+    for rank in (0, 1):
+        assert (tmp_path / f"two.log.{rank}").read_text().split() == ["4", "4"]
+    assert (tmp_path / "one.log.0").read_text().split() == ["8", "8"]
+    a, b = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "reward", "reward_std", "kl", "entropy", "grad_norm", "clip_ratio/region_mean",
+                    "clip_ratio/low_min", "clip_ratio/high_max", "completions/mean_length",
+                    "completions/max_terminated_length", "frac_reward_zero_std"):
+            if ra.get(key) is None:
+                assert rb.get(key) is None, (ra["step"], key)
+                continue
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    assert a[1]["clip_ratio/region_mean"] > 0  # the second step on a rollout is off-policy: clipping engaged

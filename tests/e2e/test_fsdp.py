@@ -133,8 +133,9 @@ RL = ["--max_completion_length", "6", "--reward_funcs", "length:5"]
     ("ppo", RL, ("loss/policy_avg", "loss/value_avg", "objective/scores", "policy/approxkl_avg", "grad_norm")),
 ])
 def test_every_stage_sharded_matches_one_process(tiny_model_dir, tmp_path, command, extra, keys):
-    """2 sharded processes with batch 4 equal 1 process with batch 4 x accumulation 2. The RL stages sample the
-    same seeded rollout in every process, and each process trains on its share of it."""
+    """2 sharded processes with batch 4 equal 1 process with batch 4 x accumulation 2. In the RL stages each
+    process samples its share of a rollout's groups, decoding in lockstep with the other (its forwards hold
+    collectives), and trains on micro-batches of the gathered rollout."""
     data = write_jsonl(tmp_path / "data.jsonl", _rows(command))
     env = launch_env("configs/accelerate/fsdp.yaml")
     common = [command, "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prefalign.losses.grpo import (
+    PolicyLossParams,
     group_advantages,
     grpo_loss,
     high_entropy_mask,
@@ -155,7 +156,8 @@ def test_grpo_clipping_regions_and_metrics():
     logps = torch.tensor([[math.log(1.5)], [math.log(1.5)], [math.log(0.5)], [math.log(0.5)]], requires_grad=True)
     old = torch.zeros(4, 1)
     adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
-    loss, m = grpo_loss(logps, adv, torch.ones(4, 1), old_per_token_logps=old, loss_type="bnpo", epsilon=0.2)
+    loss, m = grpo_loss(logps, adv, torch.ones(4, 1), old_per_token_logps=old, loss_type="bnpo",
+                        params=PolicyLossParams(epsilon=0.2))
     assert loss.item() == approx(0.15)
     assert m["clip_ratio/low_mean"].item() == approx(0.25)
     assert m["clip_ratio/high_mean"].item() == approx(0.25)
@@ -171,9 +173,9 @@ def test_grpo_epsilon_high_and_delta():
     logp, old, mask = torch.tensor([[math.log(1.5)]]), torch.zeros(1, 1), torch.ones(1, 1)
     pos, neg = torch.tensor([1.0]), torch.tensor([-1.0])
     kw = {"old_per_token_logps": old, "loss_type": "bnpo"}
-    assert grpo_loss(logp, pos, mask, epsilon_high=0.28, **kw)[0].item() == approx(-1.28)
+    assert grpo_loss(logp, pos, mask, params=PolicyLossParams(epsilon_high=0.28), **kw)[0].item() == approx(-1.28)
     assert grpo_loss(logp, neg, mask, **kw)[0].item() == approx(1.5)
-    assert grpo_loss(logp, neg, mask, delta=1.4, **kw)[0].item() == approx(1.4)
+    assert grpo_loss(logp, neg, mask, params=PolicyLossParams(delta=1.4), **kw)[0].item() == approx(1.4)
 
 
 def test_grpo_sequence_level_importance_sampling():
@@ -182,7 +184,7 @@ def test_grpo_sequence_level_importance_sampling():
     ratio 4, clipped to 1.5. grpo loss = mean(-√2, -1.5); high_mean counts sequences: 1/2."""
     logps = torch.tensor([[LOG2, 0.0], [2 * LOG2, 2 * LOG2]])
     old, mask, adv = torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([1.0, 1.0])
-    kw = {"old_per_token_logps": old, "loss_type": "grpo", "epsilon": 0.2, "epsilon_high": 0.5}
+    kw = {"old_per_token_logps": old, "loss_type": "grpo", "params": PolicyLossParams(epsilon=0.2, epsilon_high=0.5)}
     loss, m = grpo_loss(logps, adv, mask, importance_sampling_level="sequence", **kw)
     assert loss.item() == approx((-math.sqrt(2) - 1.5) / 2)
     assert m["clip_ratio/high_mean"].item() == approx(0.5)
@@ -218,6 +220,37 @@ def test_entropy_mask_top_quantile():
     loss, m = grpo_loss(torch.zeros(1, 6), torch.ones(1), mask, entropies=ent, top_entropy_quantile=0.4, loss_type="bnpo")
     assert loss.item() == approx(-0.4)
     assert m["entropy"].item() == approx(3.0)
+
+
+def test_clip_extremes_are_per_completion_fractions():
+    """Row 0: tokens r = [0.5, 1] with A = -1 -> low-clipped fraction 1/2; row 1: r = [1.5] with A = +1 -> high 1;
+    row 2 is empty (no value: left out of the min / max, as TRL's nanmin). low_min = min(1/2, 0) = 0,
+    high_max = max(0, 1) = 1."""
+    logps = torch.tensor([[math.log(0.5), 0.0], [math.log(1.5), 0.0], [0.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0]])
+    _, m = grpo_loss(logps, torch.tensor([-1.0, 1.0, 1.0]), mask, old_per_token_logps=torch.zeros(3, 2))
+    assert m["clip_ratio/low_min"].item() == 0.0 and m["clip_ratio/high_max"].item() == 1.0
+    _, m = grpo_loss(logps[:1], torch.tensor([-1.0]), mask[:1], old_per_token_logps=torch.zeros(1, 2))
+    assert m["clip_ratio/low_min"].item() == approx(0.5)
+
+
+def test_new_loss_types_on_policy_by_hand():
+    """Ratio 1 (on-policy), rows of _two_rows (A = [1, -2]; row 0 has 3 tokens, row 1 has 1).
+    sapo (grpo reduction): per token -sigma(0)·4/tau·A = -(2/tau)·A with tau_pos 1 / tau_neg 1.05:
+      ((-2) + (2·2/1.05)) / 2; its gradient is -A·r·sigma'(0)·4 = -A, as vanilla GRPO's.
+    luspo: mean over rows of token sums of -A: (-3 + 2) / 2.
+    cispo: -min(r, eps_high = 0.2)·A·logp, token mean: -0.2·(1·(-3.5) + (-2)·(-0.7)) / 4.
+    vespo: phi(1) = exp(lambda - lambda) = 1, so -A·logp, token mean: -(1·(-3.5) + (-2)·(-0.7)) / 4."""
+    logps, mask, adv = _two_rows()
+    sapo, _ = grpo_loss(logps, adv, mask, loss_type="sapo")
+    assert sapo.item() == approx((-2.0 + 4 / 1.05) / 2)
+    sapo.backward()
+    assert logps.grad.tolist() == [approx([-1 / 6] * 3), approx([1.0, 0.0, 0.0])]
+    assert grpo_loss(logps, adv, mask, loss_type="luspo")[0].item() == approx((-3.0 + 2.0) / 2)
+    cispo, m = grpo_loss(logps, adv, mask, loss_type="cispo")
+    assert cispo.item() == approx(-0.2 * (-3.5 + 1.4) / 4) and m["cispo_clip_ratio"].item() == approx(3 / 4)
+    vespo, m = grpo_loss(logps, adv, mask, loss_type="vespo")
+    assert vespo.item() == approx(-(-3.5 + 1.4) / 4) and m["vespo/phi_seq_mean"].item() == approx(1.0)
 
 
 def test_grpo_rejects_bad_options():

@@ -154,7 +154,7 @@ DPO_CASES = [
     ("sigmoid", {"beta": 0.5, "ld_alpha": 0.5}, VARIED),
     ("sigmoid", {"f_divergence_type": "forward_kl"}, VARIED),
     ("sigmoid", {"f_divergence_type": "js_divergence"}, VARIED),
-    ("sigmoid", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5}, VARIED),
+    ("sigmoid", {"f_divergence_type": "alpha_divergence"}, VARIED),  # our default alpha, 0.5, is TRL's
     ("ipo", {"f_divergence_type": "forward_kl"}, VARIED),
     ("robust", {"label_smoothing": 0.2, "f_divergence_type": "js_divergence"}, VARIED),
 ]

@@ -1,4 +1,4 @@
-"""The packed / shared-prompt forward equals the padded one: token log-probs, DPO loss and gradients.
+"""The packed / shared-prompt forward equals the padded one: token log-probs, DPO and GRPO losses and gradients.
 
 Expected values are not hard-coded: each test computes the same quantity two independent ways on a real
 transformers model (tiny Qwen2 / Llama from the session fixtures, fp32) and requires agreement to 1e-5.
@@ -19,6 +19,7 @@ import prefalign.model.packed  # noqa: F401  (registers the "packed" layout)
 from prefalign.data.collate import collate_padded
 from prefalign.data.packing import collate_packed
 from prefalign.data.types import TokenizedPair
+from prefalign.losses.grpo import grpo_loss
 from prefalign.model.logprobs import completion_logps
 from prefalign.model.packed import (
     PREFIX,
@@ -26,6 +27,7 @@ from prefalign.model.packed import (
     supports_packing,
     uninstall_packed_attention,
 )
+from prefalign.rollout.sampling import CompletionGroups
 
 ATOL = 1e-5
 BETA = 0.1
@@ -207,3 +209,74 @@ def test_supports_packing_reasons(tiny_model_dir):
     model.config._attn_implementation = "flex_attention"
     ok, reason = supports_packing(model)
     assert not ok and "flex_attention" in reason
+
+
+# ---------------------------------------------------------------- completion groups (GRPO / RLOO rollouts)
+
+
+def make_groups(tokenizer, seed: int = 0, prompts: int = 3, generations: int = 4):
+    """A rollout's CompletionGroups: multi-turn prompts, G completions of 1 to 12 tokens each (some end in EOS)."""
+    rng = random.Random(seed)
+    vocab = len(tokenizer)
+    prompt_ids = [conversation(tokenizer, rng, turns=rng.randint(1, 5)) for _ in range(prompts)]
+    lengths = [rng.randint(1, 12) for _ in range(prompts * generations)]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.tensor([rng.randrange(3, vocab) for _ in range(n)])
+        mask[row, :n] = 1
+        if row % 3 == 0:
+            ids[row, n - 1] = tokenizer.eos_token_id
+    return CompletionGroups(prompt_ids, generations, ids, mask, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_grouped_rows_equal_padded_and_naive(model_dir, tiny_tokenizer, attn):
+    """A micro-batch of rows 2..9 (a partial group, a whole one, a partial one): the shared-prompt row gives the
+    log-probs and entropies (at a sampling temperature) of padded rows and of each sequence alone."""
+    model = load(model_dir, attn)
+    groups = make_groups(tiny_tokenizer, seed=1)
+    rows = list(range(2, 10))
+    kw = {"with_entropy": True, "temperature": 0.7, "chunk_size": 5}
+    packed_batch = groups.batch(rows, packed=True)
+    assert packed_batch["input_ids"].shape[1] < groups.batch(rows, packed=False)["attention_mask"].sum()
+    packed = completion_logps(model, packed_batch, **kw)
+    padded = completion_logps(model, groups.batch(rows, packed=False), **kw)
+    torch.testing.assert_close(packed.token_logps, padded.token_logps, atol=ATOL, rtol=0)
+    torch.testing.assert_close(packed.entropy, padded.entropy, atol=ATOL, rtol=0)
+    with torch.no_grad():
+        for k, row in enumerate(rows):
+            completion = groups.completion(row)
+            ids = torch.tensor([groups.prompt_of(row) + completion])
+            logps = (model(ids).logits.float() / 0.7).log_softmax(-1)[0]
+            positions = torch.arange(len(groups.prompt_of(row)) - 1, ids.shape[1] - 1)
+            expected = logps[positions, torch.tensor(completion)]
+            torch.testing.assert_close(packed.token_logps[k, : len(completion)], expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_grpo_loss_and_gradients_with_shared_prompts_equal_padded(model_dir, tiny_tokenizer, loss_type):
+    """The GRPO loss of a micro-batch (off-policy, with the KL to a different reference) and every parameter's
+    gradient are the same whether the groups' prompts run once or once per completion."""
+    policy, reference = load(model_dir), load(model_dir, seed=3)
+    groups = make_groups(tiny_tokenizer, seed=2)
+    rows = list(range(len(groups)))
+    old = groups.logps(reference, 5, 1.0, packed=False) * 0.9  # any fixed tensor will do as old log-probs
+    ref = groups.logps(reference, 5, 1.0, packed=True)
+    torch.testing.assert_close(ref, groups.logps(reference, 5, 1.0, packed=False), atol=ATOL, rtol=0)
+    advantages = torch.linspace(-1, 1, len(rows))
+
+    def loss_of(packed: bool):
+        out = completion_logps(policy, groups.batch(rows, packed), with_entropy=True)
+        loss, _ = grpo_loss(out.token_logps, advantages, groups.completion_mask, loss_type=loss_type,
+                            old_per_token_logps=old, ref_per_token_logps=ref, entropies=out.entropy, beta=0.1)
+        return loss
+
+    loss_padded = loss_of(False)
+    grads_padded = grads_of(policy, loss_padded)
+    loss_packed = loss_of(True)
+    grads_packed = grads_of(policy, loss_packed)
+    torch.testing.assert_close(loss_packed, loss_padded, atol=ATOL, rtol=0)
+    assert grads_packed.keys() == grads_padded.keys() and len(grads_packed) > 10
+    for name, grad in grads_padded.items():
+        torch.testing.assert_close(grads_packed[name], grad, atol=ATOL, rtol=0, msg=name)

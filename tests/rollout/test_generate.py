@@ -1,4 +1,5 @@
-"""Rollouts from the real tiny Qwen2 through `model.generate`: layout, EOS cut, truncation, seeds, peft."""
+"""Rollouts from the real tiny Qwen2: layout, EOS cut, truncation, seeds, peft, the group prefill against
+`model.generate`, sampling in shares, and the token draw."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prefalign.errors import PrefalignError
-from prefalign.rollout.generate import generate_completions, left_pad, mask_truncated_completions
+from prefalign.rollout.generate import (
+    SamplingParams,
+    draw_tokens,
+    generate_completions,
+    left_pad,
+    mask_truncated_completions,
+    warp_logits,
+)
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +137,55 @@ def test_bad_inputs(model, tiny_tokenizer):
         generate_completions(model, tiny_tokenizer, [[1, 2]], num_generations=1, max_completion_length=2, temperature=0)
     with pytest.raises(PrefalignError, match="at least one token"):
         generate_completions(model, tiny_tokenizer, [[]], num_generations=1, max_completion_length=2)
+
+
+def test_group_prefill_decodes_as_generate(model, tiny_tokenizer):
+    """top_k = 1 makes sampling greedy: one prefill per prompt, its cache copied to the G rows, decodes exactly
+    what transformers' generate decodes from the G repeated prompts."""
+    prompts = _prompts(tiny_tokenizer)
+    ours = generate_completions(model, tiny_tokenizer, prompts, num_generations=2, max_completion_length=6, top_k=1)
+    ids, mask = left_pad([p for p in prompts for _ in range(2)], tiny_tokenizer.pad_token_id)
+    theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                            pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    for row, n in enumerate(ours.completion_lengths.tolist()):
+        assert ours.completion_ids[row, :n].tolist() == theirs[row, ids.shape[1] : ids.shape[1] + n].tolist()
+
+
+def test_a_rollout_sampled_in_shares_or_chunks_is_the_same(model, tiny_tokenizer):
+    """Each row draws the noise of its place in the whole rollout (RowNoise): two processes' shares, or chunks of
+    2 rows, sample what one call over all 3 prompts x 2 samples does."""
+    prompts = _prompts(tiny_tokenizer) + [tiny_tokenizer("hello world")["input_ids"]]
+    kw = {"num_generations": 2, "max_completion_length": 6, "seed": 5}
+    whole = generate_completions(model, tiny_tokenizer, prompts, **kw)
+    chunks = generate_completions(model, tiny_tokenizer, prompts, batch_size=2, **kw)
+    first = generate_completions(model, tiny_tokenizer, prompts[:1], first_row=0, total_rows=6, **kw)
+    rest = generate_completions(model, tiny_tokenizer, prompts[1:], first_row=2, total_rows=6, **kw)
+    assert chunks.texts == whole.texts and first.texts + rest.texts == whole.texts
+    assert len(set(whole.texts)) > 1
+
+
+def test_draw_tokens_inverts_the_cumulative_distribution():
+    """probs [0.1, 0, 0.6, 0.3], cumulative [0.1, 0.1, 0.7, 1.0]; token = first whose cumulative reaches 1 - u:
+    u 0.95 -> 0.05 -> 0; u 0.89 -> 0.11 -> 2 (the zero-probability token is never drawn); u 0.5 -> 2; u 0 -> 3."""
+    logits = torch.tensor([0.1, 0.0, 0.6, 0.3]).log().expand(4, 4)
+    assert draw_tokens(logits, torch.tensor([0.95, 0.89, 0.5, 0.0])).tolist() == [0, 2, 2, 3]
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, None, 1.0), (1.0, 5, 1.0), (1.3, None, 0.8),
+                                                             (0.9, 7, 0.6)])
+def test_warp_logits_equals_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    got = warp_logits(logits, SamplingParams(8, temperature, top_p, top_k))
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    torch.testing.assert_close(got[~torch.isinf(got)], expected[~torch.isinf(expected)])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import conv, run_cli, write_jsonl
-from prefalign.rollout.sampling import padded_layout, take_rows
+from prefalign.rollout.sampling import CompletionGroups, take_rows
 from prefalign.rollout.schedule import RolloutRows, plan_rollouts
 from prefalign.train.metrics import read_metrics
 
@@ -21,19 +21,29 @@ def test_plan_is_a_seeded_shuffle_with_the_last_rollout_filled_cyclically():
     assert plan_rollouts(4, 8, seed=0, epoch=0)[0][4:] == plan_rollouts(4, 8, seed=0, epoch=0)[0][:4]
 
 
-def test_padded_layout_puts_completions_right_after_real_prompt_tokens():
-    """Prompt [5, 6] + completion [1, 2] and prompt [7] + completion [3] (its second slot is padding)."""
-    ids = torch.tensor([[1, 2, 0], [3, 0, 0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    batch = padded_layout([[5, 6], [7]], ids, mask, pad=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 1, 2], [7, 3, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
-    batch["advantages"] = torch.tensor([0.5, -0.5])
-    batch["loss_mask"] = mask
-    one = take_rows(batch, [1])  # trimmed to row 1's 2 tokens and its 1 completion token
-    assert one["input_ids"].tolist() == [[7, 3]] and one["loss_mask"].tolist() == [[1]]
-    assert one["advantages"].tolist() == [-0.5] and one["layout"] == "padded"
+def test_completion_groups_lay_out_padded_and_shared_prompt_rows():
+    """Two groups of G=2: prompt [5, 6] with completions [1, 2] and [3]; prompt [7] with [4] and [8, 9].
+    Padded: one row per completion, prompt + completion, right-padded. Packed: each prompt once, the second
+    completion of a group attends to its prompt (block prefix) and its positions restart after the prompt."""
+    ids = torch.tensor([[1, 2], [3, 0], [4, 0], [8, 9]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 0], [1, 1]])
+    groups = CompletionGroups([[5, 6], [7]], 2, ids, mask, pad_token_id=0)
+    padded = groups.batch([1, 2], packed=False)
+    assert padded["input_ids"].tolist() == [[5, 6, 3], [7, 4, 0]]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert padded["completion_mask"].tolist() == [[0, 0, 1], [0, 1, 0]]
+    assert padded["num_tokens"] == 3 + 2
+    packed = groups.batch(range(4), packed=True)
+    assert packed["input_ids"].tolist() == [[5, 6, 1, 2, 3, 7, 4, 8, 9]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1, 1, 2]]
+    assert packed["attn_blocks"].tolist() == [[0, 4, 0, 0], [4, 5, 0, 2], [5, 7, 5, 5], [7, 9, 5, 6]]
+    # the last prompt token predicts each group's first completion tokens
+    assert packed["logit_index"].tolist() == [[1, 2], [1, 0], [5, 0], [5, 7]]
+    assert packed["target_ids"].tolist() == [[1, 2], [3, 0], [4, 0], [8, 9]]
+    assert packed["num_tokens"] == 4 + 3 + 2 + 3
+    tensors = {"token_mask": mask, "advantages": torch.tensor([0.5, -0.5, 1.0, -1.0]), "loss_mask": mask}
+    one = take_rows(tensors, [1])  # trimmed to row 1's one completion token
+    assert one["loss_mask"].tolist() == [[1]] and one["advantages"].tolist() == [-0.5]
 
 
 def test_rollout_rows_name_their_rollout_and_count_their_rows():

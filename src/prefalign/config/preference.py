@@ -37,8 +37,8 @@ class PreferenceLossArgs:
     """Use the mean instead of the sum of completion-token log-probs (MiniMind's DPO)."""
     f_divergence_type: str = "reverse_kl"
     """Divergence of f-DPO: reverse_kl, forward_kl, js_divergence or alpha_divergence."""
-    f_alpha_divergence_coef: float = 1.0
-    """Alpha of the alpha divergence."""
+    f_alpha_divergence_coef: float = 0.5
+    """Alpha of the alpha divergence (TRL's default 0.5; 1.0 is the reverse KL, i.e. plain DPO)."""
     use_weighting: bool = False
     """Weight pairs by their policy probability (WPO)."""
     ld_alpha: float | None = None

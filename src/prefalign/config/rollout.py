@@ -40,28 +40,52 @@ class RewardArgs:
 
 
 @dataclass
-class GRPOArgs:
+class GroupArgs:
+    """What GRPO and RLOO share: groups of completions per prompt, reused for several clipped steps."""
+
     num_generations: int = 8
     """Completions sampled per prompt: the group whose rewards are compared."""
-    beta: float = 0.0
-    """Weight of the per-token k3 KL to the reference in the loss; 0 loads no reference."""
-    loss_type: str = "dapo"
-    """How per-token losses are averaged: grpo (per completion, then over completions), bnpo, dr_grpo
-    (divide by max_completion_length) or dapo (over every token of the step)."""
-    scale_rewards: str = "group"
-    """Divide advantages by the std of the group, of the whole batch, or none (Dr. GRPO)."""
     epsilon: float = 0.2
     """Lower clipping bound of the importance ratio: 1 - epsilon."""
     epsilon_high: float | None = None
-    """Upper clipping bound 1 + epsilon_high (DAPO's clip-higher; default: epsilon)."""
+    """Upper clipping bound 1 + epsilon_high (DAPO's clip-higher; default: epsilon); cispo's cap on the ratio."""
+    num_iterations: int = 1
+    """Optimizer steps on each rollout (μ of the GRPO paper); > 1 computes old-policy log-probs."""
+    share_prompt: bool = True
+    """Run each group's prompt once in the training forwards (policy, old-policy and reference log-probs), its
+    completions attending to it in one packed row (falls back to padded rows where unsupported)."""
+
+
+@dataclass
+class GRPOArgs:
+    beta: float = 0.0
+    """Weight of the per-token k3 KL to the reference in the loss; 0 loads no reference."""
+    use_bias_correction_kl: bool = True
+    """Multiply the k3 KL by the importance ratio (with its gradient), as TRL does by default."""
+    loss_type: str = "dapo"
+    """grpo (token mean per completion, then over completions), bnpo, dr_grpo (divide by max_completion_length),
+    dapo (over every token of the step), luspo (token sum per completion), cispo (REINFORCE with the ratio capped at
+    epsilon_high), sapo (soft gate instead of clipping) or vespo (REINFORCE scaled by a gamma weight of the ratio)."""
+    scale_rewards: str = "group"
+    """Divide advantages by the std of the group, of the whole batch, or none (Dr. GRPO)."""
     delta: float | None = None
     """Also cap the ratio at delta in the unclipped term (two-sided clipping); must be > 1 + epsilon_high."""
     importance_sampling_level: str = "token"
     """Importance ratio per token, or per sequence from the mean token log-ratio (GSPO)."""
-    num_iterations: int = 1
-    """Optimizer steps on each rollout (μ of the GRPO paper); > 1 computes old-policy log-probs."""
     top_entropy_quantile: float = 1.0
     """Train only on the completion tokens in this top fraction of entropy (0.2 = the "80/20" paper)."""
+    sapo_temperature_pos: float = 1.0
+    """sapo: temperature of the soft gate for positive advantages."""
+    sapo_temperature_neg: float = 1.05
+    """sapo: temperature of the soft gate for negative advantages."""
+    vespo_k_pos: float = 2.0
+    """vespo: shape k of the gamma weight for non-negative advantages."""
+    vespo_lambda_pos: float = 3.0
+    """vespo: rate lambda of the gamma weight for non-negative advantages."""
+    vespo_k_neg: float = 3.0
+    """vespo: shape k of the gamma weight for negative advantages."""
+    vespo_lambda_neg: float = 2.0
+    """vespo: rate lambda of the gamma weight for negative advantages."""
 
 
 @dataclass
@@ -72,14 +96,14 @@ class OnPolicyArgs(RewardArgs, GenerationArgs, TrainArgs, PromptArgs, DatasetArg
     """Prompts per evaluation batch (one sampled completion each)."""
     max_prompt_length: int | None = 512
     """Longest prompt in tokens; longer prompts are cut per --truncation_mode."""
-    max_completion_length: int | None = 256
-    """Most tokens sampled per completion."""
+    max_completion_length: int | None = 512
+    """Most tokens sampled per completion (TRL's default)."""
     truncation_mode: str = "keep_end"
     """How an over-long prompt is cut: keep_end keeps its end (the question), keep_start its start."""
 
 
 @dataclass
-class GRPOConfig(GRPOArgs, OnPolicyArgs):
+class GRPOConfig(GRPOArgs, GroupArgs, OnPolicyArgs):
     """Configuration of `prefalign grpo`."""
 
     learning_rate: float = 1e-6
@@ -89,15 +113,25 @@ class GRPOConfig(GRPOArgs, OnPolicyArgs):
 
 
 @dataclass
-class RLOOConfig(GRPOConfig):
-    """Configuration of `prefalign rloo`."""
-
-    num_generations: int = 2
-    """Completions sampled per prompt (the leave-one-out group; TRL's RLOO default)."""
+class RLOOArgs:
     beta: float = 0.05
-    """Weight of the KL penalty subtracted from each completion's reward; 0 loads no reference."""
+    """Weight of the KL penalty (k1, summed over the completion) subtracted from each reward; 0 loads no reference."""
     normalize_advantages: bool = False
     """Standardise the leave-one-out advantages over the batch."""
+    reward_clip_range: list[float] | None = None
+    """Clip each reward to [low, high] (two numbers) before the KL penalty."""
+
+
+@dataclass
+class RLOOConfig(RLOOArgs, GroupArgs, OnPolicyArgs):
+    """Configuration of `prefalign rloo`."""
+
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW (TRL's RLOO default)."""
+    per_device_train_batch_size: int = 8
+    """Completions (prompts x generations) per micro-batch on each device."""
+    num_generations: int = 2
+    """Completions sampled per prompt (the leave-one-out group; TRL's RLOO default)."""
 
 
 @dataclass
@@ -127,7 +161,8 @@ class PPOArgs:
     num_ppo_epochs: int = 4
     """Passes over each rollout."""
     num_mini_batches: int = 1
-    """Mini-batches (optimizer steps) per pass over a rollout."""
+    """Mini-batches per pass over a rollout, one optimizer step each (a rollout is this many times B x A x
+    processes prompts; TRL's experimental PPO takes one step per pass instead)."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ rejected pairs, completion tokens left-aligned, as in `model.logprobs.Completion
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,67 +63,90 @@ def pack_pairs(pairs: list[TokenizedPair], *, max_tokens_per_batch: int, share_p
     return batches
 
 
-def _sequences(prompt: list[int], completions: Sequence[list[int]],
-               share_prompt: bool) -> list[tuple[list[int], int, int, int]]:
-    """One item as attention blocks `(tokens, position_start, prefix_offset, prefix_len)` relative to its start.
-
-    `prefix_offset` / `prefix_len` locate the fully visible prefix inside the item's own span.
-    """
-    first, *rest = [list(c) for c in completions]
-    if share_prompt:
-        return [(prompt + first, 0, 0, 0)] + [(c, len(prompt), 0, len(prompt)) for c in rest]
-    return [(prompt + c, 0, 0, 0) for c in (first, *rest)]
-
-
 def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, share_prompt: bool) -> dict[str, Any]:
     """One padding-free row holding every pair of the micro-batch (see the module docstring for the keys)."""
     if not pairs:
         raise ValueError("collate_packed needs at least one pair")
     items = [(p.prompt_ids, (p.chosen_ids, p.rejected_ids), p.source) for p in pairs]
-    batch = collate_packed_completions(items, pad_token_id, share_prompt)
-    batch["num_pairs"] = len(pairs)
-    return batch
+    return {**collate_packed_completions(items, pad_token_id, share_prompt), "num_pairs": len(pairs)}
 
 
-def collate_packed_completions(items: Sequence[tuple[list[int], Sequence[list[int]], str]], pad_token_id: int,
-                               share_prompt: bool) -> dict[str, Any]:
-    """The packed row of `items` (prompt ids, K completions, source): with `share_prompt`, completions after the first
-    attend to the item's prompt as a prefix. Rows of `logit_index` / `target_*` are completion-major (row k·B + i is
-    item i's k-th completion), so pairs give chosen rows first, then rejected rows."""
-    num_items = len(items)
+def collate_packed_completions(items: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], str | None]],
+                               pad_token_id: int, share_prompt: bool) -> dict[str, Any]:
+    """The packed row of `items` (prompt ids, K completions, source), each a completion group (`collate_groups`)
+    when `share_prompt`, else K one-completion groups. Rows of `logit_index` / `target_*` are completion-major
+    (row k·B + i is item i's k-th completion), so pairs give chosen rows first, then rejected rows."""
     k = len(items[0][1])
     if any(len(c) != k for _, c, _ in items):
         raise ValueError("every item needs the same number of completions")
-    width = max(len(c) for _, cs, _ in items for c in cs)  # Tc
-    logit_index = torch.zeros((k * num_items, width), dtype=torch.long)  # (K·B, Tc)
-    target_ids = torch.full((k * num_items, width), pad_token_id, dtype=torch.long)  # (K·B, Tc)
-    target_mask = torch.zeros((k * num_items, width), dtype=torch.bool)  # (K·B, Tc)
+    if share_prompt:
+        groups = [CompletionGroup(p, tuple(cs), src) for p, cs, src in items]
+    else:
+        groups = [CompletionGroup(p, (c,), src) for p, cs, src in items for c in cs]
+    # Both layouts build item i's k-th completion as the (i·K + k)-th row.
+    order = [i * k + j for j in range(k) for i in range(len(items))]
+    return {**collate_groups(groups, pad_token_id, row_order=order), "share_prompt": share_prompt}
+
+
+@dataclass(frozen=True)
+class CompletionGroup:
+    """Completions that continue one prompt: a preference pair, or the G samples of a prompt in on-policy RL."""
+
+    prompt_ids: Sequence[int]
+    completions: Sequence[Sequence[int]]
+    source: str | None = None  # where the prompt came from, for the error about an empty prompt
+
+
+def collate_groups(groups: Sequence[CompletionGroup], pad_token_id: int,
+                   row_order: Sequence[int] | None = None) -> dict[str, Any]:
+    """One padding-free packed row in which each group's prompt appears once.
+
+    A group is laid out as `prompt + c_1` (one causal block), then each further completion `c_j` as its own block
+    whose position ids restart at len(prompt) and which sees the prompt as a fully visible prefix, so every
+    completion token has exactly the context of its own `prompt + c_j` row. Result rows (`logit_index`,
+    `target_ids`, `target_mask`, `(R, Tc)`) are the completions in group order, or `row_order[i]` at row i.
+    """
+    completions = [c for g in groups for c in g.completions]
+    if not completions:
+        raise ValueError("collate_groups needs at least one completion")
+    num_rows = len(completions)
+    width = max(len(c) for c in completions)  # Tc
+    logit_index = torch.zeros((num_rows, width), dtype=torch.long)  # (R, Tc)
+    target_ids = torch.full((num_rows, width), pad_token_id, dtype=torch.long)  # (R, Tc)
+    target_mask = torch.zeros((num_rows, width), dtype=torch.bool)  # (R, Tc)
+    slot = list(range(num_rows)) if row_order is None else [0] * num_rows
+    if row_order is not None:
+        for out_row, built in enumerate(row_order):
+            slot[built] = out_row
 
     tokens: list[int] = []
     positions: list[int] = []
     blocks: list[tuple[int, int, int, int]] = []
-    for i, (prompt, completions, source) in enumerate(items):
-        start = len(tokens)
-        n_prompt = len(prompt)
+    built = 0
+    for group in groups:
+        prompt, n_prompt, start = list(group.prompt_ids), len(group.prompt_ids), len(tokens)
         if n_prompt == 0:
             # Same rule as the padded layout: nothing would predict the first completion token.
             raise PrefalignError("the prompt is empty, so no token predicts the first completion token",
-                                 source or "batch")
-        for j, (seq, pos0, prefix_off, prefix_len) in enumerate(_sequences(list(prompt), completions, share_prompt)):
+                                 group.source or "batch")
+        for j, completion in enumerate(group.completions):
             q_start = len(tokens)
-            tokens += seq
-            positions += range(pos0, pos0 + len(seq))
-            prefix_start = start + prefix_off if prefix_len else q_start  # an empty prefix sits at the block
-            blocks.append((q_start, len(tokens), prefix_start, prefix_start + prefix_len))
-            completion = completions[j]
-            # Row position of the token right before completion token 0 in this sequence's own context.
+            if j == 0:  # prompt + first completion: plain causal attention, no prefix
+                tokens += prompt
+                positions += range(n_prompt)
+                prefix = (q_start, q_start)
+            else:  # the prompt [start, start + n_prompt) is this block's fully visible prefix
+                prefix = (start, start + n_prompt)
+            tokens += completion
+            positions += range(n_prompt, n_prompt + len(completion))
+            blocks.append((q_start, len(tokens), *prefix))
             first = len(tokens) - len(completion)  # position of completion token 0
-            before_first = start + n_prompt - 1 if (share_prompt and j > 0) else first - 1
-            row, n = j * num_items + i, len(completion)
+            row, n = slot[built], len(completion)
+            built += 1
             if n:  # whole-row slices: this runs for every micro-batch, a per-token loop cost ~50 ms a batch
                 logit_index[row, :n] = torch.arange(first - 1, first + n - 1)
-                logit_index[row, 0] = before_first
-                target_ids[row, :n] = torch.tensor(completion, dtype=torch.long)
+                logit_index[row, 0] = start + n_prompt - 1  # the last prompt token predicts token 0
+                target_ids[row, :n] = torch.tensor(list(completion), dtype=torch.long)
                 target_mask[row, :n] = True
 
     return {
@@ -133,7 +157,6 @@ def collate_packed_completions(items: Sequence[tuple[list[int], Sequence[list[in
         "logit_index": logit_index,
         "target_ids": target_ids,
         "target_mask": target_mask,
-        "share_prompt": share_prompt,
         "num_tokens": len(tokens),
     }
 

@@ -75,7 +75,7 @@ class LossParams:
     cpo_alpha: float = 1.0
     discopop_tau: float = 0.05
     f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 1.0
+    f_alpha_divergence_coef: float = 0.5
     length_normalize: bool = False
 
 

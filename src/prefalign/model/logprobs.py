@@ -87,7 +87,7 @@ def completion_logps(
 
     `with_entropy` also returns per-token entropies (on-policy RL metrics and entropy masking); `temperature`
     divides the logits first, so that the log-probs are those of the distribution a sampler at that
-    temperature draws from. Both are only supported by the padded layout and are passed on only when set.
+    temperature draws from. Both are supported by the padded and packed layouts and are passed on only when set.
     """
     layout = batch.get("layout")
     if layout not in _LAYOUTS:

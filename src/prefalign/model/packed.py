@@ -171,9 +171,10 @@ def supports_packing(model: nn.Module) -> tuple[bool, str]:
 
 def packed_logps(
     model: nn.Module, batch: dict[str, Any], *, with_wpo: bool = False, chunk_size: int = 1024,
-    with_entropy: bool = False,
+    with_entropy: bool = False, temperature: float = 1.0,
 ) -> CompletionLogps:
-    """CompletionLogps of a `collate_packed` batch: one forward of the packed row, LM head on completions only."""
+    """CompletionLogps of a `collate_packed` / `collate_groups` batch: one forward of the packed row, LM head on
+    completions only."""
     install_packed_attention(model)
     input_ids = batch["input_ids"]  # (1, T)
     blocks = tuple(tuple(b) for b in batch["attn_blocks"].tolist())  # one host sync per forward
@@ -195,7 +196,7 @@ def packed_logps(
     positions = batch["logit_index"][rows, slots]
     scores = score_positions(
         model, forward_kwargs, torch.zeros_like(positions), positions, batch["target_ids"][rows, slots],
-        with_wpo=with_wpo, chunk_size=chunk_size, with_entropy=with_entropy,
+        with_wpo=with_wpo, chunk_size=chunk_size, with_entropy=with_entropy, temperature=temperature,
     )  # fmt: skip
     return gather_scores(scores, rows, slots, *target_mask.shape)  # its mask equals the left-aligned target_mask
 

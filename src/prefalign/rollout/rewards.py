@@ -30,6 +30,7 @@ import importlib.util
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,9 +132,12 @@ def _import_attribute(module_part: str, attr: str, spec: str) -> Any:
             raise PrefalignError(f"reward function file {module_part} does not exist", spec)
         mod_spec = importlib.util.spec_from_file_location(f"prefalign_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+        # registered before it runs, as `import` does: dataclasses (and pickling) look their module up there
+        sys.modules[mod_spec.name] = module  # type: ignore[union-attr]
         try:
             mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
         except Exception as e:  # a syntax error or a failing import in the user's file: keep its traceback
+            sys.modules.pop(mod_spec.name, None)  # type: ignore[union-attr]
             raise UserCodeError(f"cannot load {module_part}: {_first_line(e)}", spec) from e
     else:
         try:

@@ -34,9 +34,9 @@ from prefalign.losses.aggregate import preference_inputs
 from prefalign.losses.preference import Objective, compute_preference_loss
 from prefalign.model.logprobs import completion_logps
 from prefalign.model.reference import Reference
-from prefalign.rollout.sampling import Sampled, take_rows
+from prefalign.rollout.sampling import CompletionGroups
 from prefalign.stages.dpo import preference_objective
-from prefalign.stages.rollout import check_rl_config, train_online
+from prefalign.stages.rollout import ScoredRollout, check_rl_config, train_online
 from prefalign.train.loop import LoopResult
 from prefalign.train.setup import Session
 
@@ -81,6 +81,7 @@ class OnlineDPO:
     progress_keys = {"objective/scores": "score", "rewards/margins": "margin", "objective/kl": "kl"}
     eval_reward_name = "objective/scores"
     per_token = False
+    shares_prompts = False  # the pair's rows are taken out of the micro-batch's padded rows
     row_weighted_metrics = True
     batch_unit = "prompts"
 
@@ -91,10 +92,12 @@ class OnlineDPO:
         self.num_generations = cfg.num_generations
         self.batching = PromptGroups(cfg.per_device_train_batch_size, cfg.num_generations)
 
-    def prepare(self, batch: dict[str, Tensor], rewards: Tensor, sampled: Sampled,
-                loss_mask: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
-        cfg = self.cfg
-        truncated = sampled.is_truncated.to(rewards.device).bool()
+    def forward_passes(self, groups: CompletionGroups, loss_mask: Tensor, packed: bool) -> dict[str, Tensor]:
+        return {}  # the reference's log-probs are taken with the policy's, in `loss`
+
+    def prepare(self, rollout: ScoredRollout) -> tuple[dict[str, Tensor], dict[str, float]]:
+        cfg, rewards = self.cfg, rollout.rewards
+        truncated = rollout.is_truncated.to(rewards.device).bool()
         scores = rewards.clone()
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * truncated.float()
@@ -109,7 +112,7 @@ class OnlineDPO:
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         rank = batch["pair_rank"]  # (b,) whole prompt groups in order, so the two lists align by prompt
         rows = (rank == 0).nonzero().squeeze(1).tolist() + (rank == 1).nonzero().squeeze(1).tolist()
-        pairs = take_rows(batch, rows)  # chosen rows, then rejected: the layout of CompletionLogps
+        pairs = _pick_rows(batch, rows, rank.numel())  # chosen rows, then rejected: the layout of CompletionLogps
         policy = completion_logps(model, pairs, with_wpo=self.objective.use_weighting)
         ref = self.reference.logps(pairs) if self.objective.needs_reference else None
         inputs = preference_inputs(policy, ref, self.objective)
@@ -119,6 +122,13 @@ class OnlineDPO:
             kept = pairs["loss_mask"].sum(1).gt(0).view(2, -1).all(0)  # (P,)
             losses = losses * kept.to(losses.dtype)
         return losses.mean(), pair_metrics(self.cfg.beta, inputs, out, policy, ref, pairs["scores"])
+
+
+def _pick_rows(batch: dict[str, Any], rows: list[int], num_rows: int) -> dict[str, Any]:
+    """`rows` of every per-row tensor of a padded micro-batch (leading dimension `num_rows`), other entries as is."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return {k: v[index.to(v.device)] if isinstance(v, Tensor) and v.dim() and v.size(0) == num_rows else v
+            for k, v in batch.items()}
 
 
 def pair_metrics(beta: float, inputs: Any, out: Any, policy: Any, ref: Any, scores: Tensor) -> dict[str, Tensor]:

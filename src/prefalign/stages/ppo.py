@@ -6,7 +6,12 @@ grad, takes the sampling policy's and the reference's log-probs and the value mo
 completion (reward model and/or reward functions, `--missing_eos_penalty` for those that never stop) lands on
 its last real token, -kl_coef·KL on every token; GAE turns these into advantages (whitened) and returns. Then
 `--num_ppo_epochs` passes, each a fresh shuffle split into `--num_mini_batches` mini-batches of B x A x processes
-completions: one optimizer step per mini-batch, A micro-batches of B each (TRL's rollout / mini / micro batch).
+completions: one optimizer step per mini-batch (A micro-batches of B each), so a rollout gives
+num_ppo_epochs x num_mini_batches optimizer steps, and the learning-rate schedule advances once per optimizer step.
+This is the PPO of the papers, not TRL's: TRL's (experimental) PPOTrainer accumulates gradients over
+gradient_accumulation_steps micro-batches whatever `num_mini_batches` is, so with accumulation a multiple of
+num_mini_batches it takes one optimizer step per PPO epoch, over a rollout num_mini_batches times smaller, and steps
+its schedule once per rollout.
 
 The value model is a sequence-classification model (`--value_model_name_or_path`, default: a copy of the reward
 model, as TRL initialises it) whose score head is applied at every position, or, with `--shared_value_head` (the
@@ -37,8 +42,8 @@ from prefalign.model.load import load_score_model
 from prefalign.model.logprobs import completion_logps, left_align
 from prefalign.model.reference import Reference, inference
 from prefalign.model.weights import full_state_dict, is_main_process, load_weights_into
-from prefalign.rollout.sampling import Sampled, rollout_logps, take_rows
-from prefalign.stages.rollout import ShuffledMiniBatches, check_rl_config, train_online
+from prefalign.rollout.sampling import CompletionGroups
+from prefalign.stages.rollout import ScoredRollout, ShuffledMiniBatches, check_rl_config, train_online
 from prefalign.train.loop import LoopResult
 from prefalign.train.setup import Session, disable_dropout
 
@@ -131,6 +136,7 @@ class PPO:
     eval_reward_name = "objective/scores"
     num_generations = 1
     per_token = True
+    shares_prompts = False  # one completion per prompt, and the value head reads the padded layout
 
     def __init__(self, cfg: PPOConfig, wrapper: PolicyAndValue, reference: Reference) -> None:
         self.cfg, self.wrapper, self.reference = cfg, wrapper, reference
@@ -139,42 +145,43 @@ class PPO:
                                             cfg.seed)
         self._warned_unscored = False
 
-    def prepare(self, batch: dict[str, Tensor], scores: Tensor, sampled: Sampled,
-                loss_mask: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
-        cfg, mask = self.cfg, sampled.token_mask  # (N, Tc)
-        logps, values = self._old_logps_and_values(batch)
-        ref = rollout_logps(self.reference.model, batch, cfg.per_device_train_batch_size, cfg.temperature,
-                            self.reference.weights)
-        # A completion no reward function scored (every one returned None) has a nan score; the stage has already
-        # refused a rollout with no score at all. Such completions get score 0 (only the KL penalty), and are
-        # counted in objective/unscored and said once.
-        unscored = int(torch.isnan(scores).sum())
-        if unscored and not self._warned_unscored:
-            logger.warning("ppo: %d of %d completions have no score (every reward function returned None); they "
-                           "are scored 0, so only the KL penalty trains them (objective/unscored counts them)",
-                           unscored, scores.numel())
-            self._warned_unscored = True
-        rewards, objective = ppo_rewards(
-            torch.nan_to_num(scores, nan=0.0), logps, ref, mask, kl_coef=cfg.kl_coef,
-            kl_estimator=cfg.kl_estimator, missing_eos_penalty=cfg.missing_eos_penalty,
-            contains_eos=~sampled.is_truncated, whiten_rewards=cfg.whiten_rewards,
-        )
-        advantages, returns = compute_gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        kept = {"old_logps": logps, "old_values": values, "advantages": advantages, "returns": returns}
-        return kept, {**{k: float(v) for k, v in objective.items()}, "objective/unscored": float(unscored)}
-
-    def _old_logps_and_values(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        n, chunk = batch["input_ids"].size(0), self.cfg.per_device_train_batch_size
-        tc = int(batch["completion_mask"].sum(1).max())
-        logps = torch.zeros(n, tc, device=batch["input_ids"].device)
+    def forward_passes(self, groups: CompletionGroups, loss_mask: Tensor, packed: bool) -> dict[str, Tensor]:
+        """The sampling policy's log-probs and values and the reference's log-probs (padded rows: the value head
+        reads positions of the padded layout)."""
+        chunk, n = self.cfg.per_device_train_batch_size, len(groups)
+        tc = int(groups.lengths.max())
+        logps = torch.zeros(n, tc, device=groups.completion_ids.device)
         values = torch.zeros_like(logps)
         with inference(self.wrapper):
             for start in range(0, n, chunk):
-                part = take_rows(batch, range(start, min(start + chunk, n)))
+                part = {k: v.to(logps.device) if isinstance(v, Tensor) else v
+                        for k, v in groups.batch(range(start, min(start + chunk, n)), packed=False).items()}
                 lp, _, v = self.wrapper.evaluate(part, self.cfg.temperature)
                 logps[start : start + lp.size(0), : lp.size(1)] = lp
                 values[start : start + v.size(0), : v.size(1)] = v
-        return logps, values
+        ref = groups.logps(self.reference.model, chunk, self.cfg.temperature, False, self.reference.weights)
+        return {"old_logps": logps, "old_values": values, "ref_logps": ref}
+
+    def prepare(self, rollout: ScoredRollout) -> tuple[dict[str, Tensor], dict[str, float]]:
+        cfg, mask, passes = self.cfg, rollout.groups.completion_mask, rollout.passes  # (N, Tc)
+        # A completion no reward function scored (every one returned None) has a nan score; the stage has already
+        # refused a rollout with no score at all. Such completions get score 0 (only the KL penalty), and are
+        # counted in objective/unscored and said once.
+        unscored = int(torch.isnan(rollout.rewards).sum())
+        if unscored and not self._warned_unscored:
+            logger.warning("ppo: %d of %d completions have no score (every reward function returned None); they "
+                           "are scored 0, so only the KL penalty trains them (objective/unscored counts them)",
+                           unscored, rollout.rewards.numel())
+            self._warned_unscored = True
+        rewards, objective = ppo_rewards(
+            torch.nan_to_num(rollout.rewards, nan=0.0), passes["old_logps"], passes["ref_logps"], mask,
+            kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, missing_eos_penalty=cfg.missing_eos_penalty,
+            contains_eos=~rollout.is_truncated, whiten_rewards=cfg.whiten_rewards,
+        )
+        advantages, returns = compute_gae(rewards, passes["old_values"], mask, gamma=cfg.gamma, lam=cfg.lam)
+        kept = {"old_logps": passes["old_logps"], "old_values": passes["old_values"], "advantages": advantages,
+                "returns": returns}
+        return kept, {**{k: float(v) for k, v in objective.items()}, "objective/unscored": float(unscored)}
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg

@@ -26,22 +26,26 @@ from torch import Tensor, nn
 from prefalign.config.checks import check_train_args, require
 from prefalign.config.rollout import OnPolicyArgs
 from prefalign.errors import PrefalignError
+from prefalign.losses.grpo import EXTREME_METRICS
 from prefalign.model.load import save_model
+from prefalign.model.packed import supports_packing
 from prefalign.model.reference import Reference, build_reference
 from prefalign.model.weights import load_weights_into
 from prefalign.rollout.generate import mask_truncated_completions
 from prefalign.rollout.rewards import load_reward_functions
 from prefalign.rollout.sampling import (
+    CompletionGroups,
     RolloutSampler,
-    Sampled,
     completion_metrics,
     load_samplers,
+    reward_columns,
     score,
     take_rows,
 )
 from prefalign.rollout.schedule import RolloutPlan, RolloutRows, rollout_seed
+from prefalign.train.distributed import all_finished, gather_rows, is_sharded
 from prefalign.train.loop import LoopResult, sequential_groups
-from prefalign.train.metrics import MetricSums, to_host
+from prefalign.train.metrics import Extreme, MetricSums, to_host
 from prefalign.train.runinfo import RunFacts, SplitCount, describe_reference
 from prefalign.train.setup import Session, open_session, train_and_save, trainable_policy
 
@@ -93,6 +97,17 @@ class ShuffledMiniBatches:
         return out
 
 
+@dataclass
+class ScoredRollout:
+    """A whole rollout (every process's share), sampled and scored: what an algorithm's `prepare` reads."""
+
+    groups: CompletionGroups  # the prompts and completions, rows grouped by prompt
+    is_truncated: Tensor  # (N,) bool
+    loss_mask: Tensor  # (N, Tc) the completion mask, truncated completions zeroed with --mask_truncated_completions
+    rewards: Tensor  # (N,) weighted rewards, nan where no reward function scored the completion
+    passes: dict[str, Tensor]  # what the algorithm's `forward_passes` computed, (N, ...) per row
+
+
 class Algorithm(Protocol):
     """What an on-policy algorithm adds to the shared rollout stage. Optionally also `save_extra(directory)` /
     `load_extra(directory)`: what a checkpoint holds besides the policy (PPO's value model), and
@@ -103,13 +118,19 @@ class Algorithm(Protocol):
     policy: nn.Module  # what samples, and what is saved as the final model
     num_generations: int  # completions per prompt
     per_token: bool  # micro-batches weigh their real loss tokens (False: their completions)
+    shares_prompts: bool  # its forwards can take the shared-prompt packed layout (`CompletionGroups.batch`)
     batching: Batching
     progress_keys: dict[str, str]
     eval_reward_name: str  # the metric name of the held-out reward
+    # optional: `sequence_metrics`, names of loss metrics that are means over completions (default: over tokens)
 
-    def prepare(self, batch: dict[str, Tensor], rewards: Tensor, sampled: Sampled,
-                loss_mask: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """Tensors to keep with the rollout (advantages, old / reference log-probs, ...) and rollout metrics."""
+    def forward_passes(self, groups: CompletionGroups, loss_mask: Tensor, packed: bool) -> dict[str, Tensor]:
+        """Per-row tensors computed by models, without grad, on this process's share of a rollout (old-policy and
+        reference log-probs, values); the stage gathers them into the whole rollout."""
+        ...
+
+    def prepare(self, rollout: ScoredRollout) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Per-row tensors to keep with the whole rollout (advantages, ...) and the rollout's metrics."""
         ...
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -119,15 +140,23 @@ class Algorithm(Protocol):
 
 class RolloutStage:
     """The loop stage of every on-policy algorithm (see train.loop.Stage): training micro-batches are rows of
-    rollouts, sampled at `begin_step`; evaluation batches are held-out prompts, one sampled completion each."""
+    rollouts, sampled at `begin_step`; evaluation batches are held-out prompts, one sampled completion each.
+
+    With several processes each one samples, scores and runs the algorithm's forward passes on its share of a
+    rollout's prompts (whole groups, so group statistics need no communication), then the per-row results are
+    gathered, so that every process holds the whole rollout and the loop hands out micro-batches as usual. The
+    random draws of a row do not depend on which process samples it (`rollout.generate.RowNoise`): N processes
+    train on what one process would."""
 
     example_unit = "completions"
 
     def __init__(self, cfg: OnPolicyArgs, algorithm: Algorithm, train: RolloutSampler,
-                 eval_: RolloutSampler | None, reward_fns: list, num_processes: int = 1) -> None:
-        self.cfg, self.algorithm, self.reward_fns = cfg, algorithm, reward_fns
+                 eval_: RolloutSampler | None, reward_fns: list, accelerator: Any, packed: bool = False) -> None:
+        self.cfg, self.algorithm, self.reward_fns, self.accelerator = cfg, algorithm, reward_fns, accelerator
+        self.packed = packed and algorithm.shares_prompts
         self.samplers = {"train": train, "eval": eval_}
-        self.micro_per_step = cfg.gradient_accumulation_steps * num_processes
+        world = accelerator.num_processes
+        self.micro_per_step = cfg.gradient_accumulation_steps * world
         step_rows = cfg.per_device_train_batch_size * self.micro_per_step
         self.rows = algorithm.batching.rollout_rows(step_rows)
         self.plan = RolloutPlan(len(train.examples), self.rows // algorithm.num_generations, cfg.seed)
@@ -162,8 +191,8 @@ class RolloutStage:
         if split != "train":
             return {"indices": list(group)}
         rollout = self._current[1]
-        batch = take_rows(rollout["tensors"], group.rows)
-        batch["num_tokens"] = int(batch["attention_mask"].sum())
+        batch = rollout["groups"].batch(group.rows, self.packed)
+        batch.update(take_rows(rollout["tensors"], group.rows))
         batch["rollout_metrics"] = rollout["metrics"]
         return batch
 
@@ -177,15 +206,20 @@ class RolloutStage:
         host = to_host({"tokens": tokens_t, "loss": loss_sum, **token_metrics})
         tokens = host.pop("tokens")
         metrics: MetricSums = {"loss": (host.pop("loss"), tokens if self.algorithm.per_token else rows)}
-        # token metrics are means over the micro-batch's loss tokens, or (row_weighted_metrics) over its rows
-        weight = rows if getattr(self.algorithm, "row_weighted_metrics", False) else tokens
-        metrics.update({k: (v * weight, weight) for k, v in host.items()})
+        # metric means over the micro-batch's loss tokens; over its completions for `sequence_metrics`, or for all of
+        # them with `row_weighted_metrics` (online DPO's per-pair metrics); min / max for EXTREME_METRICS
+        per_completion = getattr(self.algorithm, "sequence_metrics", frozenset())
+        by_rows = getattr(self.algorithm, "row_weighted_metrics", False)
+        for name, value in host.items():
+            kind = EXTREME_METRICS.get(name)
+            weight = rows if by_rows or name in per_completion else tokens
+            metrics[name] = Extreme(kind, value) if kind else (value * weight, weight)
         metrics.update({k: (v, 1.0) for k, v in batch["rollout_metrics"].items()})
         return loss_sum, metrics
 
     def eval_step(self, model: nn.Module, batch: dict[str, Any]) -> MetricSums:
         return eval_rewards(self.samplers["eval"], self.algorithm.policy, batch["indices"], self.reward_fns,
-                            self.cfg, self.algorithm.eval_reward_name)
+                            self.cfg, self.algorithm.eval_reward_name, self._all_done())
 
     # ---------------------------------------------------------------- one rollout
     def _when(self, epoch: int, r: int) -> str:
@@ -194,29 +228,55 @@ class RolloutStage:
         step = (epoch * len(self.plan(epoch)) + r) * steps + 1
         return f"at step {step} (rollout {r + 1} of epoch {epoch + 1})"
 
+    def _all_done(self) -> Callable[[Tensor], bool] | None:
+        """Sharded, every process decodes until all are done (each forward holds collectives)."""
+        return all_finished if is_sharded(self.algorithm.policy) else None
+
     def _sample(self, epoch: int, r: int) -> dict[str, Any]:
-        """Rollout r of the epoch, sampled by the policy, scored, and prepared by the algorithm."""
-        cfg = self.cfg
-        s = self.samplers["train"].sample(self.algorithm.policy, self.plan(epoch)[r],  # type: ignore[union-attr]
-                                          self.algorithm.num_generations, rollout_seed(cfg.seed, epoch, r))
-        batch = {k: v.to(s.token_mask.device) if isinstance(v, Tensor) else v for k, v in s.batch.items()}
-        rewards, metrics = score(self.reward_fns, cfg.reward_weights, s, self._when(epoch, r), require_any=True)
-        loss_mask = s.token_mask
-        if cfg.mask_truncated_completions:
-            loss_mask = mask_truncated_completions(loss_mask, s.is_truncated)
-        kept, algorithm_metrics = self.algorithm.prepare(batch, rewards.to(s.token_mask.device), s, loss_mask)
+        """Rollout r of the epoch: this process samples, scores and runs the forward passes on its share of the
+        prompts; the rows are gathered and the algorithm prepares the whole rollout."""
+        cfg, algorithm, sampler = self.cfg, self.algorithm, self.samplers["train"]
+        when = self._when(epoch, r)
+        prompts, g = self.plan(epoch)[r], algorithm.num_generations
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        share = len(prompts) // world  # whole groups per process (the configs' checks make it divide)
+        s = sampler.sample(algorithm.policy, prompts[rank * share : (rank + 1) * share], g,  # type: ignore[union-attr]
+                           rollout_seed(cfg.seed, epoch, r), first_row=rank * share * g, total_rows=len(prompts) * g,
+                           all_done=self._all_done())
+        device = self.accelerator.device
+        local = s.groups
+        local.completion_ids, local.completion_mask = local.completion_ids.to(device), local.completion_mask.to(device)
+        local_mask = self._loss_mask(local.completion_mask, s.is_truncated.to(device))
+        passes = algorithm.forward_passes(local, local_mask, self.packed)
+        rows = gather_rows(self.accelerator, {
+            "completion_ids": local.completion_ids, "token_mask": local.completion_mask,
+            "is_truncated": s.is_truncated.to(device), "rewards": reward_columns(self.reward_fns, s, when).T.to(device),
+            **passes})
+        groups = CompletionGroups([sampler.prompt_ids[i] for i in prompts], g, rows["completion_ids"],  # type: ignore[union-attr]
+                                  rows["token_mask"], local.pad_token_id)
+        rewards, metrics = score(self.reward_fns, cfg.reward_weights, rows["rewards"].T, when, require_any=True)
+        loss_mask = self._loss_mask(groups.completion_mask, rows["is_truncated"])
+        scored = ScoredRollout(groups, rows["is_truncated"], loss_mask, rewards.to(device),
+                               {k: rows[k] for k in passes})
+        kept, algorithm_metrics = algorithm.prepare(scored)
         metrics.update(algorithm_metrics)
-        metrics.update(completion_metrics(s.token_mask, s.is_truncated))
+        metrics.update(completion_metrics(groups.completion_mask, rows["is_truncated"]))
         loss_mask_host = loss_mask.cpu()
-        return {"tensors": {**batch, "loss_mask": loss_mask, **kept}, "loss_mask": loss_mask_host,
-                "total_tokens": int(loss_mask_host.sum()), "metrics": metrics}
+        return {"groups": groups, "tensors": {"token_mask": groups.completion_mask, "loss_mask": loss_mask, **kept},
+                "loss_mask": loss_mask_host, "total_tokens": int(loss_mask_host.sum()), "metrics": metrics}
+
+    def _loss_mask(self, token_mask: Tensor, is_truncated: Tensor) -> Tensor:
+        if self.cfg.mask_truncated_completions:
+            return mask_truncated_completions(token_mask, is_truncated)
+        return token_mask
 
 
 def eval_rewards(sampler: RolloutSampler, model: nn.Module, indices: list[int], reward_fns: list, cfg: Any,
-                 reward_name: str = "reward") -> MetricSums:
+                 reward_name: str = "reward", all_done: Callable[[Tensor], bool] | None = None) -> MetricSums:
     """One sampled completion per held-out prompt, scored by the training rewards."""
-    s = sampler.sample(model, indices, 1, rollout_seed(cfg.seed, -1, indices[0]))
-    rewards, per_fn = score(reward_fns, cfg.reward_weights, s, "in evaluation")
+    s = sampler.sample(model, indices, 1, rollout_seed(cfg.seed, -1, indices[0]), all_done=all_done)
+    rewards, per_fn = score(reward_fns, cfg.reward_weights, reward_columns(reward_fns, s, "in evaluation"),
+                            "in evaluation")
     n = float(len(indices))
     out: MetricSums = {reward_name: (float(torch.nansum(rewards)), float((~torch.isnan(rewards)).sum()))}
     out.update({k: (v * n, n) for k, v in per_fn.items() if k.endswith("/mean")})
@@ -243,12 +303,37 @@ def check_rl_config(cfg: OnPolicyArgs, needs_rewards: bool = True) -> None:
     check_train_args(cfg)
 
 
+def check_group_config(cfg: Any) -> None:
+    """What GRPO and RLOO check about their groups: at least 2 completions, whole groups per process's step."""
+    g, per_step = cfg.num_generations, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    if g < 2:
+        raise PrefalignError(f"must be at least 2 (advantages compare completions of a prompt), got {g}",
+                             "--num_generations")
+    if per_step % g:
+        raise PrefalignError(f"per_device_train_batch_size x gradient_accumulation_steps = {per_step} completions "
+                             f"per step must be a multiple of num_generations = {g}", "--num_generations")
+    if cfg.num_iterations < 1:
+        raise PrefalignError(f"must be at least 1, got {cfg.num_iterations}", "--num_iterations")
+
+
 def check_vllm() -> None:
     if not torch.cuda.is_available():
         raise PrefalignError("vLLM generation needs a CUDA GPU and none is available; drop --use_vllm", "--use_vllm")
     if importlib.util.find_spec("vllm") is None:
         raise PrefalignError("vLLM is not installed (pip install vllm); or drop --use_vllm", "--use_vllm")
     raise PrefalignError("the vLLM backend is not part of this version yet; drop --use_vllm", "--use_vllm")
+
+
+def use_shared_prompts(cfg: Any, models: list[nn.Module], report: Callable[[str], Any]) -> bool:
+    """Whether the training forwards run each group's prompt once (the packed layout); else a one-line notice."""
+    if not getattr(cfg, "share_prompt", False):
+        return False
+    for model in models:
+        ok, reason = supports_packing(model)
+        if not ok:
+            report(f"shared-prompt batches are not supported here ({reason}); using padded batches")
+            return False
+    return True
 
 
 AlgorithmFactory = Callable[[nn.Module, Reference | None, Session], Algorithm]
@@ -265,7 +350,9 @@ def train_online(cfg: OnPolicyArgs, make_algorithm: AlgorithmFactory, run_name: 
     policy = trainable_policy(cfg, session, no_dropout=cfg.disable_dropout)
     reference = build_reference(policy, cfg, needs_reference)
     algorithm = make_algorithm(policy, reference, session)
-    stage = RolloutStage(cfg, algorithm, train, eval_, reward_fns, session.accelerator.num_processes)
+    packed = algorithm.shares_prompts and use_shared_prompts(cfg, [policy] + ([reference.model] if reference else []),
+                                                             session.print)
+    stage = RolloutStage(cfg, algorithm, train, eval_, reward_fns, session.accelerator, packed)
     facts = rollout_facts(cfg, stage, describe_reference(reference, cfg, why_none=why_no_reference),
                           session.accelerator.num_processes)
 
@@ -293,7 +380,9 @@ def rollout_facts(cfg: OnPolicyArgs, stage: RolloutStage, reference: str, num_pr
     g = stage.algorithm.num_generations
     per_step = cfg.gradient_accumulation_steps * num_processes
     steps = len(stage.algorithm.batching.micro_batches(0, 0, stage.rows)) // per_step
-    rollout = (f"{stage.rows} completions ({stage.rows // g} prompts x {g}) sampled with the KV cache, "
+    rollout = (f"{stage.rows} completions ({stage.rows // g} prompts x {g}), each prompt prefilled once, "
                f"trained on for {steps} optimizer step{'s' if steps > 1 else ''}")
     unit = getattr(stage.algorithm, "batch_unit", "completions")  # what --per_device_train_batch_size counts
-    return RunFacts(splits, unit, "padded prompt + completion rows", reference, {"rollout": rollout})
+    layout = ("packed: each group's prompt once, its completions attending to it" if stage.packed
+              else "padded prompt + completion rows")
+    return RunFacts(splits, unit, layout, reference, {"rollout": rollout})

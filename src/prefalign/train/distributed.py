@@ -22,6 +22,7 @@ DeepSpeed itself is refused with a one-line error (`check_launch`) rather than s
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, 
 from torch.distributed.tensor import DTensor
 
 from prefalign.errors import PrefalignError
+from prefalign.train.metrics import Extreme, MetricSums
 
 
 @dataclass(frozen=True)
@@ -162,11 +164,34 @@ def pad_groups(groups: Sequence[Sequence[int]], process_index: int,
     return mine
 
 
-def no_weight(metrics: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+def no_weight(metrics: MetricSums) -> MetricSums:
     """A padding micro-batch's metrics: the same names (processes reduce one tensor of them), no contribution."""
-    return {name: (0.0, 0.0) for name in metrics}
+    return {name: Extreme(v.kind, math.nan) if isinstance(v, Extreme) else (0.0, 0.0) for name, v in metrics.items()}
 
 
 def grad_norm(norm: torch.Tensor) -> float:
     """clip_grad_norm_ returns a DTensor when parameters are sharded; the total is its full value."""
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def gather_rows(accelerator: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every process's rows of each tensor, concatenated in process order; every process holds the same number
+    of rows, and a 2-D tensor's columns are zero-padded on the right to the widest process's. One process: as is."""
+    if accelerator.num_processes == 1:
+        return tensors
+    out = {}
+    for name, value in tensors.items():
+        kind = value.dtype
+        value = value.to(torch.long) if kind == torch.bool else value  # gloo gathers no bool
+        if value.dim() > 1:
+            value = accelerator.pad_across_processes(value.contiguous(), dim=1)
+        out[name] = accelerator.gather(value.contiguous()).to(kind)
+    return out
+
+
+def all_finished(done: torch.Tensor) -> bool:
+    """Whether every row of every process is done: a collective, so that sharded processes (whose forwards hold
+    collectives) run the same number of decoding steps."""
+    pending = (~done).any().to(torch.float32).reshape(1)
+    torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX)
+    return bool(pending.item() == 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,19 @@ import torch
 
 from prefalign.errors import PrefalignError
 
-# A stage's step returns {name: (sum, count)}; the mean over micro-batches and processes is sum / count.
-MetricSums = dict[str, tuple[float, float]]
+
+@dataclass(frozen=True)
+class Extreme:
+    """A metric that combines over micro-batches and processes by its min or max instead of a mean (TRL's
+    clip_ratio/low_min, clip_ratio/high_max). A non-finite value means "none here" and is ignored."""
+
+    kind: str  # "min" or "max"
+    value: float
+
+
+# A stage's step returns {name: (sum, count)}, the mean over micro-batches and processes being sum / count, or
+# {name: Extreme(...)} for a min / max.
+MetricSums = dict[str, "tuple[float, float] | Extreme"]
 
 
 def human(n: float) -> str:
@@ -34,29 +46,55 @@ def to_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 class MetricAccumulator:
-    """Sums metric (sum, count) pairs over micro-batches, then reduces across processes."""
+    """Sums metric (sum, count) pairs and keeps the min / max of `Extreme` ones over micro-batches, then reduces
+    both across processes."""
 
     def __init__(self) -> None:
         self.sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self.extremes: dict[str, Extreme] = {}
 
     def add(self, metrics: MetricSums) -> None:
-        for name, (total, count) in metrics.items():
+        for name, value in metrics.items():
+            if isinstance(value, Extreme):
+                self._add_extreme(name, value)
+                continue
+            total, count = value
             entry = self.sums[name]
             entry[0] += float(total)
             entry[1] += float(count)
 
+    def _add_extreme(self, name: str, value: Extreme) -> None:
+        pick = min if value.kind == "min" else max
+        identity = math.inf if value.kind == "min" else -math.inf
+        current = self.extremes.get(name, Extreme(value.kind, identity)).value
+        new = value.value if math.isfinite(value.value) else identity
+        self.extremes[name] = Extreme(value.kind, pick(current, new))
+
     def means(self) -> dict[str, float]:
-        """This process's means (no reduction across processes)."""
-        return {n: (s / c if c else math.nan) for n, (s, c) in self.sums.items()}
+        """This process's means and extremes (no reduction across processes)."""
+        out = {n: (s / c if c else math.nan) for n, (s, c) in self.sums.items()}
+        out.update({n: e.value if math.isfinite(e.value) else math.nan for n, e in self.extremes.items()})
+        return out
 
     def reduce(self, accelerator: Any) -> dict[str, float]:
+        out: dict[str, float] = {}
         names = sorted(self.sums)
-        if not names:
-            return {}
-        local = torch.tensor([self.sums[n] for n in names], dtype=torch.float64, device=accelerator.device)
-        if accelerator.num_processes > 1:
-            local = accelerator.reduce(local, reduction="sum")
-        return {n: (s / c if c else math.nan) for n, (s, c) in zip(names, local.tolist())}
+        if names:
+            local = torch.tensor([self.sums[n] for n in names], dtype=torch.float64, device=accelerator.device)
+            if accelerator.num_processes > 1:
+                local = accelerator.reduce(local, reduction="sum")
+            out.update({n: (s / c if c else math.nan) for n, (s, c) in zip(names, local.tolist())})
+        extremes = sorted(self.extremes)
+        if extremes:
+            # one MAX all-reduce for both kinds: a min is the max of the negated values
+            sign = [-1.0 if self.extremes[n].kind == "min" else 1.0 for n in extremes]
+            local = torch.tensor([s * self.extremes[n].value for s, n in zip(sign, extremes)], dtype=torch.float64,
+                                 device=accelerator.device)
+            if accelerator.num_processes > 1:
+                torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+            for s, n, v in zip(sign, extremes, local.tolist()):
+                out[n] = s * v if math.isfinite(v) else math.nan
+        return out
 
 
 class MetricsLog:
