@@ -169,6 +169,11 @@ def test_draw_tokens_inverts_the_cumulative_distribution():
     u 0.95 -> 0.05 -> 0; u 0.89 -> 0.11 -> 2 (the zero-probability token is never drawn); u 0.5 -> 2; u 0 -> 3."""
     logits = torch.tensor([0.1, 0.0, 0.6, 0.3]).log().expand(4, 4)
     assert draw_tokens(logits, torch.tensor([0.95, 0.89, 0.5, 0.0])).tolist() == [0, 2, 2, 3]
+    # Blocks of 2 tokens ([0.1, 0] [0.6, 0.3]): the same draws, and a block ending in zero-probability tokens is
+    # never left at its end.
+    assert draw_tokens(logits, torch.tensor([0.95, 0.89, 0.5, 0.0]), block=2).tolist() == [0, 2, 2, 3]
+    padded = torch.tensor([0.3, 0.0, 0.0, 0.7, 0.0]).log().expand(3, 5)
+    assert draw_tokens(padded, torch.tensor([0.7, 0.69, 0.0]), block=3).tolist() == [0, 3, 3]
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, None, 1.0), (1.0, 5, 1.0), (1.3, None, 0.8),

@@ -9,8 +9,9 @@ materialises a [2B, T, V] tensor (and autograd saves its float32 log-softmax for
    states with a forward hook;
 2. gather the hidden states at the positions that *predict* completion tokens (position t-1 predicts t);
 3. apply the LM head (+ the model's logit scale / soft-capping) and log-softmax in chunks of `chunk_size`
-   positions, each chunk under `torch.utils.checkpoint`, so autograd keeps only the [chunk, H] inputs and the
-   [chunk, V] logits are recomputed one chunk at a time in backward.
+   positions (fewer when a chunk's logits would pass HEAD_CHUNK_BYTES), each chunk under
+   `torch.utils.checkpoint`, so autograd keeps only the [chunk, H] inputs and the [chunk, V] logits are
+   recomputed one chunk at a time in backward.
 
 Models whose head we do not know how to reproduce (prompt-learning peft adapters, model types listed in
 `FULL_FORWARD_MODEL_TYPES`, models without `logits_to_keep`) fall back to the full forward's logits at the
@@ -38,6 +39,9 @@ from prefalign.errors import PrefalignError
 # Model types whose LM head does something we do not replicate (extra vocab slicing, custom soft-cap
 # modules): they get the full forward's logits.
 FULL_FORWARD_MODEL_TYPES = frozenset({"inkling2"})
+
+# The most float32 logits one scoring chunk holds (positions x vocabulary x 4 bytes).
+HEAD_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -174,9 +178,9 @@ def _score_chunk(
         mean_logits = logits.mean(-1)  # (n,)
         # WPO: logsumexp over the vocabulary of 2 * log_softmax, i.e. log sum_v p_v^2.
         wpo = (2 * (logits - lse[:, None])).logsumexp(-1) if with_wpo else torch.zeros_like(lse)
-        if with_entropy:
-            log_p = logits - lse[:, None]  # (n, V)
-            entropy = -(log_p.exp() * log_p).sum(-1)  # (n,)
+        if with_entropy:  # H = lse - sum_v p_v logit_v, with one [n, V] temporary (p) and a row-wise dot product
+            probs = (logits - lse[:, None]).exp_()  # (n, V)
+            entropy = lse - (probs.unsqueeze(1) @ logits.unsqueeze(2)).view(-1)  # (n,)
         else:
             entropy = torch.zeros_like(lse)
     return logps, mean_logits, wpo, entropy
@@ -255,6 +259,12 @@ def score_positions(
             with_wpo=with_wpo, chunk_size=chunk_size, recompute=False, with_entropy=with_entropy,
         )  # fmt: skip
     hidden = _backbone_hidden(model, head, forward_kwargs)  # (rows, T, H)
+    # A chunk's [n, V] float32 logits and their temporaries are the peak of the forward and of its recompute in
+    # backward: keep a chunk within HEAD_CHUNK_BYTES (e.g. 110 positions for Qwen2's 152k vocabulary).
+    # out_features, not weight.shape: a 4-bit head's weight is stored packed; heads of unknown width keep chunk_size.
+    vocab = getattr(head.lm_head, "out_features", None)
+    if isinstance(vocab, int) and vocab > 0:
+        chunk_size = max(1, min(chunk_size, HEAD_CHUNK_BYTES // (4 * vocab)))
 
     def logits_fn(h: Tensor) -> Tensor:
         logits = _head_logits(head, h)

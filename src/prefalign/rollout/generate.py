@@ -137,12 +137,27 @@ def warp_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     return logits
 
 
-def draw_tokens(logits: Tensor, uniform: Tensor) -> Tensor:
+def draw_tokens(logits: Tensor, uniform: Tensor, block: int = 256) -> Tensor:
     """One token per row (B,) from logits (B, V), by inverting the cumulative distribution at `uniform` (B,) in
-    [0, 1): the first token whose cumulative probability reaches (1 - u) of the total, never a zero-probability one."""
-    cdf = logits.softmax(-1).double().cumsum(-1)  # (B, V)
-    target = (1.0 - uniform.to(cdf.dtype)).unsqueeze(1) * cdf[:, -1:]  # (B, 1) in (0, total]
-    return (cdf < target).sum(-1).clamp(max=logits.size(-1) - 1)
+    [0, 1): the first token whose cumulative probability reaches (1 - u) of the total, never a zero-probability one.
+
+    The cumulative sum runs in two levels, over blocks of `block` tokens and then inside the one block that holds
+    the target, both in float64: as exact as a float64 cumsum over the vocabulary, at the cost of a float32 softmax.
+    """
+    probs = logits.softmax(-1)  # (B, V) float32
+    rows, vocab = probs.shape
+    blocks = torch.nn.functional.pad(probs, (0, -vocab % block)).view(rows, -1, block)  # (B, K, W)
+    mass = blocks.sum(-1, dtype=torch.float64)  # (B, K)
+    ends = mass.cumsum(-1)  # (B, K) cumulative mass at the end of each block
+    target = (1.0 - uniform.to(ends.dtype)) * ends[:, -1]  # (B,) in (0, total]
+    k = (ends < target.unsqueeze(1)).sum(-1).clamp(max=blocks.size(1) - 1)  # (B,) the block reaching the target
+    before = torch.nn.functional.pad(ends[:, :-1], (1, 0))  # (B, K) mass before each block, as stored in `ends`
+    inner = blocks[torch.arange(rows, device=probs.device), k].double().cumsum(-1)  # (B, W)
+    # target > before[k] exactly (k's definition), so the rest is > 0; capping it at the block's own total keeps
+    # summation-order rounding from stepping past the block's last non-zero token.
+    rest = torch.minimum(target - before.gather(1, k.unsqueeze(1)).squeeze(1), inner[:, -1])  # (B,)
+    j = (inner < rest.unsqueeze(1)).sum(-1)
+    return k * block + j
 
 
 def _forward_kwargs(model: Any) -> dict[str, Any]:
