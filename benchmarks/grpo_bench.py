@@ -14,8 +14,10 @@ rewards, advantages, forward, backward, AdamW. The first `--warmup` steps are no
 cheap function for both (completion length in characters), so the rollouts never stop early (a random model
 almost never samples EOS): every completion has 32 tokens.
 
-Configurations: `prefalign` (its defaults), `trl` (TRL's defaults, which switch gradient checkpointing on) and
-`trl-no-gc` (TRL without gradient checkpointing: faster, more memory).
+Configurations: `prefalign` (its defaults: each group's prompt once in the training forwards, the shared-prompt
+packed layout), `prefalign-padded` (`--share_prompt false`: one padded row per completion, as TRL), `trl` (TRL's
+defaults, which switch gradient checkpointing on) and `trl-no-gc` (TRL without gradient checkpointing: faster,
+more memory).
 
     python benchmarks/grpo_bench.py --quick     # smoke test, tiny model, ~1 minute
     python benchmarks/grpo_bench.py             # the RESULTS.md table (~10 minutes on 2 cores)
@@ -40,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONFIGS = ("prefalign", "trl", "trl-no-gc")
+CONFIGS = ("prefalign", "prefalign-padded", "trl", "trl-no-gc")
 GENERATIONS = 8
 COMPLETION_TOKENS = 32
 COMPLETIONS_PER_STEP = 16
@@ -129,7 +131,7 @@ def build_model(size: ModelSize):
 # ---------------------------------------------------------------- the configurations (run in a child)
 
 
-def run_prefalign(model_dir: Path, prompts: list, steps: int, work: Path) -> list[float]:
+def run_prefalign(model_dir: Path, prompts: list, steps: int, work: Path, share_prompt: bool) -> list[float]:
     import prefalign.train.loop as loop
     from prefalign.cli import main
 
@@ -150,7 +152,7 @@ def run_prefalign(model_dir: Path, prompts: list, steps: int, work: Path) -> lis
                  "--num_generations", str(GENERATIONS), "--per_device_train_batch_size", str(COMPLETIONS_PER_STEP),
                  "--max_completion_length", str(COMPLETION_TOKENS), "--max_prompt_length", "2048", "--beta", "0",
                  "--learning_rate", "1e-6", "--max_steps", str(steps), "--save_steps", "0", "--logging_steps", "1",
-                 "--disable_tqdm", "--seed", "0"])  # fmt: skip
+                 "--disable_tqdm", "--seed", "0", "--share_prompt", str(share_prompt).lower()])  # fmt: skip
     if code != 0:
         raise RuntimeError(f"prefalign grpo exited with {code}")
     return times
@@ -211,8 +213,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         word_tokenizer(size.vocab).save_pretrained(work / "model")
         del model
         check_tokenization(work / "model", prompts[0])
-        if spec["config"] == "prefalign":
-            times = run_prefalign(work / "model", prompts, steps, work)
+        if spec["config"].startswith("prefalign"):
+            times = run_prefalign(work / "model", prompts, steps, work, share_prompt=spec["config"] == "prefalign")
         else:
             times = run_trl(work / "model", prompts, steps, work, gradient_checkpointing=spec["config"] == "trl")
     timed = times[spec["warmup"] :]

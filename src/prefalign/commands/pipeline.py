@@ -84,7 +84,7 @@ STAGES: dict[str, StageKind] = {
                      continues_adapter=True, sft_reference=True),
     "grpo": StageKind("prefalign.stages.grpo:check_grpo_config", reads_policy=True, writes_policy=True,
                       reads_reward_model=True),
-    "rloo": StageKind("prefalign.stages.grpo:check_grpo_config", reads_policy=True, writes_policy=True,
+    "rloo": StageKind("prefalign.stages.rloo:check_rloo_config", reads_policy=True, writes_policy=True,
                       reads_reward_model=True),
     "ppo": StageKind("prefalign.stages.ppo:check_ppo_config", reads_policy=True, writes_policy=True,
                      reads_reward_model=True),
