@@ -53,9 +53,6 @@ UNREAD_BY_DESIGN = {
 CHECK_ONLY = {
     **{(c, "use_vllm"): "refused with a one-line error until the vLLM backend exists"
        for c in ("grpo", "rloo", "ppo", "online-dpo")},
-    # Known, not by design: RLOOConfig inherits GRPO's flags and RLOO's advantages ignore this one; RLOO's loss
-    # flags belong to the RLOO rewrite, which drops or uses it (then this entry fails and goes).
-    ("rloo", "scale_rewards"): "validated as GRPO's flag, unused by RLOO's leave-one-out advantages",
 }
 
 
