@@ -186,19 +186,20 @@ def test_a_raising_function_keeps_its_traceback(tmp_path):
 
 
 def test_a_rollout_no_function_scores_is_an_error_with_counts():
-    from prefalign.rollout.sampling import Sampled, score
+    from prefalign.rollout.sampling import Sampled, reward_columns, score
 
     def never(prompts, completions, **kw):
         return [None] * len(completions)
 
-    s = Sampled({}, torch.ones(3, 1), torch.zeros(3, dtype=torch.bool), ["p"] * 3, ["a", "b", "c"], {"answer": [None] * 3})
+    s = Sampled(None, torch.zeros(3, dtype=torch.bool), ["p"] * 3, ["a", "b", "c"], {"answer": [None] * 3})
     fns = [never, load_reward_function("exact_match")]
+    table = reward_columns(fns, s)  # (F, N); the stage scores every process's rows gathered
     with pytest.raises(PrefalignError) as e:
-        score(fns, None, s, "at step 1 (rollout 1 of epoch 1)", require_any=True)
+        score(fns, None, table, "at step 1 (rollout 1 of epoch 1)", require_any=True)
     assert str(e.value) == ("rewards at step 1 (rollout 1 of epoch 1): no reward function scored any of the 3 "
                             "completions (never: 3 None, exact_match: 3 None); check that the functions apply to "
                             "this data (e.g. its 'answer' column)")
-    rewards, _ = score(fns, None, s)  # evaluation: reported as nan, not refused
+    rewards, _ = score(fns, None, table)  # evaluation: reported as nan, not refused
     assert torch.isnan(rewards).all()
 
 
