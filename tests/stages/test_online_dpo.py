@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from prefalign.config import OnlineDPOConfig
 from prefalign.model.reference import FrozenModelReference
-from prefalign.rollout.sampling import Sampled, padded_layout
+from prefalign.rollout.sampling import CompletionGroups
 from prefalign.stages.online_dpo import OnlineDPO, check_online_dpo_config, select_pairs
+from prefalign.stages.rollout import ScoredRollout
 
 
 def test_select_pairs_best_and_worst_with_ties_and_nan():
@@ -23,12 +24,14 @@ def test_select_pairs_best_and_worst_with_ties_and_nan():
     assert chosen.tolist() == [1, 3] and rejected.tolist() == [2, 5]
 
 
-def _sampled(prompts, completions):
+def _rollout(prompts, completions, rewards):
+    """The scored rollout (2 groups of 2) and its micro-batch of all 4 rows, as the rollout stage builds them."""
     width = max(len(c) for c in completions)
     ids = torch.tensor([c + [0] * (width - len(c)) for c in completions])
     mask = (torch.arange(width)[None] < torch.tensor([len(c) for c in completions])[:, None]).long()
-    batch = padded_layout(prompts, ids, mask, pad=0)
-    return batch, Sampled(batch, mask, torch.tensor([False, True, False, False]), [], [], {})
+    groups = CompletionGroups([prompts[0], prompts[2]], 2, ids, mask, pad_token_id=0)
+    rollout = ScoredRollout(groups, torch.tensor([False, True, False, False]), mask, rewards, {})
+    return groups.batch(range(4), packed=False), rollout
 
 
 def _seq_logp(model, prompt, completion):
@@ -52,15 +55,15 @@ def test_loss_and_metrics_by_hand(tiny_model_dir):
     algo = OnlineDPO(cfg, objective, policy, FrozenModelReference(ref_model))
     prompts = [[5, 6, 7], [5, 6, 7], [20, 21], [20, 21]]
     completions = [[8, 9, 2], [10, 11, 12, 13], [30, 2], [31, 32, 2]]
-    batch, sampled = _sampled(prompts, completions)
+    batch, rollout = _rollout(prompts, completions, torch.tensor([1.0, 5.0, 2.0, 2.0]))
     # scores: row 1 is the best but has no EOS, so the penalty makes it the worst; rows 2, 3 tie -> 2 chosen
-    kept, metrics = algo.prepare(batch, torch.tensor([1.0, 5.0, 2.0, 2.0]), sampled, sampled.token_mask)
+    kept, metrics = algo.prepare(rollout)
     assert kept["pair_rank"].tolist() == [0, 1, 0, 1]
     assert metrics["objective/scores"] == pytest.approx((1 - 5 + 2 + 2) / 4)
     assert metrics["objective/scores_margin"] == pytest.approx(((1 + 5) + 0) / 2)
     assert metrics["val/contain_eos_token"] == pytest.approx(0.75)
 
-    loss, m = algo.loss(policy, {**batch, **kept, "loss_mask": sampled.token_mask})
+    loss, m = algo.loss(policy, {**batch, **kept, "loss_mask": rollout.loss_mask})
     s = [_seq_logp(policy, p, c) for p, c in zip(prompts, completions)]
     r = [_seq_logp(ref_model, p, c) for p, c in zip(prompts, completions)]
     margins = [(s[0] - r[0]) - (s[1] - r[1]), (s[2] - r[2]) - (s[3] - r[3])]

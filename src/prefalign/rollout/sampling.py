@@ -68,7 +68,9 @@ class CompletionGroups:
                     groups.append(CompletionGroup(self.prompt_of(r), (c,)))
             batch = collate_groups(groups, self.pad_token_id)
         else:
-            batch = padded_layout([self.prompt_of(r) for r in rows], completions, self.pad_token_id)
+            index = torch.tensor(rows, dtype=torch.long, device=self.completion_ids.device)
+            batch = padded_layout([self.prompt_of(r) for r in rows], self.completion_ids[index],
+                                  self.completion_mask[index], self.pad_token_id)
         batch["num_tokens"] = sum(len(self.prompt_of(r)) + n for r, n in zip(rows, lengths))
         return batch
 
@@ -148,16 +150,19 @@ def load_samplers(cfg: Any, tokenizer: Any) -> tuple[RolloutSampler, RolloutSamp
     return samplers[0], samplers[1]
 
 
-def padded_layout(prompts: list[list[int]], completions: list[list[int]], pad: int) -> dict:
+def padded_layout(prompts: list[list[int]], completion_ids: Tensor, completion_mask: Tensor, pad: int) -> dict:
     """Rows prompt + completion (real tokens only), right-padded, with the completion positions marked."""
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    lengths = completion_mask.sum(1).tolist()
+    width = max(len(p) + n for p, n in zip(prompts, lengths))
     input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
     completion = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-        attention[row, : len(p) + len(c)] = 1
-        completion[row, len(p) : len(p) + len(c)] = 1
+    completion_ids = completion_ids.cpu()  # one transfer, not one per row
+    for row, (p, n) in enumerate(zip(prompts, lengths)):
+        input_ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+        input_ids[row, len(p) : len(p) + n] = completion_ids[row, :n]
+        attention[row, : len(p) + n] = 1
+        completion[row, len(p) : len(p) + n] = 1
     return {"layout": "padded", "input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
 
 
