@@ -18,7 +18,7 @@ from prefalign.commands.chat import run_chat
 from prefalign.config import ChatConfig
 from prefalign.errors import PrefalignError
 from prefalign.model.load import load_model_for_inference
-from prefalign.rollout.generate import generate_reply
+from prefalign.rollout.answers import generate_reply
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8}
 

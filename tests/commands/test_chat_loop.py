@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from prefalign.commands.chat import chat_loop
 from prefalign.errors import PrefalignError
-from prefalign.rollout.generate import generate_reply
+from prefalign.rollout.answers import generate_reply
 
 
 @pytest.fixture(scope="module")

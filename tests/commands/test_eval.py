@@ -14,7 +14,7 @@ from prefalign.cli import main
 from prefalign.commands.eval import evaluate, win_rate
 from prefalign.config import EvalConfig
 from prefalign.errors import PrefalignError
-from prefalign.rollout.generate import generate_reply
+from prefalign.rollout.answers import generate_reply
 from prefalign.train.metrics import read_metrics
 
 PAIRS = [("1 + 2 =", " 3", " 4"), ("the sky is", " blue", " red"), ("hello", " world", " cat dog")]

@@ -237,7 +237,7 @@ def test_a_classification_checkpoint_is_refused_as_a_causal_lm(tiny_reward_model
 
 def test_lora_targets_and_vocabulary_are_checked(tiny_model_dir, tiny_llama_dir, tmp_path) -> None:
     from helpers import build_tokenizer
-    from prefalign.model.load import check_lora_targets, check_vocab
+    from prefalign.model.checks import check_lora_targets, check_vocab
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     check_lora_targets(model, ["q_proj", "self_attn.v_proj", "layers.0.mlp.up_proj"])  # names and dotted suffixes

@@ -1,4 +1,4 @@
-"""`prefalign chat`: talk to a model in the terminal, replies streamed token by token (`rollout.generate.generate_reply`).
+"""`prefalign chat`: talk to a model in the terminal, replies streamed token by token (`rollout.answers.generate_reply`).
 
 A directory with adapter_config.json is a LoRA adapter: its base model (adapter_config's
 base_model_name_or_path, or --base_model_name_or_path) is loaded and the adapter applied with peft
@@ -23,7 +23,7 @@ from prefalign.data.templates import render, resolve_chat_template
 from prefalign.data.types import Message
 from prefalign.errors import PrefalignError
 from prefalign.model.load import load_for_inference
-from prefalign.rollout.generate import generate_reply
+from prefalign.rollout.answers import generate_reply
 
 
 def _check(cfg: ChatConfig) -> None:

@@ -33,7 +33,7 @@ from prefalign.data.load import load_rows, normalize_rows
 from prefalign.data.templates import resolve_chat_template
 from prefalign.errors import PrefalignError
 from prefalign.model.load import load_for_inference, load_model_for_inference
-from prefalign.rollout.generate import generate_reply, greedy_answers
+from prefalign.rollout.answers import generate_reply, greedy_answers
 from prefalign.rollout.rewards import RewardModelScorer, load_reward_function
 from prefalign.stages.dpo import pair_metrics
 from prefalign.train.run_dir import RUN_FILE

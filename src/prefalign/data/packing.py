@@ -97,6 +97,16 @@ class CompletionGroup:
     source: str | None = None  # where the prompt came from, for the error about an empty prompt
 
 
+def _result_rows(num_rows: int, row_order: Sequence[int] | None) -> list[int]:
+    """slot[k]: the result row of the k-th completion built (group order), the inverse of `row_order`."""
+    if row_order is None:
+        return list(range(num_rows))
+    slot = [0] * num_rows
+    for out_row, built in enumerate(row_order):
+        slot[built] = out_row
+    return slot
+
+
 def collate_groups(groups: Sequence[CompletionGroup], pad_token_id: int,
                    row_order: Sequence[int] | None = None) -> dict[str, Any]:
     """One padding-free packed row in which each group's prompt appears once.
@@ -114,10 +124,7 @@ def collate_groups(groups: Sequence[CompletionGroup], pad_token_id: int,
     logit_index = torch.zeros((num_rows, width), dtype=torch.long)  # (R, Tc)
     target_ids = torch.full((num_rows, width), pad_token_id, dtype=torch.long)  # (R, Tc)
     target_mask = torch.zeros((num_rows, width), dtype=torch.bool)  # (R, Tc)
-    slot = list(range(num_rows)) if row_order is None else [0] * num_rows
-    if row_order is not None:
-        for out_row, built in enumerate(row_order):
-            slot[built] = out_row
+    slot = _result_rows(num_rows, row_order)
 
     tokens: list[int] = []
     positions: list[int] = []

@@ -1,6 +1,6 @@
 """What the demo measures on held-out prompts: greedy accuracy, and the KL of a policy from its reference.
 
-Greedy answers come from `rollout.generate.greedy_completions` (batched with left padding).
+Greedy answers come from `rollout.answers.greedy_completions` (batched with left padding).
 
 KL from the reference: for each held-out prompt x the policy writes its greedy completion y; at every completion
 token t we take the *exact* KL between the two next-token distributions over the whole vocabulary,

@@ -27,7 +27,7 @@ from prefalign.demo import measure, task
 from prefalign.demo import toy as st
 from prefalign.demo.report import QUICK_NOTE, gains, plot_stage_accuracy, verdict, write_report
 from prefalign.errors import PrefalignError
-from prefalign.rollout.generate import greedy_completions
+from prefalign.rollout.answers import greedy_completions
 from prefalign.stages.dpo import pair_metrics
 from prefalign.train.plots import plot_run
 

@@ -272,6 +272,13 @@ def _importance_log_weights(log_ratio: Tensor, mask: Tensor, level: str) -> Tens
     raise ValueError(f"importance_sampling_level must be token or sequence, got {level!r}")
 
 
+def _reference_kl(logps: Tensor, ref_logps: Tensor, mask: Tensor, ratio: Tensor | None) -> Tensor:
+    """The k3 KL to the reference per token (B, T); with `ratio` (bias correction) the KL of samples drawn from the
+    old policy is importance-weighted to the current one."""
+    per_token_kl = kl_divergence(logps * mask, ref_logps * mask, "k3")
+    return per_token_kl if ratio is None else per_token_kl * ratio
+
+
 def grpo_loss(
     per_token_logps: Tensor,
     advantages: Tensor,
@@ -322,9 +329,7 @@ def grpo_loss(
     if beta != 0.0:
         if ref_per_token_logps is None:
             raise ValueError("grpo_loss: beta != 0 needs ref_per_token_logps")
-        per_token_kl = kl_divergence(per_token_logps * mask, ref_per_token_logps * mask, "k3")  # (B, T)
-        if use_bias_correction_kl:  # the KL of samples from the old policy, importance-weighted to the current one
-            per_token_kl = per_token_kl * ratio
+        per_token_kl = _reference_kl(per_token_logps, ref_per_token_logps, mask, ratio if use_bias_correction_kl else None)
         per_token_loss = per_token_loss + beta * per_token_kl
         metrics["kl"] = _mean(per_token_kl.detach(), mask)
     per_token_loss = per_token_loss.expand_as(mask)

@@ -33,11 +33,17 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.processing_utils import ProcessorMixin
 
 from prefalign.config import LoadArgs, ModelArgs, ModelSource
 from prefalign.errors import PrefalignError
+from prefalign.model.checks import (
+    architectures,
+    check_adapter_base,
+    check_lora_targets,
+    check_vocab,
+    require_causal_lm,
+)
 from prefalign.model.gguf import find_gguf, load_gguf, load_gguf_model
 from prefalign.model.processor import load_processor as auto_processor
 from prefalign.model.quant import bnb_kwargs, check_4bit_possible, dequantized_base, is_4bit, no_cpu_repacking
@@ -48,8 +54,6 @@ REFERENCE_ADAPTER = "reference"
 DTYPES: dict[str, Any] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 # Exceptions transformers/peft/huggingface_hub raise for a path or id that does not resolve to a model.
 _LOAD_ERRORS = (OSError, ValueError, KeyError)
-_CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def load_tokenizer(args: ModelSource) -> PreTrainedTokenizerBase:
@@ -140,7 +144,7 @@ def load_pretrained(name_or_path: str | None, args: LoadArgs, flag: str, quantiz
     if auto_class is None and is_vision_language(name_or_path, args.trust_remote_code):
         auto_class, what = AutoModelForImageTextToText, "a vision-language model"
     elif auto_class is None and gguf_path is None:  # a GGUF file always holds a causal LM
-        _require_causal_lm(name_or_path, args, flag)
+        require_causal_lm(name_or_path, args, flag)
     auto_class = auto_class or AutoModelForCausalLM
     if gguf_path is not None:
         return load_gguf_model(gguf_path, args, flag, quantize, auto_class, **kwargs, **extra)
@@ -165,47 +169,6 @@ def peft_wrapping() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
-def architectures(name_or_path: str, trust_remote_code: bool = False) -> list[str]:
-    """The model classes a checkpoint's config.json names (empty when it names none or cannot be read)."""
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except _LOAD_ERRORS:
-        return []  # the model load that follows reports the path
-    return list(getattr(config, "architectures", None) or [])
-
-
-def _require_causal_lm(name_or_path: str, args: LoadArgs, flag: str) -> None:
-    """Refuse a checkpoint saved as something other than a causal LM: transformers would load a reward model
-    (…ForSequenceClassification) or a bare backbone as a causal LM with a freshly initialised LM head."""
-    names = architectures(name_or_path, args.trust_remote_code)
-    if names and not any(n in _CAUSAL_LM_CLASSES or n.endswith(_CAUSAL_LM_SUFFIXES) for n in names):
-        kind = "a reward/classification model" if any("Classification" in n for n in names) else "not a causal LM"
-        raise PrefalignError(f"{name_or_path} is a {names[0]} checkpoint ({kind}); a policy must be a causal "
-                             "language model (…ForCausalLM)", flag)
-
-
-def check_vocab(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, flag: str) -> None:
-    """A tokenizer with more tokens than the model has embedding rows would fail mid-forward with an IndexError."""
-    embedding = model.get_input_embeddings()
-    rows = getattr(embedding, "num_embeddings", None)
-    if rows is not None and len(tokenizer) > rows:
-        raise PrefalignError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows "
-                             "(larger ids would index past it); use the model's own tokenizer", flag)
-
-
-def check_lora_targets(model: torch.nn.Module, targets: list[str] | None, flag: str = "--lora_target_modules") -> None:
-    """Every name in --lora_target_modules must match a module (peft matches a name or a dotted suffix); a typo
-    would otherwise be a peft traceback, or, beside a correct name, a layer silently left without an adapter."""
-    if not targets:
-        return
-    names = [name for name, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise PrefalignError(f"{type(model).__name__} has no module named {', '.join(map(repr, missing))}; its "
-                             f"linear layers are {', '.join(linear)}", flag)
-
-
 def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTrainedModel | PeftModel:
     """The model to train: full weights, a fresh LoRA (`use_peft`), a continued adapter, or QLoRA (a fresh or
     continued adapter on a 4-bit base)."""
@@ -285,29 +248,6 @@ def _language_model_targets(model: nn.Module, names: list[str] | None) -> str:
             raise PrefalignError(f"none of {', '.join(names)} is a linear layer of the language model",
                                  "--lora_target_modules")
     return rf"{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaves))})"
-
-
-def check_adapter_base(args: ModelArgs) -> None:
-    """An adapter trained on one base loads onto another whose shapes match, silently: refuse a --model_name_or_path
-    other than the base its adapter_config.json names, unless --ignore_adapter_base."""
-    adapter = getattr(args, "peft_adapter_path", None)
-    config = Path(adapter or "").expanduser() / "adapter_config.json"
-    if not adapter or getattr(args, "ignore_adapter_base", False) or not config.is_file():
-        return
-    recorded = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    given = args.model_name_or_path
-    if not recorded or not given or _same_model(recorded, given):
-        return
-    raise PrefalignError(f"was trained on {recorded} (its adapter_config.json), not --model_name_or_path {given}; "
-                         "pass --ignore_adapter_base to load it on this base anyway", f"--peft_adapter_path "
-                         f"{args.peft_adapter_path}")
-
-
-def _same_model(a: str, b: str) -> bool:
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return a.rstrip("/") == b.rstrip("/")
 
 
 def _load_adapter_twice(model: PreTrainedModel, path: str, args: ModelArgs) -> PeftModel:

@@ -41,7 +41,8 @@ from transformers import AutoTokenizer
 from prefalign.data.templates import resolve_chat_template
 from prefalign.data.tokenize import encode_raw, encode_texts
 from prefalign.errors import PrefalignError, UserCodeError
-from prefalign.model.load import check_vocab, load_trained_score_model
+from prefalign.model.checks import check_vocab
+from prefalign.model.load import load_trained_score_model
 
 logger = logging.getLogger(__name__)
 

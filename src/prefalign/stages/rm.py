@@ -27,14 +27,8 @@ from prefalign.data.collate import collate_padded
 from prefalign.data.tokenize import Truncation, load_tokenized_pairs
 from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
-from prefalign.model.load import (
-    check_lora_targets,
-    check_vocab,
-    enable_checkpointing,
-    has_new_head,
-    load_score_model,
-    peft_wrapping,
-)
+from prefalign.model.checks import check_lora_targets, check_vocab
+from prefalign.model.load import enable_checkpointing, has_new_head, load_score_model, peft_wrapping
 from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums, to_host
 from prefalign.train.runinfo import RunFacts, SplitCount

@@ -21,7 +21,8 @@ from accelerate.utils import set_seed
 from prefalign.config import ModelArgs, TrainArgs
 from prefalign.data.templates import resolve_chat_template
 from prefalign.errors import PrefalignError
-from prefalign.model.load import check_adapter_base, check_vocab, load_policy, load_processing, save_model
+from prefalign.model.checks import check_adapter_base, check_vocab
+from prefalign.model.load import load_policy, load_processing, save_model
 from prefalign.model.weights import is_main_process, load_weights_into
 from prefalign.train.distributed import check_launch, shard_plan
 from prefalign.train.files import drop_retired, publish_into, staged, staging_dir
