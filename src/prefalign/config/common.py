@@ -226,6 +226,10 @@ class TrainArgs:
     """Mixed precision with float16 autocast and loss scaling (GPU)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    deepspeed: str | None = None
+    """Train with DeepSpeed ZeRO: a DeepSpeed config JSON file, or zero2, zero3, zero3_offload (prefalign's presets).
+    Launch the processes with torchrun or accelerate launch; an accelerate config with distributed_type DEEPSPEED
+    works without this flag."""
     report_to: list[str] = field(default_factory=lambda: ["none"])
     """Where metrics also go besides metrics.jsonl: none, tensorboard, wandb."""
     resume_from_checkpoint: str | None = None

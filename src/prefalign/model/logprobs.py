@@ -195,26 +195,47 @@ def _score_in_chunks(
     chunk_size: int,
     recompute: bool,
     with_entropy: bool = False,
+    collective: bool = False,
 ) -> TokenScores:
-    """Score N positions `chunk_size` at a time; with `recompute`, each chunk is activation-checkpointed."""
+    """Score N positions `chunk_size` at a time; with `recompute`, each chunk is activation-checkpointed. With
+    `collective` (a ZeRO-3 head), every process runs as many chunks as the one with the most."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     use_checkpoint = recompute and torch.is_grad_enabled() and inputs.requires_grad
-    parts = []
-    for start in range(0, inputs.shape[0], chunk_size):
-        args = (logits_fn, inputs[start : start + chunk_size], targets[start : start + chunk_size], with_wpo,
-                with_entropy)
+
+    def score(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if use_checkpoint:
             # Non-reentrant checkpoint: backward re-runs the head on this chunk instead of keeping its logits.
-            parts.append(checkpoint(_score_chunk, *args, use_reentrant=False))
-        else:
-            parts.append(_score_chunk(*args))
+            return checkpoint(_score_chunk, logits_fn, x, t, with_wpo, with_entropy, use_reentrant=False)
+        return _score_chunk(logits_fn, x, t, with_wpo, with_entropy)
+
+    starts = range(0, inputs.shape[0], chunk_size)
+    parts = [score(inputs[s : s + chunk_size], targets[s : s + chunk_size]) for s in starts]
+    # Padding chunks (one zero row, weight 0) so that every process calls the head as often, forward and backward.
+    padding = [score(inputs.new_zeros(1, inputs.shape[-1]) + inputs.sum() * 0, targets.new_zeros(1))[0]
+               for _ in range(_most_chunks(len(parts), inputs.device) - len(parts) if collective else 0)]
+    pad = sum(p.sum() for p in padding) * 0.0 if padding else None
     if not parts:  # no completion tokens at all
         empty = inputs.new_zeros(0, dtype=torch.float32)
-        return TokenScores(empty + inputs.sum() * 0, empty, empty if with_wpo else None,
-                           empty if with_entropy else None)
+        return TokenScores(empty + inputs.sum() * 0 + (0.0 if pad is None else pad), empty,
+                           empty if with_wpo else None, empty if with_entropy else None)
     logps, means, wpo, entropy = (torch.cat(p) for p in zip(*parts))
+    if pad is not None:
+        logps = logps + pad
     return TokenScores(logps, means, wpo if with_wpo else None, entropy if with_entropy else None)
+
+
+def _most_chunks(count: int, device: torch.device) -> int:
+    """The largest chunk count of any process (an all-reduce)."""
+    most = torch.tensor([count], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most.item())
+
+
+def head_is_collective(head: nn.Module) -> bool:
+    """Whether calling `head` is a collective: under DeepSpeed ZeRO-3 each call gathers its partitioned weight from
+    every process, so all processes must call it equally often (otherwise they wait on each other for ever)."""
+    return torch.distributed.is_initialized() and any(hasattr(p, "ds_id") for p in head.parameters())
 
 
 def _backbone_hidden(model: nn.Module, head: _Head, forward_kwargs: dict[str, Any]) -> Tensor:
@@ -273,6 +294,7 @@ def score_positions(
     return _score_in_chunks(
         logits_fn, hidden[rows, cols], targets,
         with_wpo=with_wpo, chunk_size=chunk_size, recompute=True, with_entropy=with_entropy,
+        collective=head_is_collective(head.lm_head),
     )  # fmt: skip
 
 

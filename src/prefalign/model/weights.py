@@ -55,11 +55,11 @@ def is_main_process() -> bool:
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full weights of a sharded (FSDP) `module` on CPU in the main process (empty tensors elsewhere); None when
-    nothing is sharded, so callers keep their usual save path. Every process must call this together: gathering a
-    shard is a collective."""
+    """The full weights of a sharded (FSDP or DeepSpeed ZeRO-3) `module` on CPU in the main process (empty tensors
+    elsewhere); None when nothing is sharded, so callers keep their usual save path. Every process must call this
+    together: gathering a shard is a collective."""
     state = module.state_dict(keep_vars=True)
-    if not any(isinstance(v, DTensor) for v in state.values()):
+    if not any(isinstance(v, DTensor) or is_zero3_partitioned(v) for v in state.values()):
         return None
     # Every process walks the same keys in the same order, so the collectives pair up. A tensor under two names
     # (tied embeddings) is gathered once, so the saved file keeps them tied, as save_pretrained expects.
@@ -67,7 +67,22 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     gathered: dict[int, torch.Tensor] = {}
     for value in state.values():
         if id(value) not in gathered:
-            full = value.full_tensor() if isinstance(value, DTensor) else value
             # only the main process writes: the others hold one gathered tensor at a time
-            gathered[id(value)] = full.detach().cpu() if main else full.new_empty(0)
+            gathered[id(value)] = _gather_one(value, main)
     return {k: gathered[id(v)] for k, v in state.items()}
+
+
+def is_zero3_partitioned(value: torch.Tensor) -> bool:
+    """A parameter that DeepSpeed ZeRO-3 split over the processes (it carries DeepSpeed's `ds_id`)."""
+    return hasattr(value, "ds_id")
+
+
+def _gather_one(value: torch.Tensor, main: bool) -> torch.Tensor:
+    """The full value of one (possibly sharded) tensor, on CPU in the main process; every process calls this."""
+    if is_zero3_partitioned(value):
+        import deepspeed  # present whenever a parameter is ZeRO-3 partitioned (the optional extra)
+
+        with deepspeed.zero.GatheredParameters([value], modifier_rank=None):
+            return value.detach().cpu().clone() if main else value.new_empty(0)
+    full = value.full_tensor() if isinstance(value, DTensor) else value
+    return full.detach().cpu() if main else full.new_empty(0)

@@ -196,14 +196,17 @@ def _state(path: Path) -> Any:
         raise PrefalignError(f"cannot resume: {e}", str(path)) from None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> tuple[TrainState, dict[str, Any]]:
-    """Restore optimizer, scheduler and RNG; return the train state and the raw state dict (model is loaded by caller)."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    restore_optimizer: Callable[[dict[str, Any]], None] | None = None,
+                    ) -> tuple[TrainState, dict[str, Any]]:
+    """Restore optimizer (`restore_optimizer`, default: into `optimizer` of `model`), scheduler and RNG; return the
+    train state and the raw state dict (model is loaded by caller)."""
     problem = checkpoint_problem(path)
     if problem is not None:
         raise PrefalignError(f"cannot resume: {problem[1]}", str(problem[0]))
     raw = json.loads((path / STATE_FILE).read_text())
-    for name, restore in ((OPTIMIZER, lambda s: load_optimizer_state(model, optimizer, s)),
+    restore_optimizer = restore_optimizer or (lambda s: load_optimizer_state(model, optimizer, s))
+    for name, restore in ((OPTIMIZER, restore_optimizer),
                           (SCHEDULER, scheduler.load_state_dict), (RNG, set_rng_state)):
         state = _state(path / name)
         try:

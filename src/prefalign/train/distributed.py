@@ -17,7 +17,7 @@ What sharding changes for the loop, all kept here:
   or final model does not depend on how many processes wrote it.
 
 ZeRO-2 and ZeRO-3 map onto FSDP's SHARD_GRAD_OP (`reshard_after_forward: false`) and FULL_SHARD (`true`).
-DeepSpeed itself is refused with a one-line error (`check_launch`) rather than silently ignored.
+DeepSpeed's own ZeRO engine is `train/zero.py`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, 
 from torch.distributed.tensor import DTensor
 
 from prefalign.errors import PrefalignError
+from prefalign.train import zero
 from prefalign.train.metrics import Extreme, MetricSums
 
 
@@ -59,12 +60,13 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
 
 
-def check_launch() -> None:
-    """Refuse launch configurations the loop does not implement, before any model is loaded."""
-    if _env_true("ACCELERATE_USE_DEEPSPEED"):
-        raise PrefalignError(
-            "DeepSpeed is not supported; for ZeRO-3 use configs/accelerate/fsdp.yaml, for ZeRO-2 "
-            "configs/accelerate/fsdp_shard_grad_op.yaml (FSDP shards the same way)", "accelerate config")
+def check_launch(use_deepspeed: bool = False) -> None:
+    """Refuse launch configurations that would silently not do what they say, before any model is loaded."""
+    if use_deepspeed:
+        zero.check_launch()
+        if _env_true("ACCELERATE_USE_FSDP"):
+            raise PrefalignError("both FSDP (accelerate config) and DeepSpeed (--deepspeed) asked for; pick one",
+                                 "--deepspeed")
 
 
 def shard_plan(accelerator: Any) -> ShardPlan | None:

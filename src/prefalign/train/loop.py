@@ -10,7 +10,9 @@ SFT), known before any forward, so batch B x accumulation A gives the same updat
 Data parallelism: every process sees the same index groups and takes every `num_processes`-th micro-batch of
 each optimizer step; gradients are averaged with one all-reduce per optimizer step (no sync per micro-batch).
 Under FSDP (`train/distributed.py`) the model is sharded here, after any resumed weights are loaded, and FSDP
-averages the gradients itself in backward.
+averages the gradients itself in backward. Under DeepSpeed (`train/zero.py`) the model and the loop's AdamW go into
+a DeepSpeedEngine here, at the same point; the engine reduces, clips and steps, the loop still splits, weighs and
+schedules.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from transformers import get_scheduler
 
 from prefalign.config import TrainArgs
 from prefalign.model.reference import eval_mode
-from prefalign.train import distributed
+from prefalign.train import distributed, zero
 from prefalign.train.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -215,17 +217,23 @@ class _Run:
         self.save_model, self.sharded = save_model, plan is not None
         self.optimizer = build_optimizer(model, args)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # the parameters of each AdamW group, as torch numbers them in a state_dict (DeepSpeed replaces them)
+        self.param_groups = [list(g["params"]) for g in self.optimizer.param_groups]
         self.groups = stage.train_groups(0)  # a stage's groups depend only on the epoch: recomputed per epoch
         self.groups_epoch = 0
         self.total = total_steps_for(args, len(self.groups), accelerator.num_processes)
         self.scheduler = build_scheduler(self.optimizer, args, self.total)
+        if zero.active(accelerator):  # the schedule stays ours: it sets the learning rate of AdamW's groups
+            self.model = zero.prepare(accelerator, model, self.optimizer)
         self.state = TrainState(total_steps=self.total)
         self.seen_tokens = 0.0  # cumulative tokens trained on (TRL's num_tokens); kept in checkpoints
         self.session_tokens = 0.0  # this call's share of them (the progress bar's and the summary's tokens/s)
 
     def resume(self, ckpt: Path) -> int:
         """Restore optimizer, schedule, RNG and counters from `ckpt` (the model was loaded before sharding)."""
-        self.state, raw_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        restore = (lambda s: zero.load_optimizer_state(self.model, self.param_groups, s)) \
+            if zero.is_engine(self.model) else None
+        self.state, raw_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, restore)
         self.seen_tokens = float(raw_state.get("num_tokens", 0.0))
         self.state.total_steps = self.total
         restart = ""
@@ -240,8 +248,9 @@ class _Run:
         extra = {"num_tokens": self.seen_tokens, "config_class": type(self.args).__name__,
                  "num_processes": self.accelerator.num_processes}
         config = dataclasses.asdict(self.args) if dataclasses.is_dataclass(self.args) else None
-        path = save_checkpoint(self.args.output_dir, self.state, self.save_model,
-                               distributed.optimizer_state(self.model, self.optimizer), self.scheduler, extra=extra,
+        optimizer = zero.optimizer_state(self.model, self.param_groups) if zero.is_engine(self.model) \
+            else distributed.optimizer_state(self.model, self.optimizer)
+        path = save_checkpoint(self.args.output_dir, self.state, self.save_model, optimizer, self.scheduler, extra=extra,
                                save_total_limit=self.args.save_total_limit, main=self.accelerator.is_main_process,
                                config=config)
         self.accelerator.wait_for_everyone()
@@ -305,6 +314,7 @@ def train_loop(
         distributed.shard(model, plan, accelerator.device)
         distributed.shard_reference(getattr(stage, "reference", None), plan, accelerator.device)
     run = _Run(stage, model, args, accelerator, save_model, plan)
+    model = run.model  # the DeepSpeedEngine under DeepSpeed
     log = MetricsLog(args.output_dir, accelerator, resume_step=run.resume(ckpt) if ckpt is not None else None)
     if on_start is not None:
         on_start(LoopPlan(run.total, run.state.global_step,
@@ -375,30 +385,43 @@ def _optimizer_step(stage: Stage, model: torch.nn.Module, params: list[torch.nn.
     total_weight = sum(stage.batch_weight(g, "train") for g in step_groups)
     acc = MetricAccumulator()
     examples = tokens = 0.0
-    for group, counts in distributed.pad_groups(step_groups, accelerator.process_index, accelerator.num_processes):
+    engine = zero.is_engine(model)
+    shares = distributed.pad_groups(step_groups, accelerator.process_index, accelerator.num_processes)
+    for i, (group, counts) in enumerate(shares):
         batch = _to_device(stage.make_batch(group, "train"), accelerator.device)
         with accelerator.autocast():
             loss_sum, metrics = stage.step(model, batch)
         # Scale so that, after averaging over processes, the gradient is that of sum(losses) / total_weight.
-        accelerator.backward(loss_sum * (accelerator.num_processes / total_weight if counts else 0.0))
+        scaled = loss_sum * (accelerator.num_processes / total_weight if counts else 0.0)
+        if engine:
+            zero.backward(model, scaled, last=i == len(shares) - 1)
+        else:
+            accelerator.backward(scaled)
         acc.add(metrics if counts else distributed.no_weight(metrics))  # every process reduces the same names
         if counts:
             examples += len(group)
             tokens += float(batch.get("num_tokens", 0))
-    if not sharded:  # FSDP has already averaged the gradients in backward
-        _all_reduce_grads(model, accelerator)
-    # an infinite max_norm measures the norm without clipping; with sharded parameters the norm is a DTensor
-    max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
-    grad_norm = distributed.grad_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
+    grad_norm = zero.step(model) if engine else _clip_and_step(model, params, optimizer, args, accelerator, sharded)
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     reduced = acc.reduce(accelerator)
     if accelerator.num_processes > 1:  # one process already has its counts on the host
         counts = torch.tensor([examples, tokens], dtype=torch.float64, device=accelerator.device)
         examples, tokens = accelerator.reduce(counts, reduction="sum").tolist()
     return {**reduced, "grad_norm": grad_norm, "learning_rate": lr, "_examples": examples, "_tokens": tokens}
+
+
+def _clip_and_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                   args: TrainArgs, accelerator: Any, sharded: bool) -> float:
+    """Average (unless FSDP did in backward), clip, AdamW step; the gradient norm before clipping."""
+    if not sharded:
+        _all_reduce_grads(model, accelerator)
+    # an infinite max_norm measures the norm without clipping; with sharded parameters the norm is a DTensor
+    max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
+    grad_norm = distributed.grad_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def _finish_metrics(metrics: dict[str, Any], stage: Stage, state: TrainState, groups_in_epoch: int,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from prefalign.config import ModelArgs, TrainArgs
 from prefalign.data.templates import resolve_chat_template
@@ -24,6 +24,7 @@ from prefalign.errors import PrefalignError
 from prefalign.model.checks import check_adapter_base, check_vocab
 from prefalign.model.load import load_policy, load_processing, save_model
 from prefalign.model.weights import is_main_process, load_weights_into
+from prefalign.train import zero
 from prefalign.train.distributed import check_launch, shard_plan
 from prefalign.train.files import drop_retired, publish_into, staged, staging_dir
 from prefalign.train.loop import LoopPlan, LoopResult, Stage, Terminated, train_loop
@@ -40,7 +41,8 @@ def is_finished(output_dir: str | Path, what: str = "model") -> bool:
 
 
 def make_accelerator(args: TrainArgs) -> Accelerator:
-    check_launch()
+    use_deepspeed = zero.requested(args)
+    check_launch(use_deepspeed)
     mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
     log_with = [r for r in args.report_to if r != "none"] or None
     # Without cpu=True, Accelerate ignores a torchrun process group on a machine with no accelerator.
@@ -50,7 +52,14 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
     # `prefalign pipeline`) with another mixed precision would be refused. Reset those settings but keep the process
     # group (PartialState), which must outlive the run under torchrun.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=args.output_dir, cpu=cpu_only)
+    if use_deepspeed:
+        # cpu=True would drop DeepSpeed silently; without a GPU, Accelerate picks no backend unless told (gloo)
+        kwargs = [InitProcessGroupKwargs(backend="gloo")] if cpu_only else []
+        accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=args.output_dir,
+                                  deepspeed_plugin=zero.make_plugin(args), kwargs_handlers=kwargs)
+        zero.after_accelerator(accelerator)
+    else:
+        accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_dir=args.output_dir, cpu=cpu_only)
     set_seed(args.seed)
     return accelerator
 
@@ -158,9 +167,14 @@ def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Sess
     (`final_model`, default `model`) and tokenizer saved atomically into output_dir by the main process."""
     accelerator, tokenizer = session.accelerator, session.saved_processing
     plan = shard_plan(accelerator)
-    if plan is not None and getattr(cfg, "merge_adapter", False) and hasattr(final_model or model, "peft_config"):
-        raise PrefalignError("cannot merge a sharded (FSDP) model; merge the saved adapter afterwards",
-                             "--merge_adapter")
+    zero3 = zero.stage_of(accelerator) == 3
+    if (plan is not None or zero3) and getattr(cfg, "merge_adapter", False) \
+            and hasattr(final_model or model, "peft_config"):
+        raise PrefalignError(f"cannot merge a sharded ({'FSDP' if plan else 'ZeRO-3'}) model; merge the saved "
+                             "adapter afterwards", "--merge_adapter")
+    if zero3 and getattr(cfg, "sync_ref_model", False):
+        raise PrefalignError("TR-DPO's reference update reads the policy's weights, which ZeRO-3 partitions; use "
+                             "ZeRO-2 (--deepspeed zero2) or FSDP", "--sync_ref_model")
     final_model = model if final_model is None else final_model
     # A GGUF base says what its weights were dequantized from (model.gguf.load_gguf_model); peft forwards the lookup.
     start_run(cfg, accelerator, run_name, session.checkpoint, getattr(final_model, "dequantized_from", None))

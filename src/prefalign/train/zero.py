@@ -1,0 +1,293 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 as the engine of the one training loop, through Accelerate's DeepSpeed plugin.
+
+Asked for like TRL / transformers users do: `--deepspeed ds_config.json` (or one of our presets `zero2`, `zero3`,
+`zero3_offload`), or `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml`. Processes come from
+torchrun or accelerate launch; on a machine without GPU the process group is gloo.
+
+What the loop keeps and what DeepSpeed gets (measured with deepspeed 0.19.8 on CPU, see README):
+* the loop keeps its own data split, loss normalisation, AdamW (a torch optimizer: no JIT-built DeepSpeed Adam)
+  and learning-rate schedule; DeepSpeed gets `gradient_accumulation_steps: 1` and is told where the optimizer step's
+  last micro-batch is (`set_gradient_accumulation_boundary`), so B x A is still A·B x 1;
+* DeepSpeed owns backward (gradient reduction / partitioning), clipping at `--max_grad_norm` (its own default
+  would be 1.0 whatever the flag says) and the optimizer step;
+* the values the loop owns (micro-batch size, accumulation, clipping, precision) come from the flags; a config
+  file that says otherwise is a one-line error, "auto" is filled in;
+* models are built whole (transformers' zero.Init is switched off) and partitioned by `deepspeed.initialize`, so
+  loading, LoRA, resumed weights and the frozen reference copy work as without DeepSpeed.
+
+DeepSpeed is an optional extra: it is imported only when asked for (`import_deepspeed`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefalign.errors import PrefalignError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "zero2": {"zero_optimization": {"stage": 2}},
+    "zero3": {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}},
+    "zero3_offload": {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                                            "offload_optimizer": {"device": "cpu"},
+                                            "offload_param": {"device": "cpu"}}},
+}
+FLAG = "--deepspeed"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def requested(args: Any) -> bool:
+    """Whether this run trains under DeepSpeed: --deepspeed, or an accelerate config with distributed_type
+    DEEPSPEED (`accelerate launch` exports ACCELERATE_USE_DEEPSPEED)."""
+    return bool(getattr(args, "deepspeed", None)) or _env_true("ACCELERATE_USE_DEEPSPEED")
+
+
+def is_engine(model: Any) -> bool:
+    """Whether `model` is a DeepSpeedEngine (without importing DeepSpeed when nobody did)."""
+    ds = sys.modules.get("deepspeed")
+    return ds is not None and isinstance(model, ds.DeepSpeedEngine)
+
+
+def no_gpu() -> bool:
+    return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+
+
+def import_deepspeed() -> Any:
+    """Import DeepSpeed quietly. Without a GPU: its CPU accelerator named up front (otherwise it warns "Setting
+    accelerator to CPU" at import), and its shared-memory all-reduce op not built (a just-in-time C++ build of
+    about 107 s on a fresh machine at every start; it only speeds up all_reduce, which gloo does)."""
+    if no_gpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed  # optional extra: only imported for a DeepSpeed run
+        import deepspeed.ops
+    except ImportError:
+        raise PrefalignError("DeepSpeed is not installed: pip install 'prefalign[deepspeed]'", FLAG) from None
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # gloo's collectives under their older names, called by DeepSpeed on every step
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)"
+                            r"` is deprecated", category=FutureWarning)
+    if no_gpu():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def check_launch() -> None:
+    """Settings that would silently drop DeepSpeed: Accelerate's CPU mode runs plain data parallel instead."""
+    if _env_true("ACCELERATE_USE_CPU"):
+        raise PrefalignError("DeepSpeed cannot run in Accelerate's CPU mode (it would silently train without "
+                             "DeepSpeed); drop --cpu / use_cpu, prefalign picks gloo itself on a machine without GPU",
+                             "accelerate config")
+
+
+def read_config(spec: str) -> dict[str, Any]:
+    """The DeepSpeed config a --deepspeed value names: a preset or a JSON file (one-line errors)."""
+    if spec in PRESETS:
+        return copy.deepcopy(PRESETS[spec])
+    path = Path(spec)
+    if not path.is_file():
+        raise PrefalignError(f"no such file (and not one of {', '.join(PRESETS)})", f"{FLAG} {spec}")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PrefalignError(f"not valid JSON ({e.msg})", f"{spec}:{e.lineno}") from None
+    except UnicodeDecodeError:
+        raise PrefalignError("not a text (JSON) file", spec) from None
+    if not isinstance(cfg, dict):
+        raise PrefalignError("a DeepSpeed config must be a JSON object", spec)
+    return cfg
+
+
+def _owned(cfg: dict[str, Any], key: str, value: Any, flag: str, where: str) -> None:
+    """Set a value the loop owns; a config that sets it otherwise is an error naming both."""
+    given = cfg.get(key, "auto")
+    if given != "auto" and given != value:
+        raise PrefalignError(f"{key} is {given!r} but {flag} gives {value!r}; set it to \"auto\" (the flag decides)",
+                             where)
+    cfg[key] = value
+
+
+def loop_config(cfg: dict[str, Any], args: Any, where: str) -> dict[str, Any]:
+    """`cfg` with what the loop owns filled in from the flags (see the module docstring)."""
+    cfg = copy.deepcopy(cfg)
+    for section, flags in (("optimizer", "--learning_rate, --adam_beta1/2, --weight_decay"),
+                           ("scheduler", "--lr_scheduler_type, --warmup_steps")):
+        if section in cfg:
+            raise PrefalignError(f"has a \"{section}\" section; prefalign runs its own AdamW and schedule, set "
+                                 f"by {flags}: remove it", where)
+    zero = cfg.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise PrefalignError(f"zero_optimization.stage is {stage!r}; prefalign runs ZeRO stage 1, 2 or 3", where)
+    _owned(cfg, "train_micro_batch_size_per_gpu", args.per_device_train_batch_size, "--per_device_train_batch_size",
+           where)
+    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the process count
+    _owned(cfg, "gradient_accumulation_steps", args.gradient_accumulation_steps, "--gradient_accumulation_steps",
+           where)
+    cfg["gradient_accumulation_steps"] = 1  # the loop accumulates and marks the optimizer step's boundary itself
+    _owned(cfg, "gradient_clipping", float(args.max_grad_norm or 0.0), "--max_grad_norm", where)
+    for key, flag in (("bf16", "--bf16"), ("fp16", "--fp16")):
+        section = cfg.setdefault(key, {})
+        enabled = section.get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != bool(getattr(args, key)):
+            raise PrefalignError(f"{key}.enabled is {enabled!r} but {flag} is {'' if getattr(args, key) else 'not '}"
+                                 "given; set it to \"auto\" (the flag decides)", where)
+        section["enabled"] = bool(getattr(args, key))
+    # A torch optimizer (the loop's AdamW) also under optimizer offload: DeepSpeed's CPU Adam is a C++ build
+    # (about 121 s here) and would replace the optimizer the loop configured.
+    cfg["zero_allow_untested_optimizer"] = True
+    cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+    cfg.setdefault("steps_per_print", 10**9)  # the loop logs; DeepSpeed's own step lines are noise
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def make_plugin(args: Any) -> Any:
+    """Accelerate's DeepSpeedPlugin for this run: from --deepspeed, else from what `accelerate launch` exported."""
+    import_deepspeed()
+    from accelerate.utils import DeepSpeedPlugin
+
+    spec = getattr(args, "deepspeed", None)
+    if spec:
+        cfg, where = read_config(spec), f"{FLAG} {spec}"
+    else:
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if config_file != "none":
+            cfg, where = read_config(config_file), config_file
+        else:  # the accelerate config's deepspeed_config fields, as Accelerate itself turns them into a config
+            cfg, where = DeepSpeedPlugin(zero3_init_flag=False).deepspeed_config, "accelerate config"
+    # hf_ds_config is a dict here, so Accelerate's own env-var defaults do not apply on top of it
+    return DeepSpeedPlugin(hf_ds_config=loop_config(cfg, args, where), zero3_init_flag=False)
+
+
+def after_accelerator(accelerator: Any) -> None:
+    """Checks and settings once Accelerate has started DeepSpeed's process group."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # Accelerate registers the ZeRO-3 config with transformers, which would then build every model under
+    # zero.Init (partitioned at construction): models are built whole, deepspeed.initialize partitions them.
+    unset_hf_deepspeed_config()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world:  # Accelerate without a backend counts one process on every rank
+        raise PrefalignError(f"Accelerate sees {accelerator.num_processes} process(es) of {world}", "accelerate config")
+
+
+def active(accelerator: Any) -> bool:
+    """Whether `accelerator` was set up with DeepSpeed (`make_plugin`)."""
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
+def stage_of(accelerator: Any) -> int:
+    """The ZeRO stage of this run (0 without DeepSpeed)."""
+    return int(accelerator.state.deepspeed_plugin.zero_stage) if active(accelerator) else 0
+
+
+def prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """The DeepSpeedEngine around `model` and the loop's AdamW (parameters partitioned in place under ZeRO-3)."""
+    engine, _ = accelerator.prepare(model, optimizer)
+    return engine
+
+
+def backward(engine: Any, loss: torch.Tensor, last: bool) -> None:
+    """Backward of one micro-batch; DeepSpeed reduces the gradients at the optimizer step's last one. The loss is
+    already scaled by the loop (scale_wrt_gas=False: DeepSpeed must not divide by its accumulation count)."""
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(loss, scale_wrt_gas=False)
+
+
+def step(engine: Any) -> float:
+    """Clip at --max_grad_norm, AdamW step, zero the gradients; the global gradient norm before clipping."""
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+# ---------------------------------------------------------------- optimizer state, as torch's AdamW would save it
+
+
+def _base_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The loop's torch AdamW inside DeepSpeed's ZeRO optimizer (it steps on DeepSpeed's flat fp32 partitions)."""
+    return engine.optimizer.optimizer
+
+
+def _link_state(engine: Any) -> None:
+    """ZeRO-1/2 (deepspeed 0.19.8) links each parameter to its slice of the optimizer state once, after the first
+    param group's first step, so the parameters of our second group (no weight decay) stay unlinked and
+    safe_get_full_optimizer_state raises "exp_avg not found". Link again (ZeRO-3 has no such cache)."""
+    ds_opt = engine.optimizer
+    if hasattr(ds_opt, "_hp_optimizer_states_linked"):
+        ds_opt._hp_optimizer_states_linked = False
+        ds_opt._lazy_init_hp_params_optimizer_state()
+
+
+def optimizer_state(engine: Any, groups: list[list[torch.nn.Parameter]]) -> dict[str, Any]:
+    """The full (unpartitioned) AdamW state in torch's own `state_dict()` layout, parameters numbered over the
+    loop's param groups `groups` as torch numbers them: a checkpoint that does not depend on the process count or
+    on DeepSpeed. Every process must call this (each gather is a collective); the tensors are on CPU."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    base = _base_optimizer(engine)
+    steps = {float(s["step"]) for s in base.state.values() if "step" in s}
+    if len(steps) > 1:
+        raise RuntimeError(f"optimizer partitions at different steps: {sorted(steps)}")
+    step_count = steps.pop() if steps else 0.0
+    _link_state(engine)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    param_groups = []
+    index = 0
+    for group, params in zip(base.param_groups, groups):
+        numbers = list(range(index, index + len(params)))
+        index += len(params)
+        param_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": numbers})
+        if not step_count:
+            continue  # no step yet: torch keeps no per-parameter state either
+        for number, param in zip(numbers, params):
+            state[number] = {"step": torch.tensor(step_count, dtype=torch.float32)}
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[number][key] = safe_get_full_optimizer_state(param, key).detach().cpu().clone()
+    return {"state": state, "param_groups": param_groups}
+
+
+def load_optimizer_state(engine: Any, groups: list[list[torch.nn.Parameter]], saved: dict[str, Any]) -> None:
+    """Put a state saved by `optimizer_state` (or by torch's AdamW over the same param groups) into the engine's
+    partitions; the learning rates of the param groups come back too, as torch's load_state_dict does."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    base = _base_optimizer(engine)
+    saved_groups = saved["param_groups"]
+    if len(saved_groups) != len(groups) or any(len(g["params"]) != len(p) for g, p in zip(saved_groups, groups)):
+        raise ValueError("loaded state dict has a different number of parameter groups or parameters")
+    states = {int(k): v for k, v in saved["state"].items()}
+    steps = {float(s["step"]) for s in states.values()}
+    if len(steps) > 1:
+        raise ValueError(f"parameters saved at different steps: {sorted(steps)}")
+    for group, was in zip(base.param_groups, saved_groups):
+        group["lr"] = was["lr"]
+        if "initial_lr" in was:
+            group["initial_lr"] = was["initial_lr"]
+    if not steps:
+        return
+    step_count = steps.pop()
+    for group in base.param_groups:  # torch AdamW creates its state at the first step: create it for the flats
+        for flat in group["params"]:
+            base.state[flat] = {"step": torch.tensor(step_count, dtype=torch.float32),
+                                "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    _link_state(engine)
+    for was, params in zip(saved_groups, groups):
+        for number, param in zip(was["params"], params):
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = states[number][key]
+                if tuple(value.shape) != tuple(getattr(param, "ds_shape", param.shape)):  # ds_shape: ZeRO-3's full
+                    raise ValueError(f"size mismatch for parameter {number}: {tuple(value.shape)}")
+                safe_set_full_optimizer_state(param, value.to(param.device), key)
