@@ -84,7 +84,9 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    # ds_numel: the full size of a parameter that DeepSpeed ZeRO-3 partitioned (its own numel() is its shard)
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in params]
+    return sum(n for n, trainable in sizes if trainable), sum(n for n, _ in sizes)
 
 
 def duration(seconds: float) -> str:

@@ -181,6 +181,9 @@ def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Sess
     save = save or (lambda d: save_model(final_model, tokenizer, d, merge_adapter=False))
     load = load or (lambda d: load_weights_into(final_model, d))
 
+    if zero.active(accelerator):
+        facts.extra.setdefault("deepspeed", zero.describe(accelerator))
+
     def announce(loop_plan: LoopPlan) -> None:
         session.print(start_block(run_name, cfg, facts, model, loop_plan, accelerator.num_processes))
 

@@ -193,6 +193,18 @@ def stage_of(accelerator: Any) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage) if active(accelerator) else 0
 
 
+def describe(accelerator: Any) -> str:
+    """The start block's line: stage, what is offloaded, where the config came from."""
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    zero = cfg.get("zero_optimization", {})
+    offload = [what for what in ("optimizer", "param")
+               if zero.get(f"offload_{what}", {}).get("device", "none") not in (None, "none")]
+    text = f"ZeRO-{stage_of(accelerator)}"
+    if offload:
+        text += f", {' and '.join('parameters' if w == 'param' else w for w in offload)} offloaded to CPU"
+    return text
+
+
 def prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
     """The DeepSpeedEngine around `model` and the loop's AdamW (parameters partitioned in place under ZeRO-3)."""
     engine, _ = accelerator.prepare(model, optimizer)
@@ -279,10 +291,13 @@ def load_optimizer_state(engine: Any, groups: list[list[torch.nn.Parameter]], sa
     if not steps:
         return
     step_count = steps.pop()
-    for group in base.param_groups:  # torch AdamW creates its state at the first step: create it for the flats
-        for flat in group["params"]:
-            base.state[flat] = {"step": torch.tensor(step_count, dtype=torch.float32),
-                                "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    # torch AdamW creates its state at the first step: create it for DeepSpeed's flat fp32 partitions (ZeRO-3
+    # steps each of its sub-groups by pointing the param group at it, so its param groups do not list them)
+    ds_opt = engine.optimizer
+    flats = getattr(ds_opt, "fp32_partitioned_groups_flat", None) or ds_opt.single_partition_of_fp32_groups
+    for flat in flats:
+        base.state[flat] = {"step": torch.tensor(step_count, dtype=torch.float32),
+                            "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
     _link_state(engine)
     for was, params in zip(saved_groups, groups):
         for number, param in zip(was["params"], params):
