@@ -70,6 +70,14 @@ def _print_user_traceback(error: BaseException) -> None:
     traceback.print_exception(type(error), error, tb, file=sys.stderr)
 
 
+def _close_process_group() -> None:
+    """A launched run's processes end together (see train.distributed.close_process_group)."""
+    if "torch.distributed" in sys.modules:  # nothing to close when the command never loaded torch
+        from prefalign.train.distributed import close_process_group
+
+        close_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(config_class(name), rest, prog=f"prefalign {name}", description=command.help)
         _quiet_libraries()
         runner(name)(cfg)
+        _close_process_group()
     except PrefalignError as e:
         if isinstance(e, UserCodeError) and e.__cause__ is not None:
             _print_user_traceback(e.__cause__)

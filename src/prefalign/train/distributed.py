@@ -69,6 +69,21 @@ def check_launch(use_deepspeed: bool = False) -> None:
                                  "--deepspeed")
 
 
+def close_process_group() -> None:
+    """At the end of a launched command: all processes meet, then the group goes down (through DeepSpeed when it
+    ran, so that it forgets the groups it cached). Two gloo processes exiting with the group up can abort with
+    "terminate called without an active exception"."""
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    if zero.is_engine_loaded():
+        import deepspeed.comm  # loaded already: this run used DeepSpeed
+
+        deepspeed.comm.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
+
+
 def shard_plan(accelerator: Any) -> ShardPlan | None:
     """The FSDP plan of this launch, or None when the model is replicated (one process or DDP)."""
     plugin = None

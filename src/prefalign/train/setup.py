@@ -50,8 +50,10 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
                     or (hasattr(torch, "xpu") and torch.xpu.is_available()))
     # Accelerate keeps its settings in a process-wide singleton; a second run in the same process (the Python API,
     # `prefalign pipeline`) with another mixed precision would be refused. Reset those settings but keep the process
-    # group (PartialState), which must outlive the run under torchrun.
-    AcceleratorState._reset_state(reset_partial_state=False)
+    # group (PartialState), which must outlive the run under torchrun -- unless it was destroyed already: then
+    # PartialState is reset too, and starts a new one.
+    alive = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not alive)
     if use_deepspeed:
         # cpu=True would drop DeepSpeed silently; without a GPU, Accelerate picks no backend unless told (gloo)
         kwargs = [InitProcessGroupKwargs(backend="gloo")] if cpu_only else []
@@ -193,7 +195,10 @@ def train_and_save(stage: Stage, model: torch.nn.Module, cfg: Any, session: Sess
         raise Terminated() if result.interrupt_signal == signal.SIGTERM else KeyboardInterrupt()
     save_final(cfg.output_dir, lambda d: save_model(final_model, tokenizer, d, merge_adapter=cfg.merge_adapter))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # end_training's tracker half: the process group outlives the run (another run in this process may follow; the
+    # CLI closes it at its end, `train.distributed.close_process_group`)
+    for tracker in accelerator.trackers:
+        tracker.finish()
     result.wall_seconds = time.perf_counter() - session.started
     return result
 

@@ -59,6 +59,11 @@ def is_engine(model: Any) -> bool:
     return ds is not None and isinstance(model, ds.DeepSpeedEngine)
 
 
+def is_engine_loaded() -> bool:
+    """Whether DeepSpeed was imported (and may have started the process group)."""
+    return "deepspeed.comm" in sys.modules
+
+
 def no_gpu() -> bool:
     return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 
