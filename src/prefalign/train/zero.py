@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 import os
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -158,22 +159,37 @@ def loop_config(cfg: dict[str, Any], args: Any, where: str) -> dict[str, Any]:
     return cfg
 
 
+def single_process_env() -> None:
+    """DeepSpeed needs a process group even for one process: started without a launcher, this process is rank 0 of
+    1 on a free local port."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1"})
+
+
 def make_plugin(args: Any) -> Any:
     """Accelerate's DeepSpeedPlugin for this run: from --deepspeed, else from what `accelerate launch` exported."""
-    import_deepspeed()
-    from accelerate.utils import DeepSpeedPlugin
-
     spec = getattr(args, "deepspeed", None)
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    cfg = None
     if spec:
         cfg, where = read_config(spec), f"{FLAG} {spec}"
-    else:
-        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-        if config_file != "none":
-            cfg, where = read_config(config_file), config_file
-        else:  # the accelerate config's deepspeed_config fields, as Accelerate itself turns them into a config
-            cfg, where = DeepSpeedPlugin(zero3_init_flag=False).deepspeed_config, "accelerate config"
+    elif config_file != "none":
+        cfg, where = read_config(config_file), config_file
+    if cfg is not None:  # checked before DeepSpeed is imported (seconds)
+        cfg = loop_config(cfg, args, where)
+    import_deepspeed()
+    single_process_env()
+    from accelerate.utils import DeepSpeedPlugin
+
+    if cfg is None:  # the accelerate config's deepspeed_config fields, as Accelerate itself turns them into a config
+        cfg = loop_config(DeepSpeedPlugin(zero3_init_flag=False).deepspeed_config, args, "accelerate config")
     # hf_ds_config is a dict here, so Accelerate's own env-var defaults do not apply on top of it
-    return DeepSpeedPlugin(hf_ds_config=loop_config(cfg, args, where), zero3_init_flag=False)
+    return DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=False)
 
 
 def after_accelerator(accelerator: Any) -> None:
