@@ -195,18 +195,22 @@ def _score_in_chunks(
     chunk_size: int,
     recompute: bool,
     with_entropy: bool = False,
-    collective: bool = False,
+    collective: str | None = None,
 ) -> TokenScores:
     """Score N positions `chunk_size` at a time; with `recompute`, each chunk is activation-checkpointed. With
-    `collective` (a ZeRO-3 head), every process runs as many chunks as the one with the most."""
+    `collective` (a ZeRO-3 head, "trained" or "frozen"), every process runs as many chunks as the one with the
+    most."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     use_checkpoint = recompute and torch.is_grad_enabled() and inputs.requires_grad
+    # A frozen ZeRO-3 head (LoRA): the non-reentrant recompute would see its released (empty) weight, so the
+    # reentrant one, which runs the head's forward hooks (the gather) again, is used (measured, deepspeed 0.19.8).
+    reentrant = collective == "frozen"
 
     def score(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if use_checkpoint:
-            # Non-reentrant checkpoint: backward re-runs the head on this chunk instead of keeping its logits.
-            return checkpoint(_score_chunk, logits_fn, x, t, with_wpo, with_entropy, use_reentrant=False)
+            # Checkpoint: backward re-runs the head on this chunk instead of keeping its logits.
+            return checkpoint(_score_chunk, logits_fn, x, t, with_wpo, with_entropy, use_reentrant=reentrant)
         return _score_chunk(logits_fn, x, t, with_wpo, with_entropy)
 
     starts = range(0, inputs.shape[0], chunk_size)
@@ -232,10 +236,14 @@ def _most_chunks(count: int, device: torch.device) -> int:
     return int(most.item())
 
 
-def head_is_collective(head: nn.Module) -> bool:
-    """Whether calling `head` is a collective: under DeepSpeed ZeRO-3 each call gathers its partitioned weight from
-    every process, so all processes must call it equally often (otherwise they wait on each other for ever)."""
-    return torch.distributed.is_initialized() and any(hasattr(p, "ds_id") for p in head.parameters())
+def head_collective(head: nn.Module) -> str | None:
+    """"trained" or "frozen" when calling `head` is a collective: under DeepSpeed ZeRO-3 each call gathers its
+    partitioned weight from every process, so all processes must call it equally often (otherwise they wait on
+    each other for ever); None otherwise."""
+    params = list(head.parameters())
+    if not (torch.distributed.is_initialized() and any(hasattr(p, "ds_id") for p in params)):
+        return None
+    return "trained" if any(p.requires_grad for p in params) else "frozen"
 
 
 def _backbone_hidden(model: nn.Module, head: _Head, forward_kwargs: dict[str, Any]) -> Tensor:
@@ -294,7 +302,7 @@ def score_positions(
     return _score_in_chunks(
         logits_fn, hidden[rows, cols], targets,
         with_wpo=with_wpo, chunk_size=chunk_size, recompute=True, with_entropy=with_entropy,
-        collective=head_is_collective(head.lm_head),
+        collective=head_collective(head.lm_head),
     )  # fmt: skip
 
 

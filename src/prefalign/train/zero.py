@@ -188,8 +188,14 @@ def make_plugin(args: Any) -> Any:
 
     if cfg is None:  # the accelerate config's deepspeed_config fields, as Accelerate itself turns them into a config
         cfg = loop_config(DeepSpeedPlugin(zero3_init_flag=False).deepspeed_config, args, "accelerate config")
-    # hf_ds_config is a dict here, so Accelerate's own env-var defaults do not apply on top of it
-    return DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=False)
+    # hf_ds_config is a dict here, so Accelerate's own env-var defaults do not apply on top of it; Accelerate would
+    # refuse it next to the accelerate config's deepspeed fields, which are in `cfg` already
+    fields = os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    try:
+        return DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=False)
+    finally:
+        if fields is not None:
+            os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = fields
 
 
 def after_accelerator(accelerator: Any) -> None:
