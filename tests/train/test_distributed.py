@@ -1,15 +1,13 @@
-"""The FSDP plan read from Accelerate's settings, micro-batch padding, and the DeepSpeed refusal (the sharded runs
-themselves are in tests/e2e/test_fsdp.py)."""
+"""The FSDP plan read from Accelerate's settings and micro-batch padding (the sharded runs themselves are in
+tests/e2e/test_fsdp.py; DeepSpeed's settings in tests/train/test_zero.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from helpers import conv, run_cli, write_jsonl
 from prefalign.errors import PrefalignError
 from prefalign.train.distributed import (
     ShardPlan,
-    check_launch,
     no_weight,
     pad_groups,
     plan_from_plugin,
@@ -52,17 +50,3 @@ def test_shard_plan_from_accelerate_environment(monkeypatch):
     # one process: nothing to shard over, whatever the environment says
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert shard_plan(make_accelerator(TrainArgs(output_dir="unused"))) is None
-
-
-def test_deepspeed_launch_is_a_one_line_error(monkeypatch, tiny_model_dir, tmp_path, capsys):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(PrefalignError, match="DeepSpeed is not supported"):
-        check_launch()
-    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": conv(("user", "hi")), "chosen": conv(("assistant", "a")),
-                                                   "rejected": conv(("assistant", "b"))}])
-    assert run_cli("dpo", tiny_model_dir, data, tmp_path / "out", "--max_steps", 1) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["prefalign dpo: error: accelerate config: DeepSpeed is not supported; for ZeRO-3 use "
-                   "configs/accelerate/fsdp.yaml, for ZeRO-2 configs/accelerate/fsdp_shard_grad_op.yaml "
-                   "(FSDP shards the same way)"]
-    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -177,7 +177,7 @@ def make_plugin(args: Any) -> Any:
     config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     cfg = None
     if spec:
-        cfg, where = read_config(spec), f"{FLAG} {spec}"
+        cfg, where = read_config(spec), f"{FLAG} {spec}" if spec in PRESETS else spec
     elif config_file != "none":
         cfg, where = read_config(config_file), config_file
     if cfg is not None:  # checked before DeepSpeed is imported (seconds)
