@@ -24,9 +24,11 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]
 LORA = ["--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]
-# (name, setting for deepspeed_runs.py, extra flags): ZeRO-2 from the shipped accelerate config, ZeRO-3 from the
-# --deepspeed preset, ZeRO-3 + LoRA (reference: the adapter disabled) from a TRL-style JSON file with "auto" values
+# (name, setting for deepspeed_runs.py, extra flags): ZeRO-2 and ZeRO-3 offload from the shipped accelerate configs,
+# ZeRO-3 from the --deepspeed preset, ZeRO-3 + LoRA (reference: the adapter disabled) from a TRL-style JSON file with
+# "auto" values
 SETTINGS = [("z2", "accelerate:configs/accelerate/deepspeed_zero2.yaml", []), ("z3", "flag:zero3", []),
+            ("z3_offload", "accelerate:configs/accelerate/deepspeed_zero3_offload.yaml", []),
             ("z3_lora", "flag:{json}", LORA)]
 KEYS = ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logits/rejected", "learning_rate")
 
@@ -73,7 +75,8 @@ def _metrics(path: Path) -> dict[int, dict]:
     return out
 
 
-@pytest.mark.parametrize(("name", "reference"), [("z2", "one"), ("z3", "one"), ("z3_lora", "one_lora")])
+@pytest.mark.parametrize(("name", "reference"), [("z2", "one"), ("z3", "one"), ("z3_offload", "one"),
+                                               ("z3_lora", "one_lora")])
 def test_zero_matches_one_process(runs, name, reference):
     one, two = _metrics(runs["tmp"] / reference), _metrics(runs["tmp"] / name / "full")
     assert sorted(two) == [1, 2, 3, 4]
@@ -88,7 +91,8 @@ def test_zero_matches_one_process(runs, name, reference):
 
 
 def test_start_block_names_the_layout(runs):
-    assert "deepspeed   ZeRO-2" in runs["stdout"] and "deepspeed   ZeRO-3" in runs["stdout"]
+    assert "deepspeed   ZeRO-2\n" in runs["stdout"] and "deepspeed   ZeRO-3\n" in runs["stdout"]
+    assert "deepspeed   ZeRO-3, optimizer and parameters offloaded to CPU" in runs["stdout"]
     assert "= 2 per device x 1 accumulation x 2 processes" in runs["stdout"]
     assert "Setting accelerator to CPU" not in runs["stdout"]
 
@@ -102,7 +106,7 @@ def test_resume_continues_the_curve(runs, name):
             assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-6, abs=1e-7), (name, step, key)
 
 
-@pytest.mark.parametrize("name", ["z2", "z3"])
+@pytest.mark.parametrize("name", ["z2", "z3", "z3_offload"])
 def test_saved_model_loads_whole(runs, name):
     """ZeRO-3's partitioned weights are gathered: a normal HF directory, equal to the 1-process model."""
     out = runs["tmp"] / name / "full"
