@@ -33,7 +33,6 @@ LAYOUTS = {  # name -> (extra CLI flags, environment)
 
 def build(out: Path) -> tuple[Path, Path]:
     from helpers import build_tokenizer, conv, write_jsonl
-
     from prefalign.config.tools import ModelShape
     from prefalign.model.init import init_model
 

@@ -60,6 +60,9 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from prefalign.train.zero import name_cpu_accelerator  # light: torch is loaded by now
+
+    name_cpu_accelerator()
 
 
 def _print_user_traceback(error: BaseException) -> None:

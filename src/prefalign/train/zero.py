@@ -69,12 +69,18 @@ def no_gpu() -> bool:
     return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 
 
-def import_deepspeed() -> Any:
-    """Import DeepSpeed quietly. Without a GPU: its CPU accelerator named up front (otherwise it warns "Setting
-    accelerator to CPU" at import), and its shared-memory all-reduce op not built (a just-in-time C++ build of
-    about 107 s on a fresh machine at every start; it only speeds up all_reduce, which gloo does)."""
+def name_cpu_accelerator() -> None:
+    """Without a GPU, name DeepSpeed's CPU accelerator up front: otherwise DeepSpeed warns "Setting accelerator to
+    CPU" when imported, which transformers' save_pretrained does whenever DeepSpeed is installed."""
     if no_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def import_deepspeed() -> Any:
+    """Import DeepSpeed quietly (`name_cpu_accelerator`). Without a GPU its shared-memory all-reduce op is not
+    built: a just-in-time C++ build of about 107 s on a fresh machine at every start, which only speeds up
+    all_reduce (gloo does it)."""
+    name_cpu_accelerator()
     try:
         import deepspeed  # optional extra: only imported for a DeepSpeed run
         import deepspeed.ops
