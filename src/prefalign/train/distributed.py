@@ -76,7 +76,7 @@ def close_process_group() -> None:
     if not torch.distributed.is_initialized():
         return
     torch.distributed.barrier()
-    if zero.is_engine_loaded():
+    if zero.owns_process_group():
         import deepspeed.comm  # loaded already: this run used DeepSpeed
 
         deepspeed.comm.destroy_process_group()

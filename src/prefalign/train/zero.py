@@ -60,9 +60,11 @@ def is_engine(model: Any) -> bool:
     return ds is not None and isinstance(model, ds.DeepSpeedEngine)
 
 
-def is_engine_loaded() -> bool:
-    """Whether DeepSpeed was imported (and may have started the process group)."""
-    return "deepspeed.comm" in sys.modules
+def owns_process_group() -> bool:
+    """Whether DeepSpeed's communication layer was set up (by a DeepSpeed run); merely importing DeepSpeed, as
+    transformers' save_pretrained does, sets up nothing."""
+    comm = sys.modules.get("deepspeed.comm")
+    return comm is not None and getattr(comm, "cdb", None) is not None
 
 
 def no_gpu() -> bool:
