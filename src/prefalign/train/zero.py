@@ -34,11 +34,14 @@ import torch
 
 from prefalign.errors import PrefalignError
 
+# ZeRO-3's bucket sizes "auto": Accelerate sizes them from the model's hidden size (DeepSpeed's own defaults are
+# buffers of up to 5e8 elements: +274 MB peak per process measured on a 43M model, benchmarks/RESULTS.md)
+_Z3_BUCKETS = {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+               "stage3_param_persistence_threshold": "auto", "stage3_gather_16bit_weights_on_model_save": True}
 PRESETS: dict[str, dict[str, Any]] = {
     "zero2": {"zero_optimization": {"stage": 2}},
-    "zero3": {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}},
-    "zero3_offload": {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
-                                            "offload_optimizer": {"device": "cpu"},
+    "zero3": {"zero_optimization": {"stage": 3, **_Z3_BUCKETS}},
+    "zero3_offload": {"zero_optimization": {"stage": 3, **_Z3_BUCKETS, "offload_optimizer": {"device": "cpu"},
                                             "offload_param": {"device": "cpu"}}},
 }
 FLAG = "--deepspeed"
@@ -195,7 +198,11 @@ def make_plugin(args: Any) -> Any:
     from accelerate.utils import DeepSpeedPlugin
 
     if cfg is None:  # the accelerate config's deepspeed_config fields, as Accelerate itself turns them into a config
-        cfg = loop_config(DeepSpeedPlugin(zero3_init_flag=False).deepspeed_config, args, "accelerate config")
+        cfg = DeepSpeedPlugin(zero3_init_flag=False).deepspeed_config
+        if cfg.get("zero_optimization", {}).get("stage") == 3:  # an accelerate config names no bucket sizes
+            for key, value in _Z3_BUCKETS.items():
+                cfg["zero_optimization"].setdefault(key, value)
+        cfg = loop_config(cfg, args, "accelerate config")
     # hf_ds_config is a dict here, so Accelerate's own env-var defaults do not apply on top of it; Accelerate would
     # refuse it next to the accelerate config's deepspeed fields, which are in `cfg` already
     fields = os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
@@ -229,7 +236,7 @@ def stage_of(accelerator: Any) -> int:
 
 
 def describe(accelerator: Any) -> str:
-    """The start block's line: stage, what is offloaded, where the config came from."""
+    """The start block's line: the ZeRO stage and what is offloaded."""
     cfg = accelerator.state.deepspeed_plugin.deepspeed_config
     zero = cfg.get("zero_optimization", {})
     offload = [what for what in ("optimizer", "param")
