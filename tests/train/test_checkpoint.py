@@ -34,7 +34,7 @@ from prefalign.train.checkpoint import (
     save_checkpoint,
 )
 from prefalign.train.files import remove_stale
-from prefalign.train.loop import build_optimizer, build_scheduler
+from prefalign.train.optim import build_optimizer, build_scheduler
 from prefalign.train.tensorstate import load_state
 
 

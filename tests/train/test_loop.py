@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from helpers import conv, run_cli, write_jsonl
 from prefalign.config import TrainArgs
-from prefalign.train.loop import build_optimizer, build_scheduler
 from prefalign.train.metrics import read_metrics
+from prefalign.train.optim import build_optimizer, build_scheduler
 
 PEAK = 1e-3
 

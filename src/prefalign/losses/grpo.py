@@ -332,9 +332,8 @@ def grpo_loss(
         per_token_kl = _reference_kl(per_token_logps, ref_per_token_logps, mask, ratio if use_bias_correction_kl else None)
         per_token_loss = per_token_loss + beta * per_token_kl
         metrics["kl"] = _mean(per_token_kl.detach(), mask)
-    per_token_loss = per_token_loss.expand_as(mask)
     loss = GRPO_NORMALIZERS[normalizer](
-        per_token_loss, mask, max_completion_length=max_completion_length,
+        per_token_loss.expand_as(mask), mask, max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch, num_processes=num_processes,
     )
     if entropies is not None:

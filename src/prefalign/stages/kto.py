@@ -63,8 +63,9 @@ from prefalign.model.reference import (
 from prefalign.model.weights import is_main_process, load_weights_into
 from prefalign.stages.dpo import default_cache_dir, reference_sync, use_packing
 from prefalign.train import distributed
-from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups, total_steps_for
+from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums
+from prefalign.train.optim import total_steps_for
 from prefalign.train.runinfo import RunFacts, SplitCount, describe_reference
 from prefalign.train.setup import open_session, train_and_save, trainable_policy
 

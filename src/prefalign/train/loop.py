@@ -18,9 +18,7 @@ schedules.
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence, Sized
 from contextlib import nullcontext
@@ -30,7 +28,6 @@ from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from prefalign.config import TrainArgs
 from prefalign.model.reference import eval_mode
@@ -44,6 +41,8 @@ from prefalign.train.checkpoint import (
     save_checkpoint,
 )
 from prefalign.train.metrics import MetricAccumulator, MetricsLog, MetricSums, human
+from prefalign.train.optim import build_optimizer, build_scheduler, steps_per_epoch, total_steps_for
+from prefalign.train.signals import Terminated, sigterm_as_interrupt
 
 Batch = dict[str, Any]
 Group = Sized  # list[int] of example indices, or an online stage's RolloutRows
@@ -109,38 +108,6 @@ class LoopPlan:
 
 # The progress bar: steps, elapsed and ETA by name, then tokens/s and the stage's metrics.
 BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed, ETA {remaining}{postfix}"
-
-
-def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases and norm weights (1-D parameters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-    )
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int) -> Any:
-    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-    kwargs = {"min_lr_rate": args.min_lr_rate} if args.lr_scheduler_type == "cosine_with_min_lr" else None
-    return get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-        scheduler_specific_kwargs=kwargs,
-    )
-
-
-def steps_per_epoch(args: TrainArgs, groups_per_epoch: int, num_processes: int) -> int:
-    return max(1, math.ceil(groups_per_epoch / (args.gradient_accumulation_steps * num_processes)))
-
-
-def total_steps_for(args: TrainArgs, groups_per_epoch: int, num_processes: int) -> int:
-    per_epoch = steps_per_epoch(args, groups_per_epoch, num_processes)
-    return args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_train_epochs * per_epoch))
 
 
 def _postfix(stage: Stage, last: dict[str, float], tokens: float, elapsed: float) -> dict[str, str]:
@@ -291,6 +258,22 @@ class _Run:
         return last
 
 
+def _resume_then_shard(stage: Stage, model: torch.nn.Module, args: TrainArgs, accelerator: Any,
+                       load_model: Callable[[Path], None], plan: distributed.ShardPlan | None,
+                       checkpoint: Path | None) -> Path | None:
+    """The checkpoint to resume from (`checkpoint`, else --resume_from_checkpoint resolved), its weights loaded into
+    the whole model; then, with a `plan` (FSDP), the model and the stage's reference sharded."""
+    ckpt = checkpoint
+    if ckpt is None and args.resume_from_checkpoint:
+        ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.print)
+    if ckpt is not None:
+        load_checkpoint_weights(load_model, ckpt)  # into the whole model, before it is sharded
+    if plan is not None:
+        distributed.shard(model, plan, accelerator.device)
+        distributed.shard_reference(getattr(stage, "reference", None), plan, accelerator.device)
+    return ckpt
+
+
 def train_loop(
     stage: Stage,
     model: torch.nn.Module,
@@ -305,14 +288,7 @@ def train_loop(
     """Run the optimisation; `save_model(dir)`/`load_model(dir)` write and restore weights in HF format; with a
     `plan` (FSDP), the model is sharded here; `on_start` hears the plan just before the first step. `checkpoint`:
     the one to resume from, already resolved (else --resume_from_checkpoint is resolved here)."""
-    ckpt = checkpoint
-    if ckpt is None and args.resume_from_checkpoint:
-        ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.print)
-    if ckpt is not None:
-        load_checkpoint_weights(load_model, ckpt)  # into the whole model, before it is sharded
-    if plan is not None:
-        distributed.shard(model, plan, accelerator.device)
-        distributed.shard_reference(getattr(stage, "reference", None), plan, accelerator.device)
+    ckpt = _resume_then_shard(stage, model, args, accelerator, load_model, plan, checkpoint)
     run = _Run(stage, model, args, accelerator, save_model, plan)
     model = run.model  # the DeepSpeedEngine under DeepSpeed
     log = MetricsLog(args.output_dir, accelerator, resume_step=run.resume(ckpt) if ckpt is not None else None)
@@ -326,7 +302,7 @@ def train_loop(
     eval_metrics: dict[str, float] = {}
     model.train()
     interrupted, cause = False, signal.SIGINT
-    restore_sigterm = _sigterm_as_interrupt()
+    restore_sigterm = sigterm_as_interrupt()
     try:
         while run.state.global_step < run.total:
             step_groups = run.next_step_groups()
@@ -356,26 +332,6 @@ def train_loop(
         log.write(step, eval_metrics)
     return LoopResult(run.state, last, eval_metrics, interrupted, cause, train_seconds=time.perf_counter() - started,
                       tokens=run.session_tokens)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what SLURM and Kubernetes send before killing a job), raised like Ctrl-C's KeyboardInterrupt so that
-    the loop saves a resumable checkpoint either way."""
-
-    signum = signal.SIGTERM
-
-
-def _sigterm_as_interrupt() -> Callable[[], None]:
-    """Make SIGTERM raise Terminated until the returned function restores the previous handler. Handlers can only be
-    set from the main thread: elsewhere (a notebook's worker thread) SIGTERM keeps its own behaviour."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _optimizer_step(stage: Stage, model: torch.nn.Module, params: list[torch.nn.Parameter],

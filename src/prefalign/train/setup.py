@@ -27,9 +27,10 @@ from prefalign.model.weights import is_main_process, load_weights_into
 from prefalign.train import zero
 from prefalign.train.distributed import check_launch, shard_plan
 from prefalign.train.files import drop_retired, publish_into, staged, staging_dir
-from prefalign.train.loop import LoopPlan, LoopResult, Stage, Terminated, train_loop
+from prefalign.train.loop import LoopPlan, LoopResult, Stage, train_loop
 from prefalign.train.run_dir import FINAL_WEIGHTS, check_output_dir, prepare_output_dir, read_run_record
 from prefalign.train.runinfo import RunFacts, start_block, summary_numbers
+from prefalign.train.signals import Terminated
 
 
 def is_finished(output_dir: str | Path, what: str = "model") -> bool:
