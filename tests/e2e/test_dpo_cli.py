@@ -295,7 +295,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tiny_model_dir, pairs_file, tmp_pat
     args = [sys.executable, "-m", "prefalign.cli", "dpo", "--model_name_or_path", str(tiny_model_dir),
             "--dataset_name", str(pairs_file), "--output_dir", str(out), "--max_steps", "400", "--logging_steps", "1",
             "--per_device_train_batch_size", "2", "--disable_tqdm", "--save_steps", "0"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A suite started as a background job inherits SIGINT ignored, and so would the child: give it the default back.
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").exists()
                                           and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
