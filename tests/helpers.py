@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch.profiler import ProfilerActivity, profile
 from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -256,3 +257,20 @@ def write_gguf(model, tokenizer, path: Path, qtype: str = "Q8_0", architecture: 
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def peak_bytes(fn, *args) -> int:
+    """Peak of live CPU tensor bytes allocated while `fn` runs (forward + backward).
+
+    torch's profiler with `profile_memory=True` records every allocation and free of the CPU allocator
+    against the op that did it (`self_cpu_memory_usage`, negative for frees; "[memory]" events are frees
+    outside any op). Summing them in time order gives the live-bytes curve of this call; its maximum is the
+    peak above whatever was allocated before.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(*args)
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak

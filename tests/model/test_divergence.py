@@ -7,10 +7,9 @@ import functools
 import pytest
 import torch
 import transformers
-from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
-from helpers import build_model
+from helpers import build_model, peak_bytes
 from prefalign.losses.distill import generalized_jsd
 from prefalign.model.divergence import token_divergences
 from prefalign.rollout.sampling import padded_layout
@@ -68,17 +67,6 @@ def _qwen(vocab: int, seed: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def _peak_bytes(fn, *args) -> int:
-    """Peak live CPU tensor bytes while `fn(*args)` runs (the profiler's allocations and frees summed in time order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn(*args)
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
-
-
 def _backward(fn, student, teacher, batch, div, chunk) -> None:
     fn(student, teacher, batch, div, chunk_size=chunk).sum().backward()
 
@@ -101,8 +89,8 @@ def test_peak_memory_holds_no_full_vocabulary_logits():
         completions = torch.randint(3, vocab, (4, seq - 8), generator=gen)
         batch = padded_layout(prompts, completions, torch.ones_like(completions), pad=0)
         models = (student, teacher, batch)
-        peaks[vocab] = (_peak_bytes(_backward, token_divergences, *models, div, chunk),
-                        _peak_bytes(_backward, _naive_divergences, *models, div, chunk))
+        peaks[vocab] = (peak_bytes(_backward, token_divergences, *models, div, chunk),
+                        peak_bytes(_backward, _naive_divergences, *models, div, chunk))
     positions, d_vocab = 4 * (seq - 8), 4000
     one_logits = positions * d_vocab * 4  # 15.9 MB
     lean_growth, naive_growth = (peaks[5000][i] - peaks[1000][i] for i in (0, 1))

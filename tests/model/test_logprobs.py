@@ -12,10 +12,10 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
 import prefalign.model.logprobs as logprobs_module
+from helpers import peak_bytes
 from prefalign.data.collate import collate_padded
 from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
@@ -211,23 +211,6 @@ def test_through_ddp_wrapper(tiny_model_dir, tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- memory
-
-
-def peak_bytes(fn, *args) -> int:
-    """Peak of live CPU tensor bytes allocated while `fn` runs (forward + backward).
-
-    torch's profiler with `profile_memory=True` records every allocation and free of the CPU allocator
-    against the op that did it (`self_cpu_memory_usage`, negative for frees; "[memory]" events are frees
-    outside any op). Summing them in time order gives the live-bytes curve of this call; its maximum is the
-    peak above whatever was allocated before.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn(*args)
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 def _step(model, batch, lean: bool, chunk_size: int = 32) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from prefalign.model.logprobs import _backbone_hidden, _head_logits, resolve_head
+from prefalign.model.logprobs import backbone_hidden, head_logits, resolve_head
 
 Divergence = Callable[[Tensor, Tensor], Tensor]  # (n, V) student, (n, V) teacher -> (n,)
 
@@ -34,7 +34,7 @@ def _hidden_and_head(model: nn.Module, kwargs: dict[str, Any], rows: Tensor,
     head = resolve_head(model)
     if head is None:
         return model(**kwargs, use_cache=False).logits[rows, cols], lambda x: x.float()
-    return _backbone_hidden(model, head, kwargs)[rows, cols], lambda h: _head_logits(head, h)
+    return backbone_hidden(model, head, kwargs)[rows, cols], lambda h: head_logits(head, h)
 
 
 def token_divergences(student: nn.Module, teacher: nn.Module, batch: dict[str, Any], divergence: Divergence, *,

@@ -153,7 +153,7 @@ def resolve_head(model: nn.Module) -> _Head | None:
     return _Head(decoder, lm_head, scale, float(softcap) if softcap else None)
 
 
-def _head_logits(head: _Head, hidden: Tensor) -> Tensor:
+def head_logits(head: _Head, hidden: Tensor) -> Tensor:
     """(n, H) hidden states -> (n, V) float32 logits exactly as the model's forward would post-process them."""
     logits = head.lm_head(hidden).float()
     if head.scale != 1.0:
@@ -246,7 +246,7 @@ def head_collective(head: nn.Module) -> str | None:
     return "trained" if any(p.requires_grad for p in params) else "frozen"
 
 
-def _backbone_hidden(model: nn.Module, head: _Head, forward_kwargs: dict[str, Any]) -> Tensor:
+def backbone_hidden(model: nn.Module, head: _Head, forward_kwargs: dict[str, Any]) -> Tensor:
     """Final hidden states (rows, T, H) from the model's own forward, with the LM head run on one position."""
     captured: list[Tensor] = []
 
@@ -287,7 +287,7 @@ def score_positions(
             lambda x: x.float() / temperature, logits[rows, cols], targets,
             with_wpo=with_wpo, chunk_size=chunk_size, recompute=False, with_entropy=with_entropy,
         )  # fmt: skip
-    hidden = _backbone_hidden(model, head, forward_kwargs)  # (rows, T, H)
+    hidden = backbone_hidden(model, head, forward_kwargs)  # (rows, T, H)
     # A chunk's [n, V] float32 logits and their temporaries are the peak of the forward and of its recompute in
     # backward: keep a chunk within HEAD_CHUNK_BYTES (e.g. 110 positions for Qwen2's 152k vocabulary).
     # out_features, not weight.shape: a 4-bit head's weight is stored packed; heads of unknown width keep chunk_size.
@@ -296,7 +296,7 @@ def score_positions(
         chunk_size = max(1, min(chunk_size, HEAD_CHUNK_BYTES // (4 * vocab)))
 
     def logits_fn(h: Tensor) -> Tensor:
-        logits = _head_logits(head, h)
+        logits = head_logits(head, h)
         return logits if temperature == 1.0 else logits / temperature
 
     return _score_in_chunks(
