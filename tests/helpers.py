@@ -274,3 +274,15 @@ def peak_bytes(fn, *args) -> int:
         live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
+
+
+def copy_without_chat_template(src: Path, dst: Path) -> Path:
+    """A copy of the model directory `src` whose tokenizer has no chat template (as a base model's)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((dst / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    return dst

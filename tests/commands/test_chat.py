@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from helpers import copy_without_chat_template
 from prefalign.cli import main
 from prefalign.commands.chat import run_chat
 from prefalign.config import ChatConfig
@@ -96,16 +97,7 @@ def test_cli_prompt(tiny_model_dir, tiny_tokenizer, capsys):
 @pytest.fixture()
 def no_template_dir(tiny_model_dir, tmp_path):
     """The tiny model with its tokenizer saved without a chat template (a base model)."""
-    import json
-    import shutil
-
-    d = tmp_path / "base"
-    shutil.copytree(tiny_model_dir, d)
-    (d / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((d / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (d / "tokenizer_config.json").write_text(json.dumps(config))
-    return d
+    return copy_without_chat_template(tiny_model_dir, tmp_path / "base")
 
 
 def test_chat_takes_the_template_flags_of_training(no_template_dir, tiny_model_dir, tiny_tokenizer, tmp_path,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
+from helpers import copy_without_chat_template
 from prefalign.errors import PrefalignError
 from prefalign.rollout.rewards import (
     RewardModelScorer,
@@ -239,14 +239,7 @@ def test_reward_tokenizer_differences_are_said_once_and_a_missing_template_refus
                     "policy's; completions are decoded to text and re-tokenised with the reward model's own"]
 
     # the same reward model, its tokenizer saved without a chat template
-    import shutil
-
-    bare = tmp_path / "bare_rm"
-    shutil.copytree(tiny_reward_model_dir, bare)
-    (bare / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((bare / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    bare = copy_without_chat_template(tiny_reward_model_dir, tmp_path / "bare_rm")
     cfg = GRPOConfig(reward_model_name_or_path=str(bare))
     with pytest.raises(PrefalignError) as e:
         load_reward_functions(cfg, "cpu", tiny_tokenizer, conversational=True, report=said.append)
