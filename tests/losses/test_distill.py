@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from prefalign.losses.distill import generalized_jsd, masked_mean
+from prefalign.losses.distill import generalized_jsd
+from prefalign.losses.stats import masked_mean
 
 # two positions, vocabulary of 2: p_s = (0.5, 0.5) and p_t = (0.8, 0.2) at position 0; equal at position 1
 STUDENT = torch.tensor([[0.0, 0.0], [1.0, 2.0]])

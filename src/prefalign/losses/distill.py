@@ -9,8 +9,8 @@
     0 < β < 1:   β·KL(p_t ‖ m) + (1 − β)·KL(p_s ‖ m),   m = β·p_t + (1 − β)·p_s
 
 The endpoints are special cases, not limits: as β → 0 the mixture form goes to 0, not to the forward KL (TRL's
-behaviour, kept). No τ² factor. `masked_mean` reduces per-position values as TRL's "batchmean" does (a mean over the
-kept positions). Nothing here knows about models or chunks: `model.divergence` feeds these functions one chunk of
+behaviour, kept). No τ² factor. `losses.stats.masked_mean` reduces per-position values as TRL's "batchmean" does (a mean over
+the kept positions). Nothing here knows about models or chunks: `model.divergence` feeds these functions one chunk of
 positions at a time.
 """
 
@@ -44,9 +44,3 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: flo
         return _kl(log_s, log_t)
     log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
     return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `values` over the positions where `mask` is true (0 when there are none): TRL's "batchmean"."""
-    kept = mask.bool()
-    return values[kept].sum() / kept.sum().clamp(min=1)

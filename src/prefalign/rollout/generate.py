@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 from prefalign.data.templates import render
 from prefalign.errors import PrefalignError
+from prefalign.model.logprobs import unwrap_model
 
 
 @dataclass
@@ -154,17 +155,6 @@ def draw_tokens(logits: Tensor, uniform: Tensor, block: int = 256) -> Tensor:
     return k * block + j
 
 
-def _forward_kwargs(model: Any) -> dict[str, Any]:
-    """`logits_to_keep=1` when the model takes it (the LM head then runs on the last position only)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
-
-
-def _config(model: Any) -> Any:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.config
-
-
 @torch.no_grad()
 def sample_groups(
     model: Any, prompt_ids: Sequence[Sequence[int]], num_generations: int, params: SamplingParams, *,
@@ -181,8 +171,10 @@ def sample_groups(
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad([list(p) for p in prompt_ids], pad_token_id))  # (N, Tp)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate derives from a left-padded mask
-    cache = DynamicCache(config=_config(model))
-    extra = _forward_kwargs(model)
+    inner = unwrap_model(model)
+    cache = DynamicCache(config=inner.config)
+    # logits_to_keep=1 when the model takes it: the LM head then runs on the last position only
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                    **extra).logits[:, -1]  # (N, V)
     # The group shares its prompt: copy its cache and next-token logits to the G rows instead of G prefills.

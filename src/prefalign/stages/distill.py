@@ -33,6 +33,7 @@ from transformers import AutoTokenizer
 
 from prefalign.config import DistillConfig
 from prefalign.config.checks import check_train_args, require
+from prefalign.data.collate import collate_padded_completions
 from prefalign.data.sft import load_sft_examples, tokenize_sft
 from prefalign.data.types import SFTExample, TokenizedSample
 from prefalign.errors import PrefalignError
@@ -107,15 +108,8 @@ def distill_examples(examples: list[SFTExample], tokenizer: Any, cfg: DistillCon
 
 def dataset_batch(examples: Sequence[DistillExample], pad_token_id: int) -> dict[str, Tensor]:
     """The dataset's prompt + completion rows in the padded layout of `model.logprobs`."""
-    prompts = [e.prompt_ids for e in examples]
-    completions = [e.input_ids[len(e.prompt_ids):] for e in examples]
-    width = max(len(c) for c in completions)
-    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, c in enumerate(completions):
-        ids[row, : len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[row, : len(c)] = 1
-    return padded_layout(prompts, ids, mask, pad_token_id)
+    return collate_padded_completions([(e.prompt_ids, (e.input_ids[len(e.prompt_ids):],)) for e in examples],
+                                      pad_token_id)
 
 
 class DistillStage:

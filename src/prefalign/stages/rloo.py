@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from prefalign.config import RLOOConfig
 from prefalign.errors import PrefalignError
-from prefalign.losses.grpo import rloo_advantages, rloo_loss
+from prefalign.losses.grpo import kl_penalized_rewards, rloo_advantages, rloo_loss
 from prefalign.losses.stats import nanstd
 from prefalign.model.logprobs import completion_logps
 from prefalign.model.reference import Reference
@@ -82,7 +82,8 @@ class RLOO:
         if cfg.beta != 0:
             k1 = (rollout.passes["sampling_logps"] - rollout.passes["ref_logps"]) * mask  # (N, Tc)
             metrics["kl"] = float(k1.sum() / mask.sum().clamp(min=1.0))  # token-weighted, as TRL logs it
-            rewards = rewards - cfg.beta * k1.sum(-1)
+            rewards = kl_penalized_rewards(rewards, rollout.passes["sampling_logps"], rollout.passes["ref_logps"],
+                                           mask, beta=cfg.beta)
         group_std = nanstd(rewards.view(-1, self.num_generations), dim=1)  # (P,)
         metrics["frac_reward_zero_std"] = float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean())
         kept["advantages"] = rloo_advantages(rewards, self.num_generations,
