@@ -32,6 +32,7 @@ from prefalign.data.content import images_of, text_of
 from prefalign.data.load import load_rows, normalize_rows
 from prefalign.data.templates import resolve_chat_template
 from prefalign.errors import PrefalignError
+from prefalign.model.checks import same_model_path
 from prefalign.model.load import load_for_inference, load_model_for_inference
 from prefalign.rollout.answers import generate_reply, greedy_answers
 from prefalign.rollout.rewards import RewardModelScorer, load_reward_function
@@ -57,13 +58,6 @@ def recorded_reference(model_path: str) -> tuple[dict[str, Any], Path] | None:
     if recorded.get("peft_adapter_path"):
         return {"model": recorded.get("model_name_or_path"), "adapter": recorded["peft_adapter_path"]}, cfg_file
     return ({"model": recorded["model_name_or_path"]}, cfg_file) if recorded.get("model_name_or_path") else None
-
-
-def _same_path(a: str | None, b: str | None) -> bool:
-    if not a or not b:
-        return False
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
 
 def _scores(judge: Any, prompts: list[Any], answers: list[str], columns: dict[str, list]) -> list[float]:
@@ -127,7 +121,7 @@ def _load(cfg: EvalConfig) -> tuple[Any, Any, Any, Any, str]:
     adapter = reference.get("adapter")
     if reference.get("synced"):
         why += "; the run moved its reference during training (--sync_ref_model): this is where it started"
-    if adapter is None and _same_path(reference["model"], base):
+    if adapter is None and base and reference["model"] and same_model_path(reference["model"], base):
         return policy, None, tokenizer, processor, f"{base} (the policy's base, adapter disabled; {why})"
     if adapter is not None:
         model = load_model_for_inference(adapter, base_model=reference["model"], trust_remote_code=trust)[0]

@@ -14,8 +14,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from prefalign.config import LoadArgs, ModelArgs
 from prefalign.errors import PrefalignError
 
-# Exceptions transformers raises for a path or id that does not resolve to a config (the load that follows says so).
-_LOAD_ERRORS = (OSError, ValueError, KeyError)
+# Exceptions transformers/peft/huggingface_hub raise for a path or id that does not resolve to a model or config.
+LOAD_ERRORS = (OSError, ValueError, KeyError)
 _CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 _CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
@@ -24,7 +24,7 @@ def architectures(name_or_path: str, trust_remote_code: bool = False) -> list[st
     """The model classes a checkpoint's config.json names (empty when it names none or cannot be read)."""
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except _LOAD_ERRORS:
+    except LOAD_ERRORS:
         return []  # the model load that follows reports the path
     return list(getattr(config, "architectures", None) or [])
 
@@ -70,14 +70,15 @@ def check_adapter_base(args: ModelArgs) -> None:
         return
     recorded = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
     given = args.model_name_or_path
-    if not recorded or not given or _same_model(recorded, given):
+    if not recorded or not given or same_model_path(recorded, given):
         return
     raise PrefalignError(f"was trained on {recorded} (its adapter_config.json), not --model_name_or_path {given}; "
                          "pass --ignore_adapter_base to load it on this base anyway", f"--peft_adapter_path "
                          f"{args.peft_adapter_path}")
 
 
-def _same_model(a: str, b: str) -> bool:
+def same_model_path(a: str, b: str) -> bool:
+    """Whether two model paths or ids name the same model (resolved paths when both exist, else the strings)."""
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     if pa.exists() and pb.exists():
         return pa.resolve() == pb.resolve()

@@ -38,6 +38,9 @@ from transformers.processing_utils import ProcessorMixin
 from prefalign.config import LoadArgs, ModelArgs, ModelSource
 from prefalign.errors import PrefalignError
 from prefalign.model.checks import (
+    LOAD_ERRORS as _LOAD_ERRORS,
+)
+from prefalign.model.checks import (
     architectures,
     check_adapter_base,
     check_lora_targets,
@@ -52,8 +55,6 @@ from prefalign.model.weights import full_state_dict, is_main_process
 POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
 DTYPES: dict[str, Any] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-# Exceptions transformers/peft/huggingface_hub raise for a path or id that does not resolve to a model.
-_LOAD_ERRORS = (OSError, ValueError, KeyError)
 
 
 def load_tokenizer(args: ModelSource) -> PreTrainedTokenizerBase:
@@ -87,9 +88,9 @@ def _load_tokenizer_or_processor(name: str, flag: str, trust_remote_code: bool) 
     text model's tokenizer and None."""
     if _looks_local(name) and not Path(name).expanduser().is_dir():
         raise PrefalignError(f"no such tokenizer directory: {name}", flag)
-    processor = None
+    processor, vision = None, is_vision_language(name, trust_remote_code)
     try:
-        if is_vision_language(name, trust_remote_code):
+        if vision:
             processor = auto_processor(name, trust_remote_code=trust_remote_code)
             tokenizer = processor.tokenizer
             if processor.chat_template and not getattr(tokenizer, "chat_template", None):
@@ -97,7 +98,7 @@ def _load_tokenizer_or_processor(name: str, flag: str, trust_remote_code: bool) 
         else:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except _LOAD_ERRORS as e:
-        what = "a processor" if processor is None and is_vision_language(name, trust_remote_code) else "a tokenizer"
+        what = "a processor" if processor is None and vision else "a tokenizer"
         raise PrefalignError(f"cannot load {what} from {name!r}: {_first_line(e)}", flag) from None
     return tokenizer, processor
 

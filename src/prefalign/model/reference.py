@@ -248,7 +248,7 @@ def precompute_reference(
     device = next(reference.model.parameters()).device
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        out = reference.logps(_on(collate_fn(chunk), device))
+        out = reference.logps(to_device(collate_fn(chunk), device))
         logps, mask = out.token_logps.float().cpu(), out.mask.cpu()  # one transfer per batch, not two per pair
         b = len(chunk)
         for i in range(b):
@@ -257,9 +257,9 @@ def precompute_reference(
     return entries
 
 
-def _on(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """`batch` with its tensors (and those of nested dicts) on `device`."""
-    return {k: v.to(device) if isinstance(v, Tensor) else _on(v, device) if isinstance(v, dict) else v
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """`batch` with its tensors (and those of nested dicts, e.g. a VLM batch's vision_inputs) on `device`."""
+    return {k: v.to(device) if isinstance(v, Tensor) else to_device(v, device) if isinstance(v, dict) else v
             for k, v in batch.items()}
 
 

@@ -34,7 +34,7 @@ STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "prefalign_config.json"
 OPTIMIZER, SCHEDULER, RNG = "optimizer.safetensors", "scheduler.safetensors", "rng_state.safetensors"
 _PICKLES = ("optimizer.pt", "scheduler.pt", "rng_state.pt")  # what versions before safetensors state wrote
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -98,8 +98,8 @@ def checkpoint_problem(path: Path) -> tuple[Path, str] | None:
         if f.stat().st_size != size:
             actual = f.stat().st_size
             return f, f"truncated ({actual} of {size} bytes)" if actual < size else f"changed ({actual}, not {size} bytes)"
-    if not any((path / w).is_file() for w in _WEIGHTS):
-        return path, f"no model weights ({' or '.join(_WEIGHTS[::2])})"
+    if not any((path / w).is_file() for w in WEIGHTS):
+        return path, f"no model weights ({' or '.join(WEIGHTS[::2])})"
     for name in (OPTIMIZER, SCHEDULER, RNG):
         if not (path / name).is_file():
             return path / name, "missing"
@@ -223,7 +223,7 @@ def load_checkpoint_weights(load_model: Callable[[Path], None], path: Path) -> N
     try:
         load_model(path)
     except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
-        weights = next((path / w for w in _WEIGHTS if (path / w).is_file()), path)
+        weights = next((path / w for w in WEIGHTS if (path / w).is_file()), path)
         raise PrefalignError(f"does not fit this model ({_first_line(e)}); was it written by another model?",
                              str(weights)) from None
 

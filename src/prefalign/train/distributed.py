@@ -23,7 +23,6 @@ DeepSpeed's own ZeRO engine is `train/zero.py`.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,15 +55,11 @@ class ShardPlan:
     cpu_offload: bool = False
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
-
-
 def check_launch(use_deepspeed: bool = False) -> None:
     """Refuse launch configurations that would silently not do what they say, before any model is loaded."""
     if use_deepspeed:
         zero.check_launch()
-        if _env_true("ACCELERATE_USE_FSDP"):
+        if zero.env_true("ACCELERATE_USE_FSDP"):
             raise PrefalignError("both FSDP (accelerate config) and DeepSpeed (--deepspeed) asked for; pick one",
                                  "--deepspeed")
 
@@ -89,7 +84,7 @@ def shard_plan(accelerator: Any) -> ShardPlan | None:
     plugin = None
     if accelerator.distributed_type == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
-    elif _env_true("ACCELERATE_USE_FSDP"):
+    elif zero.env_true("ACCELERATE_USE_FSDP"):
         plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` exported
     if plugin is None or accelerator.num_processes == 1:
         return None

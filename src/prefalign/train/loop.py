@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefalign.config import TrainArgs
-from prefalign.model.reference import eval_mode
+from prefalign.model.reference import eval_mode, to_device
 from prefalign.train import distributed, zero
 from prefalign.train.checkpoint import (
     TrainState,
@@ -117,12 +117,6 @@ def _postfix(stage: Stage, last: dict[str, float], tokens: float, elapsed: float
     return out
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    """Tensors of `batch` (and of its nested dicts, e.g. a VLM batch's vision_inputs) on `device`."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else _to_device(v, device) if isinstance(v, dict) else v
-            for k, v in batch.items()}
-
-
 def _all_reduce_grads(model: torch.nn.Module, accelerator: Any) -> None:
     """Average gradients across processes: one flat all-reduce per optimizer step. A parameter may have a gradient
     on one process and none on another (a VLM's trained vision tower on a process whose micro-batches held no
@@ -155,7 +149,7 @@ def accumulate_eval(stage: Stage, model: torch.nn.Module, groups: Iterable[tuple
     with torch.no_grad(), eval_mode(model):
         for group, counts in groups:
             with autocast():
-                metrics = stage.eval_step(model, _to_device(stage.make_batch(group, "eval"), device))
+                metrics = stage.eval_step(model, to_device(stage.make_batch(group, "eval"), device))
             acc.add(metrics if counts else distributed.no_weight(metrics))
     return acc
 
@@ -344,7 +338,7 @@ def _optimizer_step(stage: Stage, model: torch.nn.Module, params: list[torch.nn.
     engine = zero.is_engine(model)
     shares = distributed.pad_groups(step_groups, accelerator.process_index, accelerator.num_processes)
     for i, (group, counts) in enumerate(shares):
-        batch = _to_device(stage.make_batch(group, "train"), accelerator.device)
+        batch = to_device(stage.make_batch(group, "train"), accelerator.device)
         with accelerator.autocast():
             loss_sum, metrics = stage.step(model, batch)
         # Scale so that, after averaging over processes, the gradient is that of sum(losses) / total_weight.

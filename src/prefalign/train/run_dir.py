@@ -25,6 +25,7 @@ from prefalign.errors import PrefalignError
 from prefalign.train.checkpoint import (
     CONFIG_FILE,
     STATE_FILE,
+    WEIGHTS,
     list_checkpoints,
     resolve_checkpoint,
     resume_advice,
@@ -32,8 +33,8 @@ from prefalign.train.checkpoint import (
 from prefalign.train.files import remove_stale, retire
 
 RUN_FILE = "prefalign_run.json"
+FINAL_WEIGHTS = WEIGHTS  # a finished run's weights are named as a checkpoint's
 # What marks a directory as holding an earlier run, finished or not.
-FINAL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 RUN_MARKERS = (*FINAL_WEIGHTS, "config.json", "adapter_config.json", "metrics.jsonl")
 # Everything a run of ours writes into output_dir (an overwrite moves these aside; other files stay where they are).
 _OURS = re.compile(r"^(checkpoint-\d+|metrics\.jsonl|prefalign_.*\.json|config\.json|generation_config\.json|"

@@ -47,14 +47,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 FLAG = "--deepspeed"
 
 
-def _env_true(name: str) -> bool:
+def env_true(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
 
 
 def requested(args: Any) -> bool:
     """Whether this run trains under DeepSpeed: --deepspeed, or an accelerate config with distributed_type
     DEEPSPEED (`accelerate launch` exports ACCELERATE_USE_DEEPSPEED)."""
-    return bool(getattr(args, "deepspeed", None)) or _env_true("ACCELERATE_USE_DEEPSPEED")
+    return bool(getattr(args, "deepspeed", None)) or env_true("ACCELERATE_USE_DEEPSPEED")
 
 
 def is_engine(model: Any) -> bool:
@@ -102,7 +102,7 @@ def import_deepspeed() -> Any:
 
 def check_launch() -> None:
     """Settings that would silently drop DeepSpeed: Accelerate's CPU mode runs plain data parallel instead."""
-    if _env_true("ACCELERATE_USE_CPU"):
+    if env_true("ACCELERATE_USE_CPU"):
         raise PrefalignError("DeepSpeed cannot run in Accelerate's CPU mode (it would silently train without "
                              "DeepSpeed); drop --cpu / use_cpu, prefalign picks gloo itself on a machine without GPU",
                              "accelerate config")
