@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,9 +141,17 @@ def encode_raw(tokenizer: Any, prompts: list[str], completions: list[str]) -> li
     """TRL's raw-text rule, shared by DPO, KTO, reward models and SFT: (prompt ids, prompt + completion ids ending in
     EOS), both tokenized with the tokenizer's default special tokens; the completion starts at their common
     prefix (`common_prefix`)."""
-    ids = encode_texts(tokenizer, [t for p, c in zip(prompts, completions) for t in (p, p + c)], special_tokens=True)
+    return [(prompt, fulls[0]) for prompt, fulls in encode_raw_group(tokenizer, prompts, [(c,) for c in completions])]
+
+
+def encode_raw_group(tokenizer: Any, prompts: list[str], completions: list[Sequence[str]]
+                     ) -> list[tuple[list[int], list[list[int]]]]:
+    """`encode_raw` for several completions of each prompt (a pair's chosen and rejected): the prompt is tokenized
+    once, each prompt + completion once."""
+    texts = [t for p, cs in zip(prompts, completions) for t in (p, *(p + c for c in cs))]
+    ids = iter(encode_texts(tokenizer, texts, special_tokens=True))
     eos = tokenizer.eos_token_id
-    return [(ids[2 * i], with_eos(ids[2 * i + 1], eos)) for i in range(len(prompts))]
+    return [(next(ids), [with_eos(next(ids), eos) for _ in cs]) for cs in completions]
 
 
 def encode_pairs(pairs: list[Pair], tokenizer: Any, processor: Any = None) -> list[Encoded]:
@@ -159,8 +168,7 @@ def encode_pairs(pairs: list[Pair], tokenizer: Any, processor: Any = None) -> li
     chat_ids = iter(encode_texts(tokenizer, texts))
     prompt_texts = iter(texts[::3])
     raw = [p for p in pairs if not p.is_conversational]
-    raw_ids = iter(encode_raw(tokenizer, [p.prompt for p in raw for _ in "cr"],
-                              [t for p in raw for t in (p.chosen, p.rejected)]))
+    raw_ids = iter(encode_raw_group(tokenizer, [p.prompt for p in raw], [(p.chosen, p.rejected) for p in raw]))
     out = []
     for p in pairs:
         if p.is_conversational:
@@ -170,8 +178,8 @@ def encode_pairs(pairs: list[Pair], tokenizer: Any, processor: Any = None) -> li
             if images:
                 enc = _with_image_tokens(enc, processor, prompt_text, images, p.source)
             out.append(enc)
-        else:  # the prompt was tokenized twice, the same way both times
-            (prompt, full_chosen), (_, full_rejected) = next(raw_ids), next(raw_ids)
+        else:
+            prompt, (full_chosen, full_rejected) = next(raw_ids)
             out.append(_split_completions(prompt, full_chosen, full_rejected))
     return out
 
