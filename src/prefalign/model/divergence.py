@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from prefalign.model.logprobs import backbone_hidden, head_logits, resolve_head
+from prefalign.model.logprobs import backbone_hidden, head_chunk_size, head_logits, resolve_head
 
 Divergence = Callable[[Tensor, Tensor], Tensor]  # (n, V) student, (n, V) teacher -> (n,)
 
@@ -55,6 +55,7 @@ def token_divergences(student: nn.Module, teacher: nn.Module, batch: dict[str, A
         return divergence(s_logits(s), teacher_logits)  # (n,)
 
     recompute = torch.is_grad_enabled() and s_in.requires_grad
+    chunk_size = head_chunk_size(resolve_head(student), chunk_size)  # the two vocabularies are the same
     parts = []
     for start in range(0, s_in.size(0), chunk_size):
         s, t = s_in[start : start + chunk_size], t_in[start : start + chunk_size]

@@ -153,6 +153,17 @@ def resolve_head(model: nn.Module) -> _Head | None:
     return _Head(decoder, lm_head, scale, float(softcap) if softcap else None)
 
 
+def head_chunk_size(head: _Head | None, chunk_size: int) -> int:
+    """Positions per head chunk. A chunk's [n, V] float32 logits and their temporaries are the peak of the forward
+    and of its recompute in backward: keep a chunk within HEAD_CHUNK_BYTES (e.g. 110 positions for Qwen2's 152k
+    vocabulary). out_features, not weight.shape: a 4-bit head's weight is stored packed; heads of unknown width
+    (and the full-forward fallback, head None) keep chunk_size."""
+    vocab = getattr(head.lm_head, "out_features", None) if head is not None else None
+    if isinstance(vocab, int) and vocab > 0:
+        return max(1, min(chunk_size, HEAD_CHUNK_BYTES // (4 * vocab)))
+    return chunk_size
+
+
 def head_logits(head: _Head, hidden: Tensor) -> Tensor:
     """(n, H) hidden states -> (n, V) float32 logits exactly as the model's forward would post-process them."""
     logits = head.lm_head(hidden).float()
@@ -288,12 +299,7 @@ def score_positions(
             with_wpo=with_wpo, chunk_size=chunk_size, recompute=False, with_entropy=with_entropy,
         )  # fmt: skip
     hidden = backbone_hidden(model, head, forward_kwargs)  # (rows, T, H)
-    # A chunk's [n, V] float32 logits and their temporaries are the peak of the forward and of its recompute in
-    # backward: keep a chunk within HEAD_CHUNK_BYTES (e.g. 110 positions for Qwen2's 152k vocabulary).
-    # out_features, not weight.shape: a 4-bit head's weight is stored packed; heads of unknown width keep chunk_size.
-    vocab = getattr(head.lm_head, "out_features", None)
-    if isinstance(vocab, int) and vocab > 0:
-        chunk_size = max(1, min(chunk_size, HEAD_CHUNK_BYTES // (4 * vocab)))
+    chunk_size = head_chunk_size(head, chunk_size)
 
     def logits_fn(h: Tensor) -> Tensor:
         logits = head_logits(head, h)
