@@ -1,23 +1,27 @@
-"""Started once by tests/e2e/test_deepspeed.py under `torchrun --nproc_per_node 2`: for each DeepSpeed setting named
-on the command line, a DPO run with a checkpoint at step 2, then a run resumed from a copy of that checkpoint, all
-in this one launch (imports and the process group's start are most of a DeepSpeed run's time on CPU).
+"""Started once by a DeepSpeed test under `torchrun --nproc_per_node 2`: every run of a JSON plan, one after the
+other, in this one launch (imports and the process group's start are most of a DeepSpeed run's time on CPU).
 
-usage: deepspeed_runs.py OUT_DIR SPEC ... -- COMMAND FLAGS...
-SPEC is NAME=flag:VALUE (`--deepspeed VALUE`) or NAME=accelerate:CONFIG.yaml (the environment `accelerate launch
---config_file CONFIG.yaml` exports, computed by Accelerate's own launcher code), then ",EXTRA,FLAGS" for that run.
+usage: deepspeed_runs.py PLAN.json
+PLAN is a list of runs, each {"argv": [COMMAND, FLAGS...], "accelerate": CONFIG.yaml or null, "seed": DIR or
+null}. "accelerate" runs it with the environment `accelerate launch --config_file CONFIG.yaml` exports (computed by
+Accelerate's own launcher code); "seed" names a checkpoint directory copied into the run's --output_dir first (a
+resumed run). A run that fails with a PrefalignError writes it to its --output_dir/error.txt and the plan goes on.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
 
 from prefalign.argparsing import parse_config
 from prefalign.commands import config_class, runner
+from prefalign.errors import PrefalignError
 from prefalign.train.distributed import close_process_group
 
 
@@ -50,23 +54,31 @@ def run(argv: list[str], env: dict[str, str]) -> None:
                 os.environ[k] = v
 
 
-def one_setting(out: Path, spec: str, flags: list[str]) -> None:
-    name, rest = spec.split("=", 1)
-    setting, *extra = rest.split(",")
-    kind, value = setting.split(":", 1)
-    env = accelerate_env(value) if kind == "accelerate" else {}
-    use = ["--deepspeed", value] if kind == "flag" else []
-    full, resumed = out / name / "full", out / name / "resumed"
-    run([*flags, *extra, *use, "--output_dir", str(full)], env)
-    if dist.get_rank() == 0:
-        shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    dist.barrier()
-    run([*flags, *extra, *use, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], env)
+def _barrier() -> None:
+    if dist.is_initialized():  # the first run starts the process group
+        dist.barrier()
+
+
+def one_run(spec: dict) -> None:
+    argv = spec["argv"]
+    out = Path(argv[argv.index("--output_dir") + 1])
+    main = os.environ.get("RANK", "0") == "0"
+    if spec.get("seed") and main:
+        shutil.copytree(spec["seed"], out / Path(spec["seed"]).name)
+    _barrier()
+    started = time.perf_counter()
+    try:
+        run(argv, accelerate_env(spec["accelerate"]) if spec.get("accelerate") else {})
+    except PrefalignError as e:  # a refusal the test asserts on (every process raises it alike)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "error.txt").write_text(str(e))
+    _barrier()
+    if main:  # what a run costs once the launch's imports are paid (the README quotes these)
+        print(f"deepspeed_runs: {argv[0]} -> {out.name} in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    cut = args.index("--")
-    for one in args[1:cut]:
-        one_setting(Path(args[0]), one, args[cut + 1:])
+    for spec in json.loads(Path(sys.argv[1]).read_text()):
+        one_run(spec)
     close_process_group()

@@ -53,13 +53,20 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
                                    "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
                                    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     flags = _flags(data, heldout, tiny_model_dir)
-    specs = [f"{name}={setting.format(json=ds_json)}{''.join(',' + f for f in extra)}"
-             for name, setting, extra in SETTINGS]
+    plan = []
+    for name, setting, extra in SETTINGS:
+        kind, value = setting.format(json=ds_json).split(":", 1)
+        use, config = (["--deepspeed", value], None) if kind == "flag" else ([], str(ROOT / value))
+        full, resumed = tmp / name / "full", tmp / name / "resumed"  # resumed: from a copy of full's checkpoint-2
+        plan += [{"argv": [*flags, *extra, *use, "--output_dir", str(full)], "accelerate": config},
+                 {"argv": [*flags, *extra, *use, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"],
+                  "accelerate": config, "seed": str(full / "checkpoint-2")}]
+    (tmp / "plan.json").write_text(json.dumps(plan))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
            "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([torchrun, "--nproc_per_node", "2", str(ROOT / "tests/e2e/deepspeed_runs.py"), str(tmp),
-                           *specs, "--", *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", str(ROOT / "tests/e2e/deepspeed_runs.py"),
+                           str(tmp / "plan.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("dpo: 4 steps") == 2 * len(SETTINGS)  # one summary per run, from rank 0
     for one, extra in (("one", []), ("one_lora", LORA)):

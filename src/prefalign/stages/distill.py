@@ -47,6 +47,7 @@ from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums
 from prefalign.train.runinfo import RunFacts, SplitCount
 from prefalign.train.setup import Session, open_session, train_and_save, trainable_policy
+from prefalign.train.zero import generation_weights
 
 
 def check_distill_config(cfg: DistillConfig) -> None:
@@ -148,9 +149,10 @@ class DistillStage:
             batch = dataset_batch(examples, self.tokenizer.pad_token_id)
         else:
             prompts = [e.prompt_ids for e in examples]
-            out = generate_completions(sampler, self.tokenizer, prompts, num_generations=1,
-                                       max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
-                                       seed=seed)
+            with generation_weights(sampler):  # the student under ZeRO-3: its weights gathered once
+                out = generate_completions(sampler, self.tokenizer, prompts, num_generations=1,
+                                           max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
+                                           seed=seed)
             batch = padded_layout(prompts, out.completion_ids, out.completion_mask, self.tokenizer.pad_token_id)
         batch["on_policy"] = float(on_policy)
         return batch

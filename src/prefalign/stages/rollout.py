@@ -48,6 +48,7 @@ from prefalign.train.loop import LoopResult, sequential_groups
 from prefalign.train.metrics import Extreme, MetricSums, to_host
 from prefalign.train.runinfo import RunFacts, SplitCount, describe_reference
 from prefalign.train.setup import Session, open_session, train_and_save, trainable_policy
+from prefalign.train.zero import generation_weights
 
 
 class Batching(Protocol):
@@ -240,9 +241,10 @@ class RolloutStage:
         prompts, g = self.plan(epoch)[r], algorithm.num_generations
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         share = len(prompts) // world  # whole groups per process (the configs' checks make it divide)
-        s = sampler.sample(algorithm.policy, prompts[rank * share : (rank + 1) * share], g,  # type: ignore[union-attr]
-                           rollout_seed(cfg.seed, epoch, r), first_row=rank * share * g, total_rows=len(prompts) * g,
-                           all_done=self._all_done())
+        with generation_weights(algorithm.policy):  # ZeRO-3: the policy's weights gathered once
+            s = sampler.sample(algorithm.policy, prompts[rank * share : (rank + 1) * share], g,  # type: ignore[union-attr]
+                               rollout_seed(cfg.seed, epoch, r), first_row=rank * share * g,
+                               total_rows=len(prompts) * g, all_done=self._all_done())
         device = self.accelerator.device
         local = s.groups
         local.completion_ids, local.completion_mask = local.completion_ids.to(device), local.completion_mask.to(device)
@@ -274,7 +276,8 @@ class RolloutStage:
 def eval_rewards(sampler: RolloutSampler, model: nn.Module, indices: list[int], reward_fns: list, cfg: Any,
                  reward_name: str = "reward", all_done: Callable[[Tensor], bool] | None = None) -> MetricSums:
     """One sampled completion per held-out prompt, scored by the training rewards."""
-    s = sampler.sample(model, indices, 1, rollout_seed(cfg.seed, -1, indices[0]), all_done=all_done)
+    with generation_weights(model):
+        s = sampler.sample(model, indices, 1, rollout_seed(cfg.seed, -1, indices[0]), all_done=all_done)
     rewards, per_fn = score(reward_fns, cfg.reward_weights, reward_columns(reward_fns, s, "in evaluation"),
                             "in evaluation")
     n = float(len(indices))

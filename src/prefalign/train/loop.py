@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from prefalign.config import TrainArgs
 from prefalign.model.reference import eval_mode, to_device
-from prefalign.train import distributed, zero
+from prefalign.train import distributed, zero, zero_state
 from prefalign.train.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -192,7 +192,7 @@ class _Run:
 
     def resume(self, ckpt: Path) -> int:
         """Restore optimizer, schedule, RNG and counters from `ckpt` (the model was loaded before sharding)."""
-        restore = (lambda s: zero.load_optimizer_state(self.model, self.param_groups, s)) \
+        restore = (lambda s: zero_state.load_optimizer_state(self.model, self.param_groups, s)) \
             if zero.is_engine(self.model) else None
         self.state, raw_state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, restore)
         self.seen_tokens = float(raw_state.get("num_tokens", 0.0))
@@ -209,7 +209,7 @@ class _Run:
         extra = {"num_tokens": self.seen_tokens, "config_class": type(self.args).__name__,
                  "num_processes": self.accelerator.num_processes}
         config = dataclasses.asdict(self.args) if dataclasses.is_dataclass(self.args) else None
-        optimizer = zero.optimizer_state(self.model, self.param_groups) if zero.is_engine(self.model) \
+        optimizer = zero_state.optimizer_state(self.model, self.param_groups) if zero.is_engine(self.model) \
             else distributed.optimizer_state(self.model, self.optimizer)
         path = save_checkpoint(self.args.output_dir, self.state, self.save_model, optimizer, self.scheduler, extra=extra,
                                save_total_limit=self.args.save_total_limit, main=self.accelerator.is_main_process,
