@@ -40,14 +40,16 @@ STAGES = {
              ("loss", "reward", "kl", "grad_norm", "completions/mean_length", "completions/clipped_ratio")),
     "rloo": ([*RL, "--num_generations", "4"], ("loss", "reward", "grad_norm", "completions/mean_length")),
     # PPO with a reward model (the ZeRO-3 rm run's output) and a value model copied from it, partitioned with the
-    # policy; the reward model stays whole
-    "ppo": (RL, ("loss/policy_avg", "loss/value_avg", "objective/scores", "policy/approxkl_avg", "grad_norm")),
+    # policy; the reward model stays whole. One pass per rollout: every step samples its own, so a resume at step 2
+    # is exact (a resume inside a rollout's passes resamples it, README)
+    "ppo": ([*RL, "--num_ppo_epochs", "1"], ("loss/policy_avg", "loss/value_avg", "objective/scores", "policy/approxkl_avg", "grad_norm")),
     "online-dpo": (RL, ("loss", "objective/scores", "rewards/margins", "objective/kl", "grad_norm")),
     # the student samples every completion (--lmbda 1); the teacher is the tiny base model, kept whole
     "distill": (["--max_new_tokens", "8", "--lmbda", "1"], ("loss", "grad_norm", "completions/mean_length")),
 }
 # (command, ZeRO stage): every stage under ZeRO-3, the supervised ones and GRPO under ZeRO-2 too
 RUNS = [(c, 3) for c in STAGES] + [(c, 2) for c in ("pretrain", "sft", "rm", "kto", "grpo")]
+RESUMED = ("ppo",)  # under ZeRO-3 also resumed from its step-1 checkpoint (policy, value model, AdamW, rollout seed)
 ONLINE = ("grpo", "rloo", "ppo", "online-dpo", "distill")  # the policy samples: the EOS-prone model
 
 
@@ -95,7 +97,7 @@ def _argv(command: str, tmp: Path, models: dict[str, Path], out: Path) -> list[s
              }.get(command, [])
     return [command, "--model_name_or_path", str(model), "--dataset_name", str(tmp / f"{command}.jsonl"),
             "--learning_rate", "1e-2", "--max_steps", "2", "--logging_steps", "1", "--disable_tqdm", "--report_to",
-            "none", "--per_device_train_batch_size", "4", "--save_steps", "0", *flags, *extra, "--output_dir", str(out)]
+            "none", "--per_device_train_batch_size", "4", "--save_steps", "1" if command in RESUMED else "0", *flags, *extra, "--output_dir", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,9 @@ def runs(tiny_model_dir, tmp_path_factory) -> dict:
     # rm first: PPO's reward model is the ZeRO-3 rm run's output
     order = sorted(RUNS, key=lambda run: run[0] != "rm")
     plan = [{"argv": [*_argv(c, tmp, models, tmp / f"z{z}_{c}"), "--deepspeed", f"zero{z}"]} for c, z in order]
+    plan += [{"argv": [*_argv(c, tmp, models, tmp / f"z3_{c}_resumed"), "--deepspeed", "zero3",
+                       "--resume_from_checkpoint", "latest"], "seed": str(tmp / f"z3_{c}" / "checkpoint-1")}
+             for c in RESUMED]
     (tmp / "plan.json").write_text(json.dumps(plan))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
@@ -156,6 +161,15 @@ def test_saved_model_loads_whole(runs, command, zero):
     # MLP weight of rm under ZeRO-3; the logged metrics agree within 1e-5 all the same)
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("command", RESUMED)
+def test_resume_continues_the_curve(runs, command):
+    full = read_metrics(runs["tmp"] / f"z3_{command}" / "metrics.jsonl")
+    resumed = read_metrics(runs["tmp"] / f"z3_{command}_resumed" / "metrics.jsonl")
+    assert [r["step"] for r in resumed if "loss" in r] == [2]
+    for key in STAGES[command][1]:
+        assert resumed[0][key] == pytest.approx(full[1][key], rel=1e-6, abs=1e-7), (command, key)
 
 
 def test_online_completions_stop_at_varied_lengths(runs):

@@ -99,3 +99,31 @@ def test_cli_refuses_before_writing(monkeypatch, tiny_model_dir, one_pair, tmp_p
     assert run_cli("dpo", tiny_model_dir, one_pair, tmp_path / "out", "--max_steps", 1, *flags) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"prefalign dpo: error: {message}"]
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_zero3_buckets_sized_from_the_models_inside_a_wrapper(tiny_model_dir):
+    """PPO trains policy + value as one module without `config`: ZeRO-3's "auto" bucket sizes come from the largest
+    hidden size inside (Accelerate's formulas), where Accelerate itself would refuse the module."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prefalign.train.zero import _hidden_size_buckets
+
+    wrapper = torch.nn.ModuleDict({"policy": AutoModelForCausalLM.from_pretrained(tiny_model_dir)})
+    zero = dict(PRESETS["zero3"]["zero_optimization"], stage3_param_persistence_threshold=7)
+    _hidden_size_buckets(SimpleNamespace(deepspeed_config={"zero_optimization": zero}), wrapper)
+    h = 32  # the tiny model's hidden size
+    assert zero["reduce_bucket_size"] == h * h and zero["stage3_prefetch_bucket_size"] == int(0.9 * h * h)
+    assert zero["stage3_param_persistence_threshold"] == 7  # a value the config gives is kept
+
+
+def test_generation_weights_is_a_no_op_without_a_zero3_engine():
+    import torch
+
+    from prefalign.train.zero import generation_weights
+
+    model = torch.nn.Linear(2, 2)
+    with generation_weights(model):
+        assert model(torch.ones(1, 2)).shape == (1, 2)
