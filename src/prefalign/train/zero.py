@@ -13,7 +13,8 @@ What the loop keeps and what DeepSpeed gets (measured with deepspeed 0.19.8 on C
 * the values the loop owns (micro-batch size, accumulation, clipping, precision) come from the flags; a config
   file that says otherwise is a one-line error, "auto" is filled in;
 * models are built whole (transformers' zero.Init is switched off) and partitioned by `deepspeed.initialize`, so
-  loading, LoRA, resumed weights and the frozen reference copy work as without DeepSpeed.
+  loading, LoRA, resumed weights and the frozen reference copy work as without DeepSpeed;
+* the online stages sample under ZeRO-3 with the policy's weights gathered once per rollout (`generation_weights`).
 
 DeepSpeed is an optional extra: it is imported only when asked for (`import_deepspeed`). The optimizer state in
 torch's layout is `train/zero_state.py`.
