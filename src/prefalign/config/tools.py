@@ -162,8 +162,9 @@ class DemoConfig:
     quick: bool = False
     """A much smaller version (under a minute) that checks the machinery, not the accuracy targets."""
     stages: list[str] = field(default_factory=lambda: list(DEMO_STAGES))
-    """Stages to run after SFT: any of dpo, kto (the dpo pairs unpaired), grpo, ppo (ppo also samples the reward model's data and trains it),
-    online-dpo, distill (a fresh smaller student distilled from the dpo model; needs dpo)."""
+    """Stages to run after SFT: any of dpo, kto (the dpo pairs unpaired), grpo, ppo (ppo also samples the reward
+    model's data and trains it), online-dpo, distill (a fresh smaller student distilled from the dpo model; needs
+    dpo)."""
     disable_tqdm: bool = False
     """Hide the progress bars."""
 
