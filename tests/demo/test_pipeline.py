@@ -35,17 +35,17 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     first = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
 
-    assert list(report["stages"]) == ["sft", "dpo", "grpo", "ppo", "online-dpo", "distill"]
+    assert list(report["stages"]) == ["sft", "dpo", "kto", "grpo", "ppo", "online-dpo", "distill"]
     for name, stage in report["stages"].items():
         assert 0.0 <= stage["accuracy"] <= 1.0 and stage["wall_time_s"] > 0, name
         if name != "sft":
             assert stage["kl"] >= 0.0 and 0.0 <= stage["reward_accuracy"] <= 1.0, name
-    assert report["required_gain"] == {"dpo": 0.30, "grpo": 0.20, "ppo": 0.20, "online-dpo": 0.30}
+    assert report["required_gain"] == {"dpo": 0.30, "kto": 0.25, "grpo": 0.20, "ppo": 0.20, "online-dpo": 0.30}
     assert report["teacher_gap"] == {"distill": {"teacher": "dpo", "max_gap": 0.10}}
     # quick mode is too small to pass them; they are reported
-    assert set(report["checks"]) == {"dpo", "grpo", "ppo", "online-dpo", "distill"}
+    assert set(report["checks"]) == {"dpo", "kto", "grpo", "ppo", "online-dpo", "distill"}
     heldout = [s["prompt"] for s in report["samples"]]
-    assert len(heldout) == 6 and all(set(s) == {"prompt", "reference", "sft", "dpo", "grpo", "ppo", "online-dpo",
+    assert len(heldout) == 6 and all(set(s) == {"prompt", "reference", "sft", "dpo", "kto", "grpo", "ppo", "online-dpo",
                                                  "distill"}
                                      for s in report["samples"])
     assert report["samples"][0]["reference"] == task.reference_answer(heldout[0])
@@ -61,8 +61,15 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert rm_rows and all(task.judge(r["prompt"], r["chosen"]) and not task.judge(r["prompt"], r["rejected"])
                            for r in rm_rows)
 
+    # KTO trained on the DPO pairs unpaired: both labels in every logged step, the SFT model as its reference
+    kto_steps = [json.loads(line) for line in (out / "kto" / "metrics.jsonl").read_text().splitlines()]
+    kto_train = [r for r in kto_steps if "loss" in r]
+    assert kto_train and all("rewards/chosen" in r and "rewards/rejected" in r for r in kto_train)
+    kto_config = json.loads((out / "kto" / "prefalign_config.json").read_text())
+    assert kto_config["model_name_or_path"] == str(out / "sft")
+
     for plot in ("accuracy.png", "sft/loss.png", "dpo/loss.png", "dpo/rewards_margins.png",
-                 "dpo/rewards_accuracies.png", "rm/loss.png", "grpo/loss.png", "ppo/loss.png", "online-dpo/loss.png",
+                 "dpo/rewards_accuracies.png", "kto/loss.png", "rm/loss.png", "grpo/loss.png", "ppo/loss.png", "online-dpo/loss.png",
                  "distill/loss.png"):
         assert plot in report["plots"] and (out / plot).read_bytes()[:8] == PNG_MAGIC, plot
     md = (out / "report.md").read_text()
@@ -75,7 +82,7 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     mtime = (out / "dpo" / "model.safetensors").stat().st_mtime_ns
     assert main(["demo", "--output_dir", str(out), "--quick", "--disable_tqdm"]) == 0
     second = capsys.readouterr().out
-    for name in ("tokenizer", "init", "sft", "dpo", "grpo", "rm_data", "rm", "ppo", "online-dpo", "distill_init",
+    for name in ("tokenizer", "init", "sft", "dpo", "kto", "grpo", "rm_data", "rm", "ppo", "online-dpo", "distill_init",
                  "distill"):
         assert f"[demo] {name}: done already" in second, name
     assert (out / "dpo" / "model.safetensors").stat().st_mtime_ns == mtime

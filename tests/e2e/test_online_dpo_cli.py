@@ -50,6 +50,21 @@ def test_metrics_step_one_by_hand_and_batch_accumulation_invariance(tiny_model_d
     AutoModelForCausalLM.from_pretrained(tmp_path / "a")
 
 
+def test_shared_prompt_run_equals_padded_rows(tiny_model_dir, prompts, tmp_path, capsys):
+    """--share_prompt (the default) scores each pair with its prompt once and trains as padded rows do: same losses
+    and gradient norms over 3 steps with 3 samples per prompt (float32, rel 1e-4 after the policy has moved)."""
+    common = ("--max_steps", 3, "--num_generations", 3, "--per_device_train_batch_size", 2)
+    assert _run(tiny_model_dir, prompts, tmp_path / "shared", *common) == 0
+    assert "packed: each group's prompt once" in capsys.readouterr().out
+    assert _run(tiny_model_dir, prompts, tmp_path / "padded", *common, "--share_prompt", "false") == 0
+    assert "padded prompt + completion rows" in capsys.readouterr().out
+    shared, padded = (read_metrics(tmp_path / n / "metrics.jsonl") for n in ("shared", "padded"))
+    assert len(shared) == len(padded) == 3
+    for x, y in zip(shared, padded):
+        for key in ("loss", "grad_norm", "objective/scores", "rewards/margins", "objective/kl", "num_tokens"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+
+
 @pytest.mark.slow
 def test_checkpoints_and_exact_resume_and_eval(tiny_model_dir, prompts, tmp_path):
     out = tmp_path / "run"

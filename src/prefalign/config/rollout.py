@@ -186,6 +186,9 @@ class OnlineDPOArgs:
     missing_eos_penalty: float | None = None
     """Subtracted from the score of completions that reach --max_completion_length without EOS, before the pair is
     chosen (TRL's OnlineDPO option)."""
+    share_prompt: bool = True
+    """Run each pair's prompt once in the training forwards (policy and reference log-probs), its two completions
+    attending to it in one packed row (falls back to padded rows where unsupported)."""
 
 
 @dataclass

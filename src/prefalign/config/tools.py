@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from prefalign.config.common import ModelSource, PairData, RowFilter
 from prefalign.config.preference import UnpairedArgs
 
-DEMO_STAGES = ("dpo", "grpo", "ppo", "online-dpo", "distill")  # what the demo can run after SFT, in this order
+DEMO_STAGES = ("dpo", "kto", "grpo", "ppo", "online-dpo", "distill")  # what the demo can run after SFT, in this order
 DEMO_RECIPES = ("toy", "smollm2")
 
 
@@ -170,8 +170,9 @@ class DemoConfig:
     quick: bool = False
     """A much smaller version (under a minute) that checks the machinery, not the accuracy targets."""
     stages: list[str] = field(default_factory=lambda: list(DEMO_STAGES))
-    """toy recipe: stages to run after SFT: any of dpo, grpo, ppo (ppo also samples the reward model's data and trains it),
-    online-dpo, distill (a fresh smaller student distilled from the dpo model; needs dpo)."""
+    """toy recipe: stages to run after SFT: any of dpo, kto (the dpo pairs unpaired), grpo, ppo (ppo also samples
+    the reward model's data and trains it), online-dpo, distill (a fresh smaller student distilled from the dpo
+    model; needs dpo)."""
     disable_tqdm: bool = False
     """Hide the progress bars."""
 

@@ -1,7 +1,8 @@
 """`prefalign demo`: the whole alignment pipeline on the built-in addition task, with evaluation and a report.
 
 train-tokenizer -> init-model -> SFT on answers of mixed quality -> DPO on (right, wrong) pairs with the SFT model
-as reference -> (right, wrong) pairs of the SFT model's own judged answers -> reward model -> PPO with it, and GRPO
+as reference -> KTO on the same pairs unpaired (right desirable, wrong undesirable), the SFT model as reference ->
+(right, wrong) pairs of the SFT model's own judged answers -> reward model -> PPO with it, and GRPO
 and online DPO with the task's judge as reward, all from the SFT model -> a fresh smaller student distilled from
 the DPO model -> held-out evaluation of every stage -> report.json, report.md and PNG plots in --output_dir.
 
@@ -33,7 +34,7 @@ from prefalign.rollout.answers import greedy_completions
 from prefalign.stages.dpo import pair_metrics
 from prefalign.train.plots import plot_run
 
-REQUIRED_GAIN = {"dpo": 0.30, "grpo": 0.20, "ppo": 0.20, "online-dpo": 0.30}
+REQUIRED_GAIN = {"dpo": 0.30, "kto": 0.25, "grpo": 0.20, "ppo": 0.20, "online-dpo": 0.30}
 TEACHER_GAP = {"distill": ("dpo", 0.10)}  # a distilled student must come within this of its teacher's accuracy
 NUM_SAMPLES = 6
 PAIR_EVAL = DPOConfig(beta=0.1, max_length=64, per_device_eval_batch_size=64)  # how reward accuracy is measured
@@ -83,6 +84,9 @@ class Demo:
         if "dpo" in stages:
             self._timed("dpo", lambda: st.dpo(p("sft"), d / "pairs.jsonl", d / "heldout_pairs.jsonl", p("dpo"), s,
                                               seed, quiet))
+        if "kto" in stages:
+            self._timed("kto", lambda: st.kto(p("sft"), d / "pairs.jsonl", d / "heldout_pairs.jsonl", p("kto"), s,
+                                              seed, quiet))
         if "grpo" in stages:
             self._timed("grpo", lambda: st.grpo(p("sft"), d / "prompts.jsonl", p("grpo"), s, seed, quiet))
         if "ppo" in stages:
@@ -128,7 +132,7 @@ class Demo:
 
 def _plots(demo: Demo, stages: dict[str, Any]) -> list[str]:
     written = [plot_stage_accuracy({k: v["accuracy"] for k, v in stages.items()}, demo.out / "accuracy.png")]
-    for name in ("sft", "dpo", "rm", "grpo", "ppo", "online-dpo", "distill"):
+    for name in ("sft", "dpo", "kto", "rm", "grpo", "ppo", "online-dpo", "distill"):
         if (demo.path(name) / "metrics.jsonl").is_file():
             written += plot_run(demo.path(name))
     return [p.relative_to(demo.out).as_posix() for p in written]

@@ -51,28 +51,39 @@ class CompletionGroups:
         return self.completion_mask.sum(1)  # (N,)
 
     def batch(self, rows: Sequence[int], packed: bool) -> dict[str, Any]:
-        """Model input of `rows` (in that order): the shared-prompt packed row, or padded prompt + completion rows.
+        """Model input of `rows` (result rows in that order): the shared-prompt packed row, or padded prompt +
+        completion rows.
 
-        Packed, consecutive rows of one prompt form one group (its prompt appears once). `num_tokens` counts each
-        row's prompt + completion (TRL's num_tokens), whatever the layout.
+        Packed, the rows of one prompt form one group wherever they stand in `rows` (its prompt appears once), e.g.
+        online DPO's chosen rows then rejected rows. `num_tokens` counts each row's prompt + completion (TRL's
+        num_tokens), whatever the layout.
         """
         rows = list(rows)
         lengths = self.lengths[rows].tolist()
         completions = [ids[:n] for ids, n in zip(self.completion_ids[rows].tolist(), lengths)]  # one transfer
         if packed:
-            groups: list[CompletionGroup] = []
-            for k, (r, c) in enumerate(zip(rows, completions)):
-                if k and r // self.num_generations == rows[k - 1] // self.num_generations:
-                    groups[-1] = CompletionGroup(groups[-1].prompt_ids, (*groups[-1].completions, c))
-                else:
-                    groups.append(CompletionGroup(self.prompt_of(r), (c,)))
-            batch = collate_groups(groups, self.pad_token_id)
+            groups, order = self._groups_of(rows, completions)
+            batch = collate_groups(groups, self.pad_token_id, row_order=order)
         else:
             index = torch.tensor(rows, dtype=torch.long, device=self.completion_ids.device)
             batch = padded_layout([self.prompt_of(r) for r in rows], self.completion_ids[index],
                                   self.completion_mask[index], self.pad_token_id)
         batch["num_tokens"] = sum(len(self.prompt_of(r)) + n for r, n in zip(rows, lengths))
         return batch
+
+    def _groups_of(self, rows: list[int], completions: list[list[int]]) -> tuple[list[CompletionGroup],
+                                                                                    list[int] | None]:
+        """`rows` as completion groups (one per prompt, in order of first appearance) and the row order that
+        `collate_groups` needs to give the results in the order of `rows` (None when it is the group order)."""
+        members: dict[int, list[int]] = {}  # group -> positions in `rows`
+        for k, r in enumerate(rows):
+            members.setdefault(r // self.num_generations, []).append(k)
+        groups = [CompletionGroup(self.prompt_ids[g], tuple(completions[k] for k in ks)) for g, ks in members.items()]
+        built = [k for ks in members.values() for k in ks]  # position in `rows` of each completion as built
+        if built == list(range(len(rows))):
+            return groups, None
+        slot = {k: b for b, k in enumerate(built)}
+        return groups, [slot[k] for k in range(len(rows))]
 
     def logps(self, model: torch.nn.Module, chunk: int, temperature: float, packed: bool,
               weights: Callable[[], AbstractContextManager[Any]] | None = None) -> Tensor:

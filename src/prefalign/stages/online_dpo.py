@@ -5,7 +5,9 @@ One optimizer step = one rollout of B x A x processes prompts (`--per_device_tra
 in TRL), each sampled `--num_generations` times (TRL: 2) with the KV cache and scored by the reward functions
 and/or reward model (`--missing_eos_penalty` subtracted from completions without EOS). Per prompt the best
 completion is chosen (the first on ties) and the worst rejected (the last on ties: with two samples, sample 1 is
-chosen iff its score >= sample 2's, TRL's rule). The pair's log-probs (policy with grad, reference without) go
+chosen iff its score >= sample 2's, TRL's rule). The pair's log-probs (policy with grad, reference without) are
+computed on the pairs' rows only, in the shared-prompt packed layout of GRPO (`--share_prompt`, on by default: each
+prompt once, its two completions attending to it; padded rows where the model does not allow it), and go
 through the same `Objective` as `prefalign dpo` (`stages.dpo.preference_objective`: every registered loss, with
 its flags), at temperature 1; the reference is the initial policy (or --ref_model_name_or_path, or the base with
 the adapter disabled under LoRA).
@@ -22,6 +24,7 @@ sum the padding after EOS).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +84,7 @@ class OnlineDPO:
     progress_keys = {"objective/scores": "score", "rewards/margins": "margin", "objective/kl": "kl"}
     eval_reward_name = "objective/scores"
     per_token = False
-    shares_prompts = False  # the pair's rows are taken out of the micro-batch's padded rows
+    shares_prompts = True  # a pair's two completions attend to one copy of its prompt (`forward_rows`)
     row_weighted_metrics = True
     batch_unit = "prompts"
 
@@ -109,26 +112,28 @@ class OnlineDPO:
                    "val/contain_eos_token": float((~truncated).float().mean()), "beta": cfg.beta}
         return {"pair_rank": rank, "scores": scores}, metrics
 
+    def forward_rows(self, rows: Sequence[int], tensors: dict[str, Tensor]) -> list[int]:
+        """The rows the loss's forwards score, out of a micro-batch of whole prompt groups: the chosen rows, then
+        the rejected ones (the layout of CompletionLogps), each list in prompt order. Packed, a prompt's two rows
+        share one copy of it (`CompletionGroups.batch`); the other samples are not run at all."""
+        rows = list(rows)
+        rank = tensors["pair_rank"][rows].tolist()
+        return [r for r, k in zip(rows, rank) if k == 0] + [r for r, k in zip(rows, rank) if k == 1]
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        rank = batch["pair_rank"]  # (b,) whole prompt groups in order, so the two lists align by prompt
-        rows = (rank == 0).nonzero().squeeze(1).tolist() + (rank == 1).nonzero().squeeze(1).tolist()
-        pairs = _pick_rows(batch, rows, rank.numel())  # chosen rows, then rejected: the layout of CompletionLogps
-        policy = completion_logps(model, pairs, with_wpo=self.objective.use_weighting)
-        ref = self.reference.logps(pairs) if self.objective.needs_reference else None
+        # the model input holds the pairs' rows (`forward_rows`: P chosen, then P rejected); the per-row tensors the
+        # micro-batch's b = P x G rows in order, so `pair_rank` picks the pairs' rows out of them in the same order
+        rank = batch["pair_rank"]  # (b,)
+        pick = torch.cat([(rank == 0).nonzero().squeeze(1), (rank == 1).nonzero().squeeze(1)])  # (2P,)
+        policy = completion_logps(model, batch, with_wpo=self.objective.use_weighting)
+        ref = self.reference.logps(batch) if self.objective.needs_reference else None
         inputs = preference_inputs(policy, ref, self.objective)
         out = compute_preference_loss(inputs, self.objective)
         losses = out.losses  # (P,)
         if self.cfg.mask_truncated_completions:  # the loss mask is empty for a completion without EOS
-            kept = pairs["loss_mask"].sum(1).gt(0).view(2, -1).all(0)  # (P,)
+            kept = batch["loss_mask"][pick].sum(1).gt(0).view(2, -1).all(0)  # (P,)
             losses = losses * kept.to(losses.dtype)
-        return losses.mean(), pair_metrics(self.cfg.beta, inputs, out, policy, ref, pairs["scores"])
-
-
-def _pick_rows(batch: dict[str, Any], rows: list[int], num_rows: int) -> dict[str, Any]:
-    """`rows` of every per-row tensor of a padded micro-batch (leading dimension `num_rows`), other entries as is."""
-    index = torch.tensor(rows, dtype=torch.long)
-    return {k: v[index.to(v.device)] if isinstance(v, Tensor) and v.dim() and v.size(0) == num_rows else v
-            for k, v in batch.items()}
+        return losses.mean(), pair_metrics(self.cfg.beta, inputs, out, policy, ref, batch["scores"][pick])
 
 
 def pair_metrics(beta: float, inputs: Any, out: Any, policy: Any, ref: Any, scores: Tensor) -> dict[str, Tensor]:

@@ -113,7 +113,9 @@ class Algorithm(Protocol):
     """What an on-policy algorithm adds to the shared rollout stage. Optionally also `save_extra(directory)` /
     `load_extra(directory)`: what a checkpoint holds besides the policy (PPO's value model), and
     `row_weighted_metrics = True` when the metrics `loss` returns are means over rows, not tokens (online DPO's
-    per-pair metrics), and `batch_unit` when --per_device_train_batch_size counts something else than completions."""
+    per-pair metrics), `batch_unit` when --per_device_train_batch_size counts something else than completions, and
+    `forward_rows(rows, tensors)` when the loss's forwards score only some of a micro-batch's rows, in its own order
+    (online DPO's pairs; the micro-batch's per-row tensors still hold all of `rows`)."""
 
     model: nn.Module  # what the loop optimises (the policy, or PPO's policy + value)
     policy: nn.Module  # what samples, and what is saved as the final model
@@ -192,7 +194,10 @@ class RolloutStage:
         if split != "train":
             return {"indices": list(group)}
         rollout = self._current[1]
-        batch = rollout["groups"].batch(group.rows, self.packed)
+        # the rows the loss's forwards score: all of them, or the algorithm's choice (online DPO's pairs)
+        forward_rows = getattr(self.algorithm, "forward_rows", None)
+        rows = forward_rows(group.rows, rollout["tensors"]) if forward_rows else group.rows
+        batch = rollout["groups"].batch(rows, self.packed)
         batch.update(take_rows(rollout["tensors"], group.rows))
         batch["rollout_metrics"] = rollout["metrics"]
         return batch
