@@ -28,7 +28,7 @@ from prefalign.demo import measure, task
 from prefalign.demo import toy as st
 from prefalign.demo.cache import timed_step
 from prefalign.demo.real import run_real_demo
-from prefalign.demo.report import QUICK_NOTE, gains, plot_stage_accuracy, verdict, write_report
+from prefalign.demo.report import QUICK_NOTE, check_line, gains, plot_stage_accuracy, write_report
 from prefalign.errors import PrefalignError
 from prefalign.rollout.answers import greedy_completions
 from prefalign.stages.dpo import pair_metrics
@@ -179,8 +179,7 @@ def summary(report: dict[str, Any], md_path: Path) -> str:
     if checks and (report.get("settings") or {}).get("quick"):
         lines.append(f"note: {QUICK_NOTE}")
     for name, c in checks.items():
-        lines.append(f"{verdict(report, c)}: {name} gains {c['gain']:+.3f} over {c.get('baseline', 'sft')} "
-                     f"(needs {c['required']:+.2f})")
+        lines.append(check_line(report, name, c))
     lines.append(f"total {report['total_wall_time_s']:.0f} s of training and evaluation (this run "
                  f"{report['this_run_wall_time_s']:.0f} s); report: {md_path}")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from prefalign.config.common import ModelArgs
 from prefalign.demo import facts, task
 from prefalign.demo.cache import timed_step
 from prefalign.demo.measure import mean_token_kl
-from prefalign.demo.report import gains, plot_stage_accuracy, verdict, write_report
+from prefalign.demo.report import check_line, gains, plot_stage_accuracy, write_report
 from prefalign.errors import PrefalignError
 from prefalign.model.load import load_pretrained, load_tokenizer, save_model
 from prefalign.rollout.answers import greedy_completions
@@ -241,7 +241,7 @@ def summary(report: dict[str, Any], md_path: Path) -> str:
         lines.append(f"{name:<6} {s['success']:>7.3f} {s['fact']:>6.3f} {s['mean_words']:>6.1f} "
                      f"{'-' if kl is None else f'{kl:.3f}':>6} {s['wall_time_s']:>8.1f}")
     for name, c in gains(report).items():
-        lines.append(f"{verdict(report, c)}: {name} {c['gain']:+.3f} over {c['baseline']} (needs {c['required']:+.2f})")
+        lines.append(check_line(report, name, c))
     lines.append(f"total {report['total_wall_time_s']:.0f} s (this run {report['this_run_wall_time_s']:.0f} s); "
                  f"report: {md_path}")
     return "\n".join(lines)

@@ -101,6 +101,12 @@ def verdict(report: dict[str, Any], check: dict[str, Any]) -> str:
     return "PASS" if check["passed"] else "FAIL"
 
 
+def check_line(report: dict[str, Any], name: str, check: dict[str, Any]) -> str:
+    """One check as the console and report.md print it, e.g. "PASS: dpo gains +0.343 over sft (needs >= +0.30)"."""
+    return (f"{verdict(report, check)}: {name} gains {check['gain']:+.3f} over {check['baseline']} "
+            f"(needs >= {check['required']:+.2f})")
+
+
 def _stage_table(report: dict[str, Any]) -> list[str]:
     stages, key = _check(report), metric(report)
     columns = report.get("columns") or _COLUMNS
@@ -137,8 +143,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if (report.get("settings") or {}).get("quick"):
             lines += [f"The {QUICK_NOTE}.", ""]
         for name, c in checks.items():
-            lines.append(f"- {verdict(report, c)}: {name} gains {c['gain']:+.3f} over {c.get('baseline', 'the baseline')} "
-                         f"(needs >= {c['required']:+.2f})")
+            lines.append(f"- {check_line(report, name, c)}")
         lines.append("")
     lines += _samples(report)
     plots = report.get("plots") or []
