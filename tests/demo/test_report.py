@@ -83,7 +83,7 @@ def test_quick_runs_say_not_checked_instead_of_fail(tmp_path):
     assert "- not checked (quick): grpo gains +0.125 over sft (needs >= +0.20)" in md
     assert "quick mode checks the machinery, not the accuracy targets" in md
     text = summary(report, md_path)
-    assert "FAIL" not in text and "not checked (quick): grpo gains +0.125 over sft (needs +0.20)" in text
+    assert "FAIL" not in text and "not checked (quick): grpo gains +0.125 over sft (needs >= +0.20)" in text
     assert "note: quick mode checks the machinery, not the accuracy targets (run without --quick for those)" in text
     full = summary({**report, "settings": {"quick": False}}, md_path)
-    assert "FAIL: grpo gains +0.125 over sft (needs +0.20)" in full and "PASS: dpo gains +0.375" in full
+    assert "FAIL: grpo gains +0.125 over sft (needs >= +0.20)" in full and "PASS: dpo gains +0.375" in full
