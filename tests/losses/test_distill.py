@@ -63,6 +63,23 @@ def test_gradient_reaches_the_student_only() -> None:
     assert s.grad[1].abs().sum() < 1e-7  # equal distributions: a minimum
 
 
+@pytest.mark.parametrize("student_logit", [0.0, -4.0, -8.0])
+def test_jsd_gradient_fades_where_the_student_misses_the_teachers_token(student_logit: float) -> None:
+    """Why the demo distils with beta 0: on the token the teacher is sure of (p ~ 1), the forward KL's gradient in
+    the student's logit is q - p ~ -1 whatever the student's probability q; the JSD's (beta 0.5) shrinks with q,
+    about -(1 - beta) * q * log(beta / q) for small q (by hand), so a student that gives it almost no mass barely
+    moves."""
+    teacher = torch.tensor([[0.0, 0.0, 8.0]])
+    grads = {}
+    for beta in (0.0, 0.5):
+        s = torch.tensor([[2.0, 0.0, student_logit]], requires_grad=True)
+        generalized_jsd(s, teacher, beta=beta).sum().backward()
+        grads[beta] = s.grad[0, 2].item()
+    q = torch.tensor([2.0, 0.0, student_logit]).softmax(-1)[2].item()
+    p = teacher.softmax(-1)[0, 2].item()
+    assert grads[0.0] == pytest.approx(q - p, abs=1e-6)  # softmax cross-entropy on the teacher's distribution
+    assert -6 * q < grads[0.5] < 0
+
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_equal_to_trl_generalized_jsd_loss(beta: float, temperature: float) -> None:
