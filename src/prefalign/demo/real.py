@@ -32,7 +32,7 @@ from prefalign.demo.cache import timed_step
 from prefalign.demo.measure import mean_token_kl
 from prefalign.demo.report import check_line, gains, plot_stage_accuracy, write_report
 from prefalign.errors import PrefalignError
-from prefalign.model.load import load_pretrained, load_tokenizer, save_model
+from prefalign.model.load import load_pretrained, load_tokenizer, peft_wrapping, save_model
 from prefalign.rollout.answers import greedy_completions
 from prefalign.rollout.generate import chat_prompt_ids, generate_completions
 from prefalign.stages.dpo import train_dpo
@@ -175,8 +175,12 @@ class RealDemo:
         if cached.is_file():
             return json.loads(cached.read_text())
         start = time.perf_counter()
-        model = base if name == "base" else PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(self.path("base")), str(self.path(name))).eval()
+        if name == "base":
+            model = base
+        else:
+            with peft_wrapping():
+                model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(self.path("base")),
+                                                  str(self.path(name))).eval()
         questions = [f.question for f in self.heldout]
         completions = greedy_completions(model, tokenizer, questions, batch_size=64,
                                          max_new_tokens=self.sizes.max_new_tokens,
