@@ -214,8 +214,10 @@ def train_distill(cfg: DistillConfig) -> LoopResult:
     stage = DistillStage(cfg, student, teacher, session.tokenizer, train, eval_)
     splits = [SplitCount.of(name, s, "samples") for name, s in (("train", stats), ("eval", eval_stats)) if s]
     source = "the teacher's samples" if cfg.seq_kd else "the dataset's completions"
+    divergence = {0.0: "forward KL(teacher || student) (beta=0)", 1.0: "reverse KL(student || teacher) (beta=1)"}.get(
+        cfg.beta, f"generalized JSD with beta={cfg.beta:g}")
     facts = RunFacts(splits, "samples", "padded prompt + completion rows", "none (the teacher is the target)",
                      {"teacher": f"{cfg.teacher_model_name_or_path} (frozen)",
                       "completions": f"{cfg.lmbda:g} of the micro-batches sampled by the student, the rest "
-                                     f"{source}; loss: generalized JSD with beta={cfg.beta:g}"})
+                                     f"{source}; loss: {divergence}"})
     return train_and_save(stage, student, cfg, session, "distill", facts)
