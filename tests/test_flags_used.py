@@ -40,9 +40,10 @@ UNREAD_BY_DESIGN = {
     **{(c, flag): why for c in ("dpo", "kto", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo", "distill")
        for flag, why in (
         ("freeze_vision_tower", "read only for a vision-language model (the tiny model is text-only)"),
-        ("ignore_adapter_base", "read only with --peft_adapter_path"),
-        ("bnb_4bit_quant_type", "read only with --load_in_4bit (tests/model/test_qlora.py runs it)"),
-        ("use_bnb_nested_quant", "read only with --load_in_4bit (tests/model/test_qlora.py runs it)"))},
+        ("ignore_adapter_base", "read only with --peft_adapter_path"))},
+    **{(c, flag): "read only with --load_in_4bit (tests/model/test_qlora.py runs it)"
+       for c in ("dpo", "kto", "rm", "sft", "pretrain", "grpo", "rloo", "ppo", "online-dpo", "distill")
+       for flag in ("bnb_4bit_quant_type", "use_bnb_nested_quant")},
     **{(c, flag): "read only with --sync_ref_model" for c in ("dpo", "kto")
        for flag in ("ref_model_mixup_alpha", "ref_model_sync_steps")},
     ("data inspect", "completion_column"): "read only for unpaired (KTO) rows; the run inspects pairs",

@@ -4,9 +4,12 @@ a continued adapter on a 4-bit base."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from prefalign.config import ModelArgs
 from prefalign.config.tools import ModelShape
 from prefalign.model.init import init_model
 from prefalign.model.load import load_policy
-from prefalign.model.quant import no_cpu_repacking
+from prefalign.model.quant import is_4bit, no_cpu_repacking
 from prefalign.train.metrics import read_metrics
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -76,11 +79,11 @@ def test_4bit_base_on_cpu_trains_only_adapters_with_right_gradients(model64_dir)
     assert all(torch.equal(plain[n], after_eval[n]) for n in plain)
 
 
-def _load_4bit(model_dir):
+def _load_4bit(model_dir, auto_class=AutoModelForCausalLM, **kwargs):
     """The 4-bit base as a user would load it, with the CPU repacking off (else its eval forwards run bitsandbytes'
     bf16 inference kernel, measured 2.5e-3 away from the float32 compute here)."""
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
+    model = auto_class.from_pretrained(model_dir, quantization_config=config, **kwargs)
     no_cpu_repacking(model)
     return model
 
@@ -88,6 +91,25 @@ def _load_4bit(model_dir):
 def _logits(model, ids=IDS) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(ids).logits  # (1, T, V)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_a_4bit_load_releases_the_checkpoints_memory_map(model64_dir, tmp_path):
+    """The tensors a 4-bit load leaves unquantized are copied out of the memory-mapped safetensors file, so its
+    pages (all read while quantizing) are not kept resident; a float32 load keeps its lazily read map."""
+    copy = shutil.copytree(model64_dir, tmp_path / "model")
+
+    def mapped() -> bool:
+        return str(copy / "model.safetensors") in Path("/proc/self/maps").read_text()
+
+    fp32 = load_policy(ModelArgs(model_name_or_path=str(copy), use_peft=True))
+    assert mapped()  # the control: transformers maps the checkpoint
+    del fp32
+    gc.collect()
+    assert not mapped()
+    qlora = load_policy(ModelArgs(model_name_or_path=str(copy), load_in_4bit=True))
+    gc.collect()
+    assert not mapped() and is_4bit(qlora)
 
 
 def test_qlora_dpo_on_cpu_saves_an_adapter_that_reloads_and_merges(model64_dir, pairs_file, tmp_path):
@@ -162,6 +184,73 @@ def test_sft_and_grpo_train_on_a_4bit_base(model64_dir, tmp_path):
     assert grpo[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # the reference is the disabled adapter
     assert grpo[1]["kl"] > 0  # the adapter moved after the first update, through rollouts in eval mode
 
+
+
+RL = ["--max_completion_length", "4", "--reward_funcs", "length:3", "--per_device_train_batch_size", "4"]
+OTHER_STAGES = {  # command -> (rows, flags): the --use_peft stages test_qlora does not run above
+    "pretrain": ([{"text": f"{a} plus 2 makes {a + 2}"} for a in range(4)], ["--max_length", "16"]),
+    "kto": ([{"prompt": conv(("user", f"what is {a} + 2")), "completion": conv(("assistant", f"{a + 2 + a % 2}")),
+              "label": a % 2 == 0} for a in range(4)], ["--per_device_train_batch_size", "4"]),
+    "rloo": ([{"prompt": conv(("user", f"what is {a} + 2"))} for a in range(4)], [*RL, "--num_generations", "2"]),
+    "ppo": ([{"prompt": conv(("user", f"what is {a} + 2"))} for a in range(4)], [*RL, "--num_ppo_epochs", "1"]),
+    "online-dpo": ([{"prompt": conv(("user", f"what is {a} + 2"))} for a in range(4)], RL),
+    "distill": ([{"prompt": conv(("user", f"what is {a} + 2")), "completion": conv(("assistant", f"{a + 2}"))}
+                 for a in range(4)], ["--max_new_tokens", "4", "--lmbda", "0.5", "--per_device_train_batch_size", "2"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(OTHER_STAGES))
+def test_every_other_peft_stage_trains_on_a_4bit_base(command, model64_dir, tmp_path, capsys):
+    rows, flags = OTHER_STAGES[command]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    if command == "distill":
+        flags = [*flags, "--teacher_model_name_or_path", str(model64_dir)]
+    out = tmp_path / command
+    assert run_cli(command, model64_dir, data, out, "--max_steps", 2, "--load_in_4bit", "--lora_r", 4,
+                   "--learning_rate", 1e-2, *flags) == 0
+    assert "QLoRA r=4" in capsys.readouterr().out  # the run summary says what trained
+    assert (out / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(_load_4bit(model64_dir), str(out))
+    assert isinstance(reloaded.get_base_model().model.layers[0].mlp.up_proj.base_layer, bnb.nn.Linear4bit)
+    assert torch.isfinite(_logits(reloaded)).all()
+
+
+def test_reward_model_on_a_4bit_body_trains_its_full_precision_head(model64_dir, pairs_file, tmp_path):
+    """QLoRA for `prefalign rm`: LoRA on the 4-bit body, the fresh score head unquantized and trained in full; the
+    adapter reloads onto a full-precision classifier, and --merge_adapter merges into the dequantized body."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prefalign.config import RMConfig
+    from prefalign.stages.rm import load_reward_model
+
+    model, new_head = load_reward_model(RMConfig(model_name_or_path=str(model64_dir), load_in_4bit=True, lora_r=4),
+                                        pad_token_id=0)
+    base = model.get_base_model()
+    assert new_head and isinstance(base.model.layers[0].mlp.up_proj.base_layer, bnb.nn.Linear4bit)
+    head = base.score.modules_to_save["default"]
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32 and head.weight.requires_grad
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+
+    out = tmp_path / "rm"
+    assert run_cli("rm", model64_dir, pairs_file, out, "--max_steps", 3, "--per_device_train_batch_size", 2,
+                   "--load_in_4bit", "--lora_r", 4, "--learning_rate", 1e-2, "--merge_adapter") == 0
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+    def classifier(quantized: bool):
+        load = _load_4bit if quantized else AutoModelForSequenceClassification.from_pretrained
+        kwargs = {"auto_class": AutoModelForSequenceClassification} if quantized else {}
+        return PeftModel.from_pretrained(load(model64_dir, num_labels=1, **kwargs), str(out)).eval()
+
+    on_4bit, on_fp32 = classifier(True), classifier(False)
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    assert "quantization_config" not in json.loads((out / "merged" / "config.json").read_text())
+    assert type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    trained_head = on_fp32.get_base_model().score.modules_to_save["default"].weight
+    assert torch.equal(merged.score.weight, trained_head)  # the trained head, in both reloads
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, on_4bit(IDS).logits, atol=1e-4, rtol=0)
+        assert torch.isfinite(on_fp32(IDS).logits).all()
 
 def test_a_gguf_base_in_4_bits(model64_dir, tmp_path):
     """transformers cannot quantize a GGUF file with bitsandbytes: its dequantized weights go through a temporary

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from typing import Any
 
-from prefalign.config.common import LengthArgs, ModelArgs, TrainArgs
+from prefalign.config.common import LengthArgs, LoraArgs, TrainArgs
 from prefalign.errors import PrefalignError
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -33,7 +33,7 @@ def check_finite(cfg: Any) -> None:
                 raise PrefalignError(f"must be a finite number, got {v}", f"--{f.name}")
 
 
-def check_model_args(args: ModelArgs) -> None:
+def check_model_args(args: LoraArgs) -> None:
     """The LoRA and 4-bit settings (checked whether or not --use_peft / --load_in_4bit is given: a pipeline may turn
     them on later)."""
     if args.lora_r < 1:
@@ -52,7 +52,7 @@ def check_model_args(args: ModelArgs) -> None:
 def check_train_args(args: TrainArgs) -> None:
     """The training loop's flags, every number finite, and the model's LoRA settings when `args` carries them."""
     check_finite(args)
-    if isinstance(args, ModelArgs):
+    if isinstance(args, LoraArgs):  # every training config with LoRA flags, the reward model's too
         check_model_args(args)
     if not args.output_dir:
         raise PrefalignError("is required", "--output_dir")

@@ -53,15 +53,9 @@ class LoraArgs:
 
 
 @dataclass
-class ModelArgs(LoraArgs, LoadArgs):
-    """The causal LM a training command trains: how it is loaded and adapted."""
+class QuantArgs:
+    """QLoRA: a 4-bit base under a LoRA adapter."""
 
-    peft_adapter_path: str | None = None
-    """Continue from an existing LoRA adapter (e.g. an SFT adapter): it is loaded as the trainable policy adapter and,
-    frozen, as the reference adapter, in one base model."""
-    ignore_adapter_base: bool = False
-    """Load --peft_adapter_path onto --model_name_or_path even though its adapter_config.json names another base
-    model (refused otherwise); the output records the base really used."""
     load_in_4bit: bool = False
     """QLoRA: load the base model 4-bit quantized with bitsandbytes and train a LoRA adapter on it (CPU with
     bitsandbytes >= 0.49, or a CUDA GPU; computes in float32 on CPU, bfloat16 on GPU)."""
@@ -70,6 +64,18 @@ class ModelArgs(LoraArgs, LoadArgs):
     use_bnb_nested_quant: bool = False
     """Double quantization with --load_in_4bit: the quantization constants are quantized too (saves ~0.4 bit per
     weight)."""
+
+
+@dataclass
+class ModelArgs(QuantArgs, LoraArgs, LoadArgs):
+    """The causal LM a training command trains: how it is loaded and adapted."""
+
+    peft_adapter_path: str | None = None
+    """Continue from an existing LoRA adapter (e.g. an SFT adapter): it is loaded as the trainable policy adapter and,
+    frozen, as the reference adapter, in one base model."""
+    ignore_adapter_base: bool = False
+    """Load --peft_adapter_path onto --model_name_or_path even though its adapter_config.json names another base
+    model (refused otherwise); the output records the base really used."""
     freeze_vision_tower: bool = True
     """Vision-language models: keep the vision encoder's weights fixed, so LoRA adapts the language model only and full
     fine-tuning leaves the encoder as it was; false trains it too."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prefalign.config.common import DataArgs, LoadArgs, LoraArgs, PolicyArgs, TrainArgs
+from prefalign.config.common import DataArgs, LoadArgs, LoraArgs, PolicyArgs, QuantArgs, TrainArgs
 
 
 @dataclass
@@ -130,8 +130,9 @@ class RMArgs:
 
 
 @dataclass
-class RMConfig(RMArgs, TrainArgs, DataArgs, LoraArgs, LoadArgs):
-    """Configuration of `prefalign rm` (no reference; no continued adapter or 4-bit base for reward models yet)."""
+class RMConfig(RMArgs, TrainArgs, DataArgs, QuantArgs, LoraArgs, LoadArgs):
+    """Configuration of `prefalign rm` (no reference; LoRA or QLoRA on the body, the score head trained in full; no
+    continued adapter for reward models yet)."""
 
     learning_rate: float = 1e-4
     """Peak learning rate of AdamW (TRL's RewardConfig default)."""

@@ -32,7 +32,7 @@ import torch
 import transformers
 
 from prefalign.errors import PrefalignError
-from prefalign.model.quant import bnb_kwargs, no_cpu_repacking
+from prefalign.model.quant import after_4bit_load, bnb_kwargs
 from prefalign.model.weights import is_main_process
 
 SUFFIX = ".gguf"
@@ -225,7 +225,7 @@ def load_gguf_model(path: Path, args: Any, flag: str, quantize: bool, auto_class
         note = f"{info.describe()}, dequantized and requantized to 4-bit {args.bnb_4bit_quant_type}"
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     if quantize:
-        no_cpu_repacking(model)
+        after_4bit_load(model)
         model.name_or_path = model.config._name_or_path = str(path)  # not the temporary directory
     model.dequantized_from = note
     if is_main_process():

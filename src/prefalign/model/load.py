@@ -49,7 +49,7 @@ from prefalign.model.checks import (
 )
 from prefalign.model.gguf import find_gguf, load_gguf, load_gguf_model
 from prefalign.model.processor import load_processor as auto_processor
-from prefalign.model.quant import bnb_kwargs, check_4bit_possible, dequantized_base, is_4bit, no_cpu_repacking
+from prefalign.model.quant import after_4bit_load, bnb_kwargs, check_4bit_possible, dequantized_base, is_4bit
 from prefalign.model.weights import full_state_dict, is_main_process
 
 POLICY_ADAPTER = "default"
@@ -156,7 +156,7 @@ def load_pretrained(name_or_path: str | None, args: LoadArgs, flag: str, quantiz
     except _LOAD_ERRORS as e:
         raise PrefalignError(f"cannot load {what} from {name_or_path!r}: {_first_line(e)}", flag) from None
     if quantize:
-        no_cpu_repacking(loaded[0] if isinstance(loaded, tuple) else loaded)
+        after_4bit_load(loaded[0] if isinstance(loaded, tuple) else loaded)
     return loaded
 
 
@@ -307,12 +307,14 @@ def save_model(
 
 
 def load_score_model(name_or_path: str | None, flag: str, args: LoadArgs | None = None, *,
-                     with_info: bool = False) -> Any:
+                     with_info: bool = False, quantize: bool = False) -> Any:
     """A one-output sequence-classification model (a reward or value model): the decoder's hidden state at the last
     non-pad token through a linear `score` head. With `with_info`, (model, transformers' loading info), whose
-    missing keys say whether the head was created fresh."""
-    model, info = load_pretrained(name_or_path, args or LoadArgs(), flag, auto_class=AutoModelForSequenceClassification,
-                                  what="a sequence-classification model", num_labels=1, output_loading_info=True)
+    missing keys say whether the head was created fresh. With `quantize` the body is 4-bit (`args` carries the
+    QuantArgs); the head stays full precision, so that it can be trained in full."""
+    model, info = load_pretrained(name_or_path, args or LoadArgs(), flag, quantize=quantize,
+                                  auto_class=AutoModelForSequenceClassification, what="a sequence-classification model",
+                                  num_labels=1, output_loading_info=True)
     if not hasattr(model, "score"):
         raise PrefalignError(f"{type(model).__name__} has no `score` head (not a decoder classifier)", flag)
     return (model, info) if with_info else model

@@ -2,6 +2,7 @@
 
 - `bnb_kwargs`: the from_pretrained arguments of a 4-bit load. Compute runs in float32 on CPU and in bfloat16 on a
   GPU that has it (else float16), as QLoRA does.
+- `after_4bit_load`: `no_cpu_repacking` and `release_checkpoint_map` (below), after every 4-bit load.
 - `no_cpu_repacking`: on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights in place and for good
   on its first no-grad forward in eval mode (a reference pass, a generation); from then on every matmul, in training
   too, runs a kernel without a backward and the adapters get wrong gradients (measured: cosine 0.06 to the right
@@ -53,11 +54,29 @@ def bnb_kwargs(args: Any) -> dict[str, Any]:
     return {"quantization_config": config, **({"device_map": {"": torch.cuda.current_device()}} if on_gpu else {})}
 
 
+def after_4bit_load(model: torch.nn.Module) -> None:
+    """What every 4-bit load needs before use: no CPU repacking, and the checkpoint's memory map released."""
+    no_cpu_repacking(model)
+    release_checkpoint_map(model)
+
+
 def no_cpu_repacking(model: torch.nn.Module) -> None:
     """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel (see the module docstring)."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit (0.49, 0.50)
             module.support_avx512bf16_for_cpu = False
+
+
+@torch.no_grad()
+def release_checkpoint_map(model: torch.nn.Module) -> None:
+    """Copy the tensors a 4-bit load did not quantize (embeddings, norms, a head) into the process's own memory.
+    transformers leaves them as views of the memory-mapped safetensors file, and quantizing the other weights read
+    every page of that file: the map then stays, with those pages resident, as long as one view lives (measured on
+    SmolLM2-135M: 405 MB of its 538 MB file resident after the load, RSS 892 MB -> 595 MB once copied; after a GGUF
+    load the file is a deleted temporary one). A float32 load keeps its views: their pages are read as used."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and getattr(tensor, "quant_state", None) is None:
+            tensor.data = tensor.data.clone()
 
 
 def is_4bit(model: torch.nn.Module) -> bool:

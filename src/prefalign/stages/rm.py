@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from prefalign.config import RMConfig
 from prefalign.config.checks import check_train_args, require
@@ -29,6 +29,7 @@ from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
 from prefalign.model.checks import check_lora_targets, check_vocab
 from prefalign.model.load import enable_checkpointing, has_new_head, load_score_model, peft_wrapping
+from prefalign.model.quant import check_4bit_possible
 from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums, to_host
 from prefalign.train.runinfo import RunFacts, SplitCount
@@ -91,15 +92,22 @@ def _lora_targets(model: torch.nn.Module) -> list[str]:
 
 
 def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module, bool]:
-    """(model, whether a new score head was created). With --use_peft: LoRA on the body, the head trained in full."""
-    model, info = load_score_model(cfg.model_name_or_path, "--model_name_or_path", cfg, with_info=True)
+    """(model, whether a new score head was created). With --use_peft: LoRA on the body, the head trained in full;
+    with --load_in_4bit (QLoRA) the same on a 4-bit body (transformers keeps the head, the last module, unquantized)."""
+    if cfg.load_in_4bit:
+        check_4bit_possible(cfg)
+    model, info = load_score_model(cfg.model_name_or_path, "--model_name_or_path", cfg, with_info=True,
+                                   quantize=cfg.load_in_4bit)
     new_head = has_new_head(info)
     # The head pools the last token that is not padding; saved in the config so that reloading pools the same.
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
-    if cfg.gradient_checkpointing:
+    if cfg.load_in_4bit:  # as load_policy: freezes the body, casts what stays unquantized to fp32
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    if cfg.use_peft:
+    if cfg.use_peft or cfg.load_in_4bit:
         check_lora_targets(model, cfg.lora_target_modules)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target_modules or _lora_targets(model),
