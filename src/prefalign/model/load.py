@@ -177,16 +177,7 @@ def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTra
         check_4bit_possible(args)
     model = load_pretrained(args.model_name_or_path, args, "--model_name_or_path", quantize=args.load_in_4bit)
     model.config.use_cache = False  # training never decodes; the KV cache only costs memory
-    if args.load_in_4bit:
-        # Freezes the base, casts its half-precision weights that stay unquantized (norms, embeddings) to fp32 and
-        # enables checkpointing the way 4-bit bases need it.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
-        enable_checkpointing(model)
+    model = prepare_base(model, quantized=args.load_in_4bit, gradient_checkpointing=gradient_checkpointing)
 
     vision = vision_tower(model)
     if vision is not None and args.freeze_vision_tower:
@@ -201,6 +192,18 @@ def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTra
         # With a frozen base the embedding output does not require grad; checkpointed blocks then would
         # not propagate gradients to the adapters without this.
         model.enable_input_require_grads()
+    return model
+
+
+def prepare_base(model: PreTrainedModel, *, quantized: bool, gradient_checkpointing: bool) -> PreTrainedModel:
+    """A loaded base before its adapter: a 4-bit one frozen, with the weights that stay unquantized (norms,
+    embeddings, a score head) cast to fp32 and checkpointing enabled the way 4-bit bases need it; otherwise only
+    the checkpointing asked for."""
+    if quantized:
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        enable_checkpointing(model)
     return model
 
 

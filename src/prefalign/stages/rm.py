@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model
 
 from prefalign.config import RMConfig
 from prefalign.config.checks import check_train_args, require
@@ -28,7 +28,7 @@ from prefalign.data.tokenize import Truncation, load_tokenized_pairs
 from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
 from prefalign.model.checks import check_lora_targets, check_vocab
-from prefalign.model.load import enable_checkpointing, has_new_head, load_score_model, peft_wrapping
+from prefalign.model.load import has_new_head, load_score_model, peft_wrapping, prepare_base
 from prefalign.model.quant import check_4bit_possible
 from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums, to_host
@@ -102,11 +102,7 @@ def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module
     # The head pools the last token that is not padding; saved in the config so that reloading pools the same.
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
-    if cfg.load_in_4bit:  # as load_policy: freezes the body, casts what stays unquantized to fp32
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:
-        enable_checkpointing(model)
+    model = prepare_base(model, quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.use_peft or cfg.load_in_4bit:
         check_lora_targets(model, cfg.lora_target_modules)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
