@@ -50,7 +50,7 @@ from prefalign.config.tools import (
 
 __all__ = ["ChatConfig", "DPOArgs", "DPOConfig", "DataArgs", "DatasetArgs", "DatasetSource", "DemoConfig", "DistillConfig", "EvalConfig",
            "GKDArgs", "GRPOConfig", "InitModelConfig", "InspectConfig", "KTOArgs", "KTOConfig", "LengthArgs", "LoadArgs",
-           "LoraArgs", "ModelArgs", "QuantArgs", "ModelSource", "OnlineDPOArgs", "OnlineDPOConfig", "PPOConfig", "PairArgs", "PairData", "PipelineConfig",
-           "PlotConfig", "PolicyArgs", "PreferenceLossArgs", "PretrainConfig", "PromptArgs", "RLOOConfig", "RMConfig", "RefSyncArgs",
+           "LoraArgs", "ModelArgs", "ModelSource", "OnlineDPOArgs", "OnlineDPOConfig", "PPOConfig", "PairArgs", "PairData", "PipelineConfig",
+           "PlotConfig", "PolicyArgs", "PreferenceLossArgs", "PretrainConfig", "PromptArgs", "QuantArgs", "RLOOConfig", "RMConfig", "RefSyncArgs",
            "ReferenceArgs", "RowFilter", "SFTConfig", "TrainArgs", "TrainTokenizerConfig", "UnpairedArgs",
            "field_help"]

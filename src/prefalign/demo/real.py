@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -32,7 +31,7 @@ from prefalign.demo.cache import timed_step
 from prefalign.demo.measure import mean_token_kl
 from prefalign.demo.report import check_line, gains, plot_stage_accuracy, write_report
 from prefalign.errors import PrefalignError
-from prefalign.model.load import load_pretrained, load_tokenizer, peft_wrapping, save_model
+from prefalign.model.load import load_model_for_inference, load_pretrained, load_tokenizer, save_model
 from prefalign.rollout.answers import greedy_completions
 from prefalign.rollout.generate import chat_prompt_ids, generate_completions
 from prefalign.stages.dpo import train_dpo
@@ -177,10 +176,8 @@ class RealDemo:
         start = time.perf_counter()
         if name == "base":
             model = base
-        else:
-            with peft_wrapping():
-                model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(self.path("base")),
-                                                  str(self.path(name))).eval()
+        else:  # the adapter on the saved base, as `prefalign eval` and `chat` load one
+            model, _ = load_model_for_inference(str(self.path(name)), str(self.path("base")))
         questions = [f.question for f in self.heldout]
         completions = greedy_completions(model, tokenizer, questions, batch_size=64,
                                          max_new_tokens=self.sizes.max_new_tokens,

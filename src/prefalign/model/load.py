@@ -134,6 +134,8 @@ def load_pretrained(name_or_path: str | None, args: LoadArgs, flag: str, quantiz
     a PrefalignError naming `flag`. A model read from GGUF says so in its `dequantized_from` attribute."""
     if not name_or_path:
         raise PrefalignError("no model given; pass a local directory or a hub id", flag)
+    if quantize:
+        check_4bit_possible(args)
     gguf_path = find_gguf(name_or_path, flag)
     if gguf_path is None and _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
         raise PrefalignError(f"no such model directory ({name_or_path} does not exist)", flag)
@@ -173,8 +175,6 @@ def peft_wrapping() -> Iterator[None]:
 def load_policy(args: ModelArgs, gradient_checkpointing: bool = False) -> PreTrainedModel | PeftModel:
     """The model to train: full weights, a fresh LoRA (`use_peft`), a continued adapter, or QLoRA (a fresh or
     continued adapter on a 4-bit base)."""
-    if args.load_in_4bit:
-        check_4bit_possible(args)
     model = load_pretrained(args.model_name_or_path, args, "--model_name_or_path", quantize=args.load_in_4bit)
     model.config.use_cache = False  # training never decodes; the KV cache only costs memory
     model = prepare_base(model, quantized=args.load_in_4bit, gradient_checkpointing=gradient_checkpointing)

@@ -29,7 +29,6 @@ from prefalign.data.types import TokenizedPair
 from prefalign.errors import PrefalignError
 from prefalign.model.checks import check_lora_targets, check_vocab
 from prefalign.model.load import has_new_head, load_score_model, peft_wrapping, prepare_base
-from prefalign.model.quant import check_4bit_possible
 from prefalign.train.loop import LoopResult, sequential_groups, shuffled_groups
 from prefalign.train.metrics import MetricSums, to_host
 from prefalign.train.runinfo import RunFacts, SplitCount
@@ -94,8 +93,6 @@ def _lora_targets(model: torch.nn.Module) -> list[str]:
 def load_reward_model(cfg: RMConfig, pad_token_id: int) -> tuple[torch.nn.Module, bool]:
     """(model, whether a new score head was created). With --use_peft: LoRA on the body, the head trained in full;
     with --load_in_4bit (QLoRA) the same on a 4-bit body (transformers keeps the head, the last module, unquantized)."""
-    if cfg.load_in_4bit:
-        check_4bit_possible(cfg)
     model, info = load_score_model(cfg.model_name_or_path, "--model_name_or_path", cfg, with_info=True,
                                    quantize=cfg.load_in_4bit)
     new_head = has_new_head(info)
