@@ -2,8 +2,8 @@
 
 Each run is its own process, its RSS sampled every 0.1 s: the peak over the whole run (loading included: a 4-bit
 load reads the float32 shards before quantizing them) and the peak once training has logged its first step. Run with
-MALLOC_MMAP_THRESHOLD_=65536 so that freed memory goes back to the OS. The model is a Hugging Face directory (a GGUF file would be dequantized and,
-for 4 bits, requantized on the way, which is a cost of the format, not of QLoRA); the default is the
+MALLOC_MMAP_THRESHOLD_=65536 so that freed memory goes back to the OS. The model is a Hugging Face directory or a
+GGUF file (dequantized and, for 4 bits, requantized through a temporary directory on the way); the default is the
 SmolLM2-135M-Instruct directory `make demo-real` writes (runs/demo-real/base) and its pairs.
 
     python benchmarks/qlora_memory.py [--model runs/demo-real/base] [--data runs/demo-real/data/pairs.jsonl]
@@ -73,6 +73,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['config']} | {r['peak_rss_mb']:.0f} | {r['training_rss_mb']:.0f} | {r['wall_s']:.0f} | "
               f"{r['s_per_step']:.2f} | {r['logps/chosen']:.2f} / {r['logps/rejected']:.2f} | {r['loss_last']:.3f} |")
+
 
 if __name__ == "__main__":
     main()

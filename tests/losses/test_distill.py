@@ -80,6 +80,7 @@ def test_jsd_gradient_fades_where_the_student_misses_the_teachers_token(student_
     assert grads[0.0] == pytest.approx(q - p, abs=1e-6)  # softmax cross-entropy on the teacher's distribution
     assert -6 * q < grads[0.5] < 0
 
+
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_equal_to_trl_generalized_jsd_loss(beta: float, temperature: float) -> None:

@@ -185,15 +185,15 @@ def test_sft_and_grpo_train_on_a_4bit_base(model64_dir, tmp_path):
     assert grpo[1]["kl"] > 0  # the adapter moved after the first update, through rollouts in eval mode
 
 
-
+PROMPTS = [{"prompt": conv(("user", f"what is {a} + 2"))} for a in range(4)]
 RL = ["--max_completion_length", "4", "--reward_funcs", "length:3", "--per_device_train_batch_size", "4"]
 OTHER_STAGES = {  # command -> (rows, flags): the --use_peft stages test_qlora does not run above
     "pretrain": ([{"text": f"{a} plus 2 makes {a + 2}"} for a in range(4)], ["--max_length", "16"]),
     "kto": ([{"prompt": conv(("user", f"what is {a} + 2")), "completion": conv(("assistant", f"{a + 2 + a % 2}")),
               "label": a % 2 == 0} for a in range(4)], ["--per_device_train_batch_size", "4"]),
-    "rloo": ([{"prompt": conv(("user", f"what is {a} + 2"))} for a in range(4)], [*RL, "--num_generations", "2"]),
-    "ppo": ([{"prompt": conv(("user", f"what is {a} + 2"))} for a in range(4)], [*RL, "--num_ppo_epochs", "1"]),
-    "online-dpo": ([{"prompt": conv(("user", f"what is {a} + 2"))} for a in range(4)], RL),
+    "rloo": (PROMPTS, [*RL, "--num_generations", "2"]),
+    "ppo": (PROMPTS, [*RL, "--num_ppo_epochs", "1"]),
+    "online-dpo": (PROMPTS, RL),
     "distill": ([{"prompt": conv(("user", f"what is {a} + 2")), "completion": conv(("assistant", f"{a + 2}"))}
                  for a in range(4)], ["--max_new_tokens", "4", "--lmbda", "0.5", "--per_device_train_batch_size", "2"]),
 }
