@@ -12,6 +12,7 @@ from prefalign.errors import PrefalignError
 
 QUANT_TYPES = ("nf4", "fp4")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
 
@@ -59,6 +60,8 @@ def check_train_args(args: TrainArgs) -> None:
     if args.lr_scheduler_type not in SCHEDULERS:
         raise PrefalignError(f"unknown schedule {args.lr_scheduler_type!r}; choose one of {', '.join(SCHEDULERS)}",
                              "--lr_scheduler_type")
+    if args.optim not in OPTIMIZERS:
+        raise PrefalignError(f"unknown optimizer {args.optim!r}; choose one of {', '.join(OPTIMIZERS)}", "--optim")
     if args.bf16 and args.fp16:
         raise PrefalignError("choose one of --bf16 and --fp16", "--bf16")
     positive = {"per_device_train_batch_size": args.per_device_train_batch_size,

@@ -10,18 +10,26 @@ from transformers import get_scheduler
 
 from prefalign.config import TrainArgs
 
+# What torch's fused AdamW kernel takes (torch.optim.adamw: float tensors on these devices).
+FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu")
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 
 def build_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases and norm weights (1-D parameters)."""
+    """AdamW with no weight decay on biases and norm weights (1-D parameters); fused (`--optim
+    adamw_torch_fused`) where torch has the kernel for every parameter, the per-tensor loop otherwise."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = args.optim == "adamw_torch_fused" and all(
+        p.device.type in FUSED_DEVICES and p.dtype in FUSED_DTYPES for p in params)
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
+        fused=fused or None,
     )
 
 
