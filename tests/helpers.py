@@ -276,6 +276,24 @@ def peak_bytes(fn, *args) -> int:
     return peak
 
 
+def peak_bytes_bound(fn, *args) -> int:
+    """An upper bound of the peak of live CPU tensor bytes while `fn` runs: as `peak_bytes`, but each op's
+    allocations count from its start and its frees only from its end. The profiler gives an op's frees as one
+    (negative) number, so when an op frees what the ops inside it allocated (a custom autograd Function's forward
+    or backward), `peak_bytes`, which books every op at its start, books the frees before those allocations."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(*args)
+    changes = []
+    for event in prof.events():
+        change = event.self_cpu_memory_usage
+        changes.append((event.time_range.start if change > 0 else event.time_range.end, change))
+    live = peak = 0
+    for _, change in sorted(changes, key=lambda c: (c[0], -c[1])):  # at equal times, allocations first
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
 def copy_without_chat_template(src: Path, dst: Path) -> Path:
     """A copy of the model directory `src` whose tokenizer has no chat template (as a base model's)."""
     import shutil

@@ -24,7 +24,8 @@ Layouts other than "padded" (packed, shared-prompt) are added by `register_layou
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,17 @@ FULL_FORWARD_MODEL_TYPES = frozenset({"inkling2"})
 
 # The most float32 logits one scoring chunk holds (positions x vocabulary x 4 bytes).
 HEAD_CHUNK_BYTES = 64 * 2**20
+# On CPU, less: glibc's malloc hands out a buffer above its mmap threshold (which adapts up to 32 MiB) as fresh pages
+# that the kernel must fault in one by one, so every chunk's [n, V] buffers would cost their page faults again;
+# at most 16 MiB they are reused from the heap (the GRPO benchmark's step: 1.72-1.89 s -> 1.61 s, 32k vocabulary).
+# At least CPU_MIN_CHUNK_POSITIONS positions though: each chunk reads the whole head weight, which for a large
+# vocabulary costs more than the page faults saved.
+CPU_HEAD_CHUNK_BYTES = 16 * 2**20
+CPU_MIN_CHUNK_POSITIONS = 64
+# The logits of one forward's first chunks, up to this many bytes in all, are kept for backward instead of
+# recomputed: a bounded cost in memory (the peak grows by at most this) for one head matmul per kept position
+# (a micro-batch of GRPO's benchmark, 512 positions x 32k vocabulary, is all kept: 0.37 + 0.60 s -> measured below).
+HEAD_KEEP_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -156,12 +168,16 @@ def resolve_head(model: nn.Module) -> _Head | None:
 def head_chunk_size(head: _Head | None, chunk_size: int) -> int:
     """Positions per head chunk. A chunk's [n, V] float32 logits and their temporaries are the peak of the forward
     and of its recompute in backward: keep a chunk within HEAD_CHUNK_BYTES (e.g. 110 positions for Qwen2's 152k
-    vocabulary). out_features, not weight.shape: a 4-bit head's weight is stored packed; heads of unknown width
-    (and the full-forward fallback, head None) keep chunk_size."""
+    vocabulary; on CPU within CPU_HEAD_CHUNK_BYTES, but at least CPU_MIN_CHUNK_POSITIONS). out_features, not
+    weight.shape: a 4-bit head's weight is stored packed; heads of unknown width (and the full-forward fallback,
+    head None) keep chunk_size."""
     vocab = getattr(head.lm_head, "out_features", None) if head is not None else None
-    if isinstance(vocab, int) and vocab > 0:
-        return max(1, min(chunk_size, HEAD_CHUNK_BYTES // (4 * vocab)))
-    return chunk_size
+    if not (isinstance(vocab, int) and vocab > 0):
+        return chunk_size
+    weight = next(head.lm_head.parameters(), None)
+    if weight is not None and weight.device.type == "cpu":
+        return max(1, min(chunk_size, max(CPU_MIN_CHUNK_POSITIONS, CPU_HEAD_CHUNK_BYTES // (4 * vocab))))
+    return max(1, min(chunk_size, HEAD_CHUNK_BYTES // (4 * vocab)))
 
 
 def head_logits(head: _Head, hidden: Tensor) -> Tensor:
@@ -181,20 +197,107 @@ def _score_chunk(
     logits_fn: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor, with_wpo: bool,
     with_entropy: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Log-prob of `targets` for one chunk; the [n, V] logits live only inside this call."""
-    logits = logits_fn(inputs)  # (n, V) float32
-    lse = logits.logsumexp(-1)  # (n,)
-    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (n,)
+    """Log-prob of `targets` for one chunk, and the other scores; the [n, V] logits live only inside this call."""
+    return _scores(logits_fn(inputs), targets, with_wpo, with_entropy)[:4]
+
+
+def _scores(logits: Tensor, targets: Tensor, with_wpo: bool,
+            with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logps, mean logit, WPO's normaliser, entropy, logsumexp) of each row of (n, V) float32 logits; only logps
+    is differentiable."""
     with torch.no_grad():
+        # The logsumexp as torch computes it (max, then log of the sum of exp(logit - max), plus the max: bit-identical
+        # to logits.logsumexp), keeping the exponentials for the entropy: one [n, V] pass and temporary for both.
+        top = logits.amax(-1, keepdim=True)  # (n, 1)
+        exp = (logits - top).exp_()  # (n, V)
+        total = exp.sum(-1)  # (n,)
+        lse = total.log() + top.squeeze(-1)  # (n,)
         mean_logits = logits.mean(-1)  # (n,)
         # WPO: logsumexp over the vocabulary of 2 * log_softmax, i.e. log sum_v p_v^2.
         wpo = (2 * (logits - lse[:, None])).logsumexp(-1) if with_wpo else torch.zeros_like(lse)
-        if with_entropy:  # H = lse - sum_v p_v logit_v, with one [n, V] temporary (p) and a row-wise dot product
-            probs = (logits - lse[:, None]).exp_()  # (n, V)
-            entropy = lse - (probs.unsqueeze(1) @ logits.unsqueeze(2)).view(-1)  # (n,)
+        # H = lse - sum_v p_v logit_v with p = exp / total: within 7e-6 of a float64 entropy on a 32k vocabulary
+        # (randn x 3 logits), where a softmax and then one batched dot product per row was off by 9e-4 (its
+        # sequential float32 sum); 17.8 instead of 23.5 ms for 128 positions here.
+        entropy = lse - row_dot(exp, logits) / total if with_entropy else torch.zeros_like(lse)
+        del exp
+    if logits.requires_grad:  # the checkpointed and full-logits paths: autograd's logsumexp, the same value
+        lse_for_grad = logits.logsumexp(-1)
+        logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse_for_grad  # (n,)
+    else:
+        logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (n,)
+    return logps, mean_logits, wpo, entropy, lse
+
+
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """(n,) dot products of the rows of two contiguous (n, V) tensors, summed in blocks of up to 256 terms and then
+    across blocks: off by 1.8e-4 on 32k randn x randn terms, where one batched dot product per row (a sequential
+    float32 sum) is off by 2.4e-3, and without the [n, V] temporary of (a * b).sum(-1), which is what a width with
+    no block of at least 32 dividing it gets."""
+    n, width = a.shape
+    block = math.gcd(width, 256)
+    if block < 32 or not (a.is_contiguous() and b.is_contiguous()):
+        return torch.linalg.vecdot(a, b)
+    k = width // block
+    return torch.bmm(a.view(n * k, 1, block), b.view(n * k, block, 1)).view(n, k).sum(-1)
+
+
+class _HeadChunk(torch.autograd.Function):
+    """One chunk's scores with a hand-written backward: the log-softmax gradient, g·(onehot(target) − softmax), is
+    written from the saved logsumexp into one [n, V] buffer, over the chunk's logits kept from the forward (`keep`)
+    or recomputed (as a checkpoint would, but only the logits).
+
+    Torch's checkpoint of `_score_chunk` would re-run all of it in backward (the logsumexp, the mean logit, WPO's and
+    the entropy's extra passes) and then run autograd's logsumexp and gather backwards, each with [n, V]
+    temporaries: on a 32k vocabulary that was a third of the head's time and most of its backward peak (measured in
+    benchmarks/grpo_bench.py). The gradient is the expression autograd's LogsumexpBackward evaluates, so results are
+    bit-identical (tested). `params` are the head's trainable tensors, passed as inputs so that their gradients
+    reach them through autograd's usual accumulation (DDP and ZeRO-2 hooks included)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits_fn: Callable[[Tensor], Tensor], inputs: Tensor, targets: Tensor, with_wpo: bool,
+                with_entropy: bool, keep: bool, *params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        ctx.kept = None
+        if keep:  # the logits with their graph to a detached input and the head's parameters, for backward
+            x = inputs.detach().requires_grad_(ctx.needs_input_grad[1])
+            with torch.enable_grad():
+                logits = logits_fn(x)
+            ctx.kept = (x, logits)
         else:
-            entropy = torch.zeros_like(lse)
-    return logps, mean_logits, wpo, entropy
+            logits = logits_fn(inputs)
+        with torch.no_grad():
+            logps, mean_logits, wpo, entropy, lse = _scores(logits.detach(), targets, with_wpo, with_entropy)
+        ctx.save_for_backward(inputs, targets, lse, *params)
+        ctx.logits_fn = logits_fn
+        ctx.autocast = _autocast_state(inputs.device.type)
+        ctx.mark_non_differentiable(mean_logits, wpo, entropy)
+        return logps, mean_logits, wpo, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logps: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        inputs, targets, lse, *params = ctx.saved_tensors
+        needs_x, needs_params = ctx.needs_input_grad[1], ctx.needs_input_grad[6:]
+        if ctx.kept is not None:
+            x, logits = ctx.kept
+            ctx.kept = None
+        else:
+            x = inputs.detach().requires_grad_(needs_x)
+            device_type, enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(device_type, enabled=enabled, dtype=dtype):
+                logits = ctx.logits_fn(x)  # (n, V), with a graph to x and the head's parameters
+        g = grad_logps.to(logits.dtype)[:, None]  # (n, 1)
+        grad_logits = (logits.detach() - lse[:, None]).exp_().mul_(-g)  # -g·softmax: the logsumexp's part
+        grad_logits.scatter_add_(1, targets[:, None], g)  # +g at the target: the gather's part
+        wrt = [t for t, needs in zip([x, *params], [needs_x, *needs_params]) if needs]
+        grads = iter(torch.autograd.grad(logits, wrt, grad_logits, allow_unused=True))
+        grad_x = next(grads) if needs_x else None
+        return (None, grad_x, None, None, None, None, *(next(grads) if needs else None for needs in needs_params))
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    """What backward's recompute needs to run the head under the autocast the forward ran under."""
+    if device_type not in ("cpu", "cuda"):
+        return device_type, False, torch.float32
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
 def _score_in_chunks(
@@ -207,19 +310,33 @@ def _score_in_chunks(
     recompute: bool,
     with_entropy: bool = False,
     collective: str | None = None,
+    params: Sequence[Tensor] = (),
+    vocab: int = 0,
 ) -> TokenScores:
-    """Score N positions `chunk_size` at a time; with `recompute`, each chunk is activation-checkpointed. With
-    `collective` (a ZeRO-3 head, "trained" or "frozen"), every process runs as many chunks as the one with the
-    most."""
+    """Score N positions `chunk_size` at a time; with `recompute`, backward recomputes each chunk's logits instead
+    of keeping them, past the first HEAD_KEEP_BYTES of `vocab`-wide logits (`params`: the trainable tensors
+    `logits_fn` reads). With `collective` (a ZeRO-3 head, "trained" or "frozen"), every process runs as many chunks
+    as the one with the most."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    use_checkpoint = recompute and torch.is_grad_enabled() and inputs.requires_grad
+    use_recompute = recompute and torch.is_grad_enabled() and (
+        inputs.requires_grad or any(p.requires_grad for p in params))
     # A frozen ZeRO-3 head (LoRA): the non-reentrant recompute would see its released (empty) weight, so the
     # reentrant one, which runs the head's forward hooks (the gather) again, is used (measured, deepspeed 0.19.8).
+    # A ZeRO-3 head keeps torch's checkpoint: its parameters are empty partitions outside the head's own hooks, so
+    # they cannot be inputs whose gradients a Function returns.
     reentrant = collective == "frozen"
+    trainable = [p for p in params if p.requires_grad]
+
+    kept = [0]  # bytes of logits kept for backward so far
 
     def score(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if use_checkpoint:
+        if use_recompute and collective is None:
+            size = x.shape[0] * vocab * 4
+            keep = 0 < size <= HEAD_KEEP_BYTES - kept[0]
+            kept[0] += size if keep else 0
+            return _HeadChunk.apply(logits_fn, x, t, with_wpo, with_entropy, keep, *trainable)
+        if use_recompute:
             # Checkpoint: backward re-runs the head on this chunk instead of keeping its logits.
             return checkpoint(_score_chunk, logits_fn, x, t, with_wpo, with_entropy, use_reentrant=reentrant)
         return _score_chunk(logits_fn, x, t, with_wpo, with_entropy)
@@ -300,6 +417,7 @@ def score_positions(
         )  # fmt: skip
     hidden = backbone_hidden(model, head, forward_kwargs)  # (rows, T, H)
     chunk_size = head_chunk_size(head, chunk_size)
+    vocab = getattr(head.lm_head, "out_features", 0)  # a 4-bit head's weight shape is its packed storage's
 
     def logits_fn(h: Tensor) -> Tensor:
         logits = head_logits(head, h)
@@ -308,7 +426,8 @@ def score_positions(
     return _score_in_chunks(
         logits_fn, hidden[rows, cols], targets,
         with_wpo=with_wpo, chunk_size=chunk_size, recompute=True, with_entropy=with_entropy,
-        collective=head_collective(head.lm_head),
+        collective=head_collective(head.lm_head), params=list(head.lm_head.parameters()),
+        vocab=vocab if isinstance(vocab, int) else 0,
     )  # fmt: skip
 
 
