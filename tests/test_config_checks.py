@@ -27,6 +27,7 @@ from prefalign.errors import PrefalignError
     ({"lora_alpha": 0}, "--lora_alpha: must be positive, got 0"),
     ({"lora_dropout": 1.0}, "--lora_dropout: must be in [0, 1), got 1.0"),
     ({"lora_target_modules": []}, "--lora_target_modules: give at least one module name"),
+    ({"optim": "sgd"}, "--optim: unknown optimizer 'sgd'; choose one of adamw_torch_fused, adamw_torch"),
 ])
 def test_refused_before_anything_loads(changes, message):
     cfg = DPOConfig(model_name_or_path="m", dataset_name="d", output_dir="o", **changes)

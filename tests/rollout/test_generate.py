@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import prefalign.rollout.generate as generate_module
 from prefalign.errors import PrefalignError
 from prefalign.rollout.generate import (
     SamplingParams,
+    decode_friendly_head,
     draw_tokens,
     generate_completions,
     left_pad,
@@ -194,3 +198,29 @@ def test_warp_logits_equals_transformers_warpers(temperature, top_k, top_p):
     got = warp_logits(logits, SamplingParams(8, temperature, top_p, top_k))
     assert torch.equal(torch.isinf(got), torch.isinf(expected))
     torch.testing.assert_close(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
+
+
+def test_decode_friendly_head_changes_only_the_weight_layout(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """While decoding, a trained CPU head's weight is stored transposed: the same values and shape, the same
+    completions, and the parameter's own storage is back afterwards (also after an error). A frozen head is left
+    as it is."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)  # untied
+    weight = model.lm_head.weight
+    storage, values = weight.data_ptr(), weight.detach().clone()
+    with decode_friendly_head(model):
+        assert not weight.is_contiguous() and weight.t().is_contiguous() and torch.equal(weight, values)
+    assert weight.data_ptr() == storage and weight.is_contiguous()
+    with pytest.raises(RuntimeError, match="boom"), decode_friendly_head(model):
+        raise RuntimeError("boom")
+    assert weight.data_ptr() == storage
+
+    kw = {"num_generations": 3, "max_completion_length": 6, "seed": 3}
+    ours = generate_completions(model, tiny_tokenizer, _prompts(tiny_tokenizer), **kw)
+    monkeypatch.setattr(generate_module, "decode_friendly_head", lambda m: contextlib.nullcontext())
+    plain = generate_completions(model, tiny_tokenizer, _prompts(tiny_tokenizer), **kw)
+    assert torch.equal(ours.completion_ids, plain.completion_ids)
+
+    weight.requires_grad_(False)  # frozen (a LoRA run's head): no extra copy while sampling
+    with decode_friendly_head(model):
+        assert weight.data_ptr() == storage

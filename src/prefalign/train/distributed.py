@@ -156,11 +156,24 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
                                                                                cpu_offload=True))
 
 
+# How an optimizer computes, not what it has learnt: a resumed run keeps its own (--optim), where torch's
+# load_state_dict would take them from the checkpoint's param groups.
+IMPLEMENTATION_SETTINGS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    if not is_sharded(model):
+    chosen = [{k: g[k] for k in IMPLEMENTATION_SETTINGS if k in g} for g in optimizer.param_groups]
+    if is_sharded(model):
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
         optimizer.load_state_dict(state)
-        return
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    for group, settings in zip(optimizer.param_groups, chosen):
+        group.update(settings)
+        if settings.get("fused") or settings.get("capturable"):  # their kernels read the step on the device
+            for param in group["params"]:
+                step = optimizer.state.get(param, {}).get("step")
+                if isinstance(step, torch.Tensor):
+                    optimizer.state[param]["step"] = step.to(param.device, torch.float32)
 
 
 def pad_groups(groups: Sequence[Sequence[int]], process_index: int,
