@@ -9,9 +9,10 @@ materialises a [2B, T, V] tensor (and autograd saves its float32 log-softmax for
    states with a forward hook;
 2. gather the hidden states at the positions that *predict* completion tokens (position t-1 predicts t);
 3. apply the LM head (+ the model's logit scale / soft-capping) and log-softmax in chunks of `chunk_size`
-   positions (fewer when a chunk's logits would pass HEAD_CHUNK_BYTES), each chunk under
-   `torch.utils.checkpoint`, so autograd keeps only the [chunk, H] inputs and the [chunk, V] logits are
-   recomputed one chunk at a time in backward.
+   positions (fewer when a chunk's logits would pass HEAD_CHUNK_BYTES), each chunk an autograd Function with
+   its own backward (`_HeadChunk`): the first chunks' logits, up to HEAD_KEEP_BYTES in all, are kept for
+   backward; past that autograd keeps only a chunk's [chunk, H] inputs and its logits are recomputed one chunk at
+   a time in backward (a ZeRO-3 head keeps `torch.utils.checkpoint`).
 
 Models whose head we do not know how to reproduce (prompt-learning peft adapters, model types listed in
 `FULL_FORWARD_MODEL_TYPES`, models without `logits_to_keep`) fall back to the full forward's logits at the
@@ -45,14 +46,15 @@ FULL_FORWARD_MODEL_TYPES = frozenset({"inkling2"})
 HEAD_CHUNK_BYTES = 64 * 2**20
 # On CPU, less: glibc's malloc hands out a buffer above its mmap threshold (which adapts up to 32 MiB) as fresh pages
 # that the kernel must fault in one by one, so every chunk's [n, V] buffers would cost their page faults again;
-# at most 16 MiB they are reused from the heap (the GRPO benchmark's step: 1.72-1.89 s -> 1.61 s, 32k vocabulary).
+# at most 16 MiB they are reused from the heap (forward and backward of a GRPO benchmark micro-batch, 32k
+# vocabulary, logits recomputed: 1.03-1.08 s -> 0.92-0.99 s).
 # At least CPU_MIN_CHUNK_POSITIONS positions though: each chunk reads the whole head weight, which for a large
 # vocabulary costs more than the page faults saved.
 CPU_HEAD_CHUNK_BYTES = 16 * 2**20
 CPU_MIN_CHUNK_POSITIONS = 64
 # The logits of one forward's first chunks, up to this many bytes in all, are kept for backward instead of
 # recomputed: a bounded cost in memory (the peak grows by at most this) for one head matmul per kept position
-# (a micro-batch of GRPO's benchmark, 512 positions x 32k vocabulary, is all kept: 0.37 + 0.60 s -> measured below).
+# (a micro-batch of the GRPO benchmark, 512 positions x 32k vocabulary, is kept whole: its backward 0.60 -> 0.43 s).
 HEAD_KEEP_BYTES = 64 * 2**20
 
 
