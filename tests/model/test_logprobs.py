@@ -335,18 +335,22 @@ def test_recomputed_chunk_under_bf16_autocast() -> None:
         assert torch.equal(a, b)
 
 
-def test_tied_head_gradients_reach_the_embedding() -> None:
-    """With tied embeddings the head's weight is the embedding's: it gets both gradients, as on the naive path."""
-    model = _from_config("Qwen2Config", tie_word_embeddings=True)
-    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    batch = _batch()
+def _assert_gradients_match_naive(model, batch: dict, chunk_size: int) -> None:
+    """Every parameter's gradient of the summed log-probs, lean path against the naive one."""
     grads = []
-    for fn in (lambda: completion_logps(model, batch, chunk_size=3), lambda: naive(model, batch)):
+    for fn in (lambda: completion_logps(model, batch, chunk_size=chunk_size), lambda: naive(model, batch)):
         model.zero_grad()
         fn().token_logps.sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_tied_head_gradients_reach_the_embedding() -> None:
+    """With tied embeddings the head's weight is the embedding's: it gets both gradients, as on the naive path."""
+    model = _from_config("Qwen2Config", tie_word_embeddings=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    _assert_gradients_match_naive(model, _batch(), chunk_size=3)
 
 
 def _head_step(score, keep: bool) -> int:
@@ -374,8 +378,8 @@ def test_head_chunk_backward_peak_is_below_a_checkpoint() -> None:
 
 
 def test_logits_are_kept_up_to_the_budget(monkeypatch) -> None:
-    """The first chunks of a forward, up to HEAD_KEEP_BYTES of logits in all, are kept; the rest are recomputed
-    in backward. Either way the gradient is the naive path's."""
+    """The first chunks of a forward, those wholly within HEAD_KEEP_BYTES of logits, are kept; the rest are
+    recomputed in backward. Either way the gradient is the naive path's."""
     kept = []
     original = logprobs_module._HeadChunk.forward
 
@@ -386,16 +390,9 @@ def test_logits_are_kept_up_to_the_budget(monkeypatch) -> None:
     model = _from_config("Qwen2Config")  # vocabulary 64: a position's logits are 256 bytes
     monkeypatch.setattr(logprobs_module._HeadChunk, "forward", staticmethod(spy))
     monkeypatch.setattr(logprobs_module, "HEAD_KEEP_BYTES", 7 * 64 * 4)  # 7 positions
-    batch = _batch()  # 18 completion positions: chunks of 3 -> 6 chunks, the first two (6 positions) kept
-    lean = completion_logps(model, batch, chunk_size=3)
+    # 18 completion positions: chunks of 3 -> 6 chunks, the first two (6 positions) within the budget
+    _assert_gradients_match_naive(model, _batch(), chunk_size=3)
     assert kept == [(3, True), (3, True), (3, False), (3, False), (3, False), (3, False)]
-    model.zero_grad()
-    lean.token_logps.sum().backward()
-    lean_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    naive(model, batch).token_logps.sum().backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(lean_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_entropy_and_logsumexp_against_float64() -> None:

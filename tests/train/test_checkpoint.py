@@ -1,5 +1,6 @@
 """Checkpoints are complete or absent, hold no pickle, round-trip every optimizer / schedule / RNG state exactly,
-and every damaged one is named in one line; `latest` skips what it cannot load, saying so."""
+and every damaged one is named in one line; `latest` skips what it cannot load, saying so. Also --optim: fused
+AdamW or torch's loop, the same update, and a run resumed from either keeps its own."""
 
 from __future__ import annotations
 
@@ -323,3 +324,51 @@ def test_save_total_limit(tmp_path):
     assert "0 keeps them all" in field_help(TrainArgs)["save_total_limit"]
     with pytest.raises(PrefalignError, match="--save_total_limit: must not be negative"):
         check_train_args(TrainArgs(output_dir="o", save_total_limit=-1))
+
+
+# ---------------------------------------------------------------- --optim: fused AdamW or torch's per-tensor loop
+
+
+def _optim_args(tmp_path, optim: str) -> TrainArgs:
+    return TrainArgs(output_dir=str(tmp_path), optim=optim, weight_decay=0.1, learning_rate=1e-2)
+
+
+def test_fused_by_default_and_the_same_update_as_the_loop(tmp_path) -> None:
+    fused_model, loop_model = _model(), _model()
+    fused = build_optimizer(fused_model, TrainArgs(output_dir=str(tmp_path), weight_decay=0.1, learning_rate=1e-2))
+    loop = build_optimizer(loop_model, _optim_args(tmp_path, "adamw_torch"))
+    assert all(g["fused"] for g in fused.param_groups) and not any(g["fused"] for g in loop.param_groups)
+    assert [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0]  # biases and norms undecayed either way
+    _train(fused_model, fused, build_scheduler(fused, _optim_args(tmp_path, "adamw_torch_fused"), 10), 5)
+    _train(loop_model, loop, build_scheduler(loop, _optim_args(tmp_path, "adamw_torch"), 10), 5)
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
+def test_parameters_without_a_fused_kernel_fall_back_to_the_loop(tmp_path) -> None:
+    model = torch.nn.Linear(4, 2).to(torch.complex64)  # no fused kernel for complex tensors
+    opt = build_optimizer(model, _optim_args(tmp_path, "adamw_torch_fused"))
+    assert not any(g["fused"] for g in opt.param_groups)
+
+
+def test_a_loop_checkpoint_resumes_into_the_fused_optimizer(tmp_path) -> None:
+    """Checkpoints written before the fused default (adamw_torch) load into it and continue the same way; the
+    resumed run keeps its own --optim, not the checkpoint's."""
+    model = _model()
+    loop_args, fused_args = _optim_args(tmp_path, "adamw_torch"), _optim_args(tmp_path, "adamw_torch_fused")
+    loop = build_optimizer(model, loop_args)
+    sched = build_scheduler(loop, loop_args, 10)
+    _train(model, loop, sched, 3)
+    path = save_checkpoint(tmp_path, TrainState(global_step=3, total_steps=10), _weights(model), loop.state_dict(),
+                           sched)
+    resumed = _model()
+    resumed.load_state_dict(model.state_dict())  # the caller loads the weights (load_checkpoint: the rest)
+    fused = build_optimizer(resumed, fused_args)
+    fused_sched = build_scheduler(fused, fused_args, 10)
+    load_checkpoint(path, resumed, fused, fused_sched)
+    assert all(g["fused"] for g in fused.param_groups)
+    _train(model, loop, sched, 3, seed=2)
+    _train(resumed, fused, fused_sched, 3, seed=2)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -52,8 +52,8 @@ HEAD_CHUNK_BYTES = 64 * 2**20
 # vocabulary costs more than the page faults saved.
 CPU_HEAD_CHUNK_BYTES = 16 * 2**20
 CPU_MIN_CHUNK_POSITIONS = 64
-# The logits of one forward's first chunks, up to this many bytes in all, are kept for backward instead of
-# recomputed: a bounded cost in memory (the peak grows by at most this) for one head matmul per kept position
+# The logits of one forward's first chunks, those that lie wholly within this many bytes of logits, are kept for
+# backward instead of recomputed: a bounded cost in memory (the peak grows by at most this) for one head matmul per kept position
 # (a micro-batch of the GRPO benchmark, 512 positions x 32k vocabulary, is kept whole: its backward 0.60 -> 0.43 s).
 HEAD_KEEP_BYTES = 64 * 2**20
 
@@ -128,6 +128,13 @@ class _Head:
     scale: float  # logits are multiplied by this (Cohere's logit_scale, 1 / Granite's logits_scaling)
     softcap: float | None  # Gemma-2 style tanh soft-capping of the final logits
 
+    @property
+    def vocab(self) -> int:
+        """The logits' width, 0 when the head does not say. out_features, not weight.shape: a 4-bit head's weight
+        is stored packed."""
+        width = getattr(self.lm_head, "out_features", None)
+        return width if isinstance(width, int) and width > 0 else 0
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside DDP / DeepSpeed / peft wrappers (LoRA layers stay injected)."""
@@ -170,16 +177,17 @@ def resolve_head(model: nn.Module) -> _Head | None:
 def head_chunk_size(head: _Head | None, chunk_size: int) -> int:
     """Positions per head chunk. A chunk's [n, V] float32 logits and their temporaries are the peak of the forward
     and of its recompute in backward: keep a chunk within HEAD_CHUNK_BYTES (e.g. 110 positions for Qwen2's 152k
-    vocabulary; on CPU within CPU_HEAD_CHUNK_BYTES, but at least CPU_MIN_CHUNK_POSITIONS). out_features, not
-    weight.shape: a 4-bit head's weight is stored packed; heads of unknown width (and the full-forward fallback,
-    head None) keep chunk_size."""
-    vocab = getattr(head.lm_head, "out_features", None) if head is not None else None
-    if not (isinstance(vocab, int) and vocab > 0):
+    vocabulary; on CPU within CPU_HEAD_CHUNK_BYTES, but at least CPU_MIN_CHUNK_POSITIONS). Heads of unknown width
+    (and the full-forward fallback, head None) keep chunk_size."""
+    vocab = head.vocab if head is not None else 0
+    if not vocab:
         return chunk_size
     weight = next(head.lm_head.parameters(), None)
     if weight is not None and weight.device.type == "cpu":
-        return max(1, min(chunk_size, max(CPU_MIN_CHUNK_POSITIONS, CPU_HEAD_CHUNK_BYTES // (4 * vocab))))
-    return max(1, min(chunk_size, HEAD_CHUNK_BYTES // (4 * vocab)))
+        positions = max(CPU_MIN_CHUNK_POSITIONS, CPU_HEAD_CHUNK_BYTES // (4 * vocab))
+    else:
+        positions = HEAD_CHUNK_BYTES // (4 * vocab)
+    return max(1, min(chunk_size, positions))
 
 
 def head_logits(head: _Head, hidden: Tensor) -> Tensor:
@@ -329,22 +337,19 @@ def _score_in_chunks(
     # they cannot be inputs whose gradients a Function returns.
     reentrant = collective == "frozen"
     trainable = [p for p in params if p.requires_grad]
+    kept_positions = HEAD_KEEP_BYTES // (4 * vocab) if vocab > 0 else 0  # the first ones keep their logits
 
-    kept = [0]  # bytes of logits kept for backward so far
-
-    def score(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def score(x: Tensor, t: Tensor, keep: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if use_recompute and collective is None:
-            size = x.shape[0] * vocab * 4
-            keep = 0 < size <= HEAD_KEEP_BYTES - kept[0]
-            kept[0] += size if keep else 0
             return _HeadChunk.apply(logits_fn, x, t, with_wpo, with_entropy, keep, *trainable)
         if use_recompute:
             # Checkpoint: backward re-runs the head on this chunk instead of keeping its logits.
             return checkpoint(_score_chunk, logits_fn, x, t, with_wpo, with_entropy, use_reentrant=reentrant)
         return _score_chunk(logits_fn, x, t, with_wpo, with_entropy)
 
-    starts = range(0, inputs.shape[0], chunk_size)
-    parts = [score(inputs[s : s + chunk_size], targets[s : s + chunk_size]) for s in starts]
+    n = inputs.shape[0]
+    parts = [score(inputs[s : s + chunk_size], targets[s : s + chunk_size], min(s + chunk_size, n) <= kept_positions)
+             for s in range(0, n, chunk_size)]
     # Padding chunks (one zero row, weight 0) so that every process calls the head as often, forward and backward.
     padding = [score(inputs.new_zeros(1, inputs.shape[-1]) + inputs.sum() * 0, targets.new_zeros(1))[0]
                for _ in range(_most_chunks(len(parts), inputs.device) - len(parts) if collective else 0)]
@@ -419,7 +424,6 @@ def score_positions(
         )  # fmt: skip
     hidden = backbone_hidden(model, head, forward_kwargs)  # (rows, T, H)
     chunk_size = head_chunk_size(head, chunk_size)
-    vocab = getattr(head.lm_head, "out_features", 0)  # a 4-bit head's weight shape is its packed storage's
 
     def logits_fn(h: Tensor) -> Tensor:
         logits = head_logits(head, h)
@@ -429,7 +433,7 @@ def score_positions(
         logits_fn, hidden[rows, cols], targets,
         with_wpo=with_wpo, chunk_size=chunk_size, recompute=True, with_entropy=with_entropy,
         collective=head_collective(head.lm_head), params=list(head.lm_head.parameters()),
-        vocab=vocab if isinstance(vocab, int) else 0,
+        vocab=head.vocab,
     )  # fmt: skip
 
 

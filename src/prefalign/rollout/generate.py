@@ -18,7 +18,7 @@ top-p act as in transformers' logits warpers (in that order).
 
 Completions come back right-padded, cut after the first EOS. Works the same for a plain transformers model, a
 peft model, and a peft model inside `disable_adapter()` (the reference policy of a LoRA run). The model is put in
-eval mode while it samples (no dropout in rollouts) and returned to the mode it was in.
+eval mode while it samples (no dropout in rollouts); each module gets its own mode back afterwards.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from transformers import DynamicCache
 from prefalign.data.templates import render
 from prefalign.errors import PrefalignError
 from prefalign.model.logprobs import unwrap_model
+from prefalign.model.reference import eval_mode
 
 
 @dataclass
@@ -164,8 +165,8 @@ def decode_friendly_head(model: Any) -> Iterator[None]:
     benchmark's), the logits unchanged. Only for a plain float32 nn.Linear head that is trained: its gradient and
     AdamW's two moments already take three times the copy at the step's peak, so holding it during sampling does not
     raise that peak; a frozen head (LoRA) keeps its layout. Nothing changes on other devices or for sharded heads."""
-    head = unwrap_model(model).get_output_embeddings() if hasattr(unwrap_model(model), "get_output_embeddings") \
-        else None
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if not (type(head) is torch.nn.Linear and isinstance(weight, torch.nn.Parameter) and weight.requires_grad
             and type(weight.data) is Tensor and weight.device.type == "cpu" and weight.dtype == torch.float32
@@ -191,18 +192,9 @@ def sample_groups(
     Row r of the result (prompt r // G) draws with the noise of rollout row `first_row + r`. Finished rows are
     padded with `pad_token_id` after their EOS; decoding stops when `all_done(done)` says so, by default when
     every row has finished (a sharded model passes a collective, so that every process runs as many forwards).
-    T <= params.max_new_tokens. The model is in whatever mode the caller set (see `generate_completions`).
+    T <= params.max_new_tokens. The model is in whatever mode and head layout the caller set (see
+    `generate_completions`).
     """
-    with decode_friendly_head(model):
-        return _sample_groups(model, prompt_ids, num_generations, params, eos_token_ids=eos_token_ids,
-                              pad_token_id=pad_token_id, noise=noise, first_row=first_row, all_done=all_done)
-
-
-def _sample_groups(
-    model: Any, prompt_ids: Sequence[Sequence[int]], num_generations: int, params: SamplingParams, *,
-    eos_token_ids: Sequence[int], pad_token_id: int, noise: RowNoise, first_row: int,
-    all_done: Callable[[Tensor], bool] | None,
-) -> Tensor:
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad([list(p) for p in prompt_ids], pad_token_id))  # (N, Tp)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate derives from a left-padded mask
@@ -271,17 +263,13 @@ def generate_completions(
     rows = len(prompt_ids) * num_generations
     seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
     per_call = max(1, (batch_size or rows) // num_generations)  # prompts per sampling call
-    was_training = model.training
-    model.eval()
-    try:
-        chunks = []
+    chunks = []
+    with eval_mode(model), decode_friendly_head(model):  # once for all chunks
         for start in range(0, len(prompt_ids), per_call):
             noise = RowNoise(seed, total_rows or first_row + rows)  # each chunk replays the rollout's draws
             chunks.append(sample_groups(model, prompt_ids[start : start + per_call], num_generations, params,
                                         eos_token_ids=eos, pad_token_id=pad, noise=noise,
                                         first_row=first_row + start * num_generations, all_done=all_done))
-    finally:
-        model.train(was_training)
     width = max(c.size(1) for c in chunks)
     completion_ids = torch.cat([torch.nn.functional.pad(c, (0, width - c.size(1)), value=pad) for c in chunks])
     completion_mask, is_truncated = completion_mask_from_eos(completion_ids, eos)
